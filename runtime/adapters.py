@@ -1,0 +1,236 @@
+"""Model adapters: each supported transformer described as data, never as a code path.
+
+An adapter says where a transformer keeps its blocks, how a block receives and returns its hidden states, whether
+the pipeline runs classifier-free guidance as separate calls or as one batch, how tokens map to a
+(frames, height, width) grid, and which attention modules a block holds. Hooks, the profiler and the planner read
+these fields; adding a model means adding one `register_adapter(...)` entry below.
+
+Lookup is by exact class first, then along the class's MRO, so subclasses of a supported transformer work.
+
+Example:
+    >>> from diffusers import WanTransformer3DModel
+    >>> adapter = get_adapter(WanTransformer3DModel)
+    >>> adapter.block_lists[0].attr
+    'blocks'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .errors import AdapterError
+
+CfgMode = Literal["separate", "batched"]
+AttentionKind = Literal["self", "cross", "joint"]
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One `nn.ModuleList` of transformer blocks and how its blocks are called.
+
+    `hidden_index` / `encoder_index` are the positions of the hidden state and encoder hidden state in a block's
+    output tuple; `None` for `hidden_index` means the block returns the hidden state as a bare tensor, `None` for
+    `encoder_index` means the block does not return encoder hidden states.
+    """
+
+    attr: str
+    hidden_index: int | None = None
+    encoder_index: int | None = None
+    hidden_arg: tuple[str, int] = ("hidden_states", 0)
+    encoder_arg: tuple[str, int] = ("encoder_hidden_states", 1)
+
+
+@dataclass(frozen=True)
+class AttentionModule:
+    """An attention submodule of every block: its attribute name and what it attends over."""
+
+    attr: str
+    kind: AttentionKind
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a transformer's video tokens map to a (frames, height, width) grid.
+
+    `layout` names the shape of the transformer's `hidden_states` input: `"BCFHW"`, `"BFCHW"`, or `"tokens"` for a
+    pre-packed (batch, tokens, channels) input whose latent (frames, height, width) arrive as forward kwargs named by
+    `size_kwargs`. `patch_key` is the config key of the spatial patch size, or of a (t, h, w) tuple;
+    `temporal_patch_key` the key of the temporal patch size (absent or `None` in the config means 1).
+    """
+
+    layout: Literal["BCFHW", "BFCHW", "tokens"]
+    patch_key: str = "patch_size"
+    temporal_patch_key: str | None = None
+    size_kwargs: tuple[str, str, str] = ("num_frames", "height", "width")
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Everything the hooks need to know about one transformer class."""
+
+    name: str
+    block_lists: tuple[BlockList, ...]
+    cfg_mode: CfgMode
+    grid: TokenGrid
+    attention: tuple[AttentionModule, ...]
+
+    def block_ids(self, transformer: torch.nn.Module) -> list[str]:
+        """Fully qualified names of every block, in execution order (`blocks.0`, `blocks.1`, …)."""
+        return [name for name, _, _ in self.iter_blocks(transformer)]
+
+    def iter_blocks(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, BlockList]]:
+        """(block id, block module, its block list description) for every block, in execution order."""
+        found = []
+        for spec in self.block_lists:
+            blocks = getattr(transformer, spec.attr, None)
+            if not isinstance(blocks, torch.nn.ModuleList):
+                raise AdapterError(
+                    f"{type(transformer).__name__} has no block list '{spec.attr}' although adapter '{self.name}' "
+                    "expects one; the adapter does not match this diffusers version"
+                )
+            found.extend((f"{spec.attr}.{i}", block, spec) for i, block in enumerate(blocks))
+        return found
+
+    def token_grid(self, config: Any, hidden_states: torch.Tensor, forward_kwargs: dict[str, Any]) -> tuple[int, int, int]:
+        """The (frames, height, width) token grid of one transformer call, from its input and config."""
+        spatial, temporal = _patch_sizes(self.grid, config)
+        if self.grid.layout == "tokens":
+            frames, height, width = (int(forward_kwargs[k]) for k in self.grid.size_kwargs)
+        elif self.grid.layout == "BCFHW":
+            frames, height, width = hidden_states.shape[2:5]
+        else:
+            frames = hidden_states.shape[1]
+            height, width = hidden_states.shape[3:5]
+        return -(-frames // temporal), height // spatial, width // spatial
+
+
+def _patch_sizes(grid: TokenGrid, config: Any) -> tuple[int, int]:
+    """(spatial, temporal) patch size from a transformer config, following the adapter's keys."""
+    patch = config[grid.patch_key] if isinstance(config, dict) else getattr(config, grid.patch_key)
+    if isinstance(patch, (list, tuple)):
+        return int(patch[1]), int(patch[0])
+    temporal = None
+    if grid.temporal_patch_key is not None:
+        temporal = config.get(grid.temporal_patch_key) if isinstance(config, dict) else getattr(
+            config, grid.temporal_patch_key, None
+        )
+    return int(patch), int(temporal or 1)
+
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+
+
+def register_adapter(class_name: str, adapter: ModelAdapter) -> None:
+    """Register `adapter` for the transformer class named `class_name` (the class's `__name__`)."""
+    _REGISTRY[class_name] = adapter
+
+
+def supported_classes() -> list[str]:
+    """Names of the transformer classes that have an adapter."""
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model_or_class: torch.nn.Module | type) -> ModelAdapter:
+    """The adapter of a transformer (instance or class): exact class first, then the nearest base class."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    for klass in cls.__mro__:
+        adapter = _REGISTRY.get(klass.__name__)
+        if adapter is not None:
+            return adapter
+    raise AdapterError(
+        f"no adapter for transformer class {cls.__name__}; supported: {', '.join(supported_classes())} "
+        "(add one with runtime.adapters.register_adapter)"
+    )
+
+
+def config_hash(config: Any) -> str:
+    """SHA-256 of a transformer's config as canonical JSON, ignoring private keys (`_name_or_path`, …)."""
+    items = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    text = json.dumps(items, sort_keys=True, default=_jsonable, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON fallback for config values (tuples are handled by json; this covers numpy/torch scalars and the rest)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def find_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
+    """The denoiser of a pipeline (its `transformer`), or the argument itself when it is already a module."""
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer
+    if isinstance(pipe_or_transformer, torch.nn.Module):
+        return pipe_or_transformer
+    raise AdapterError(
+        f"expected a diffusers pipeline with a .transformer or a transformer module, got {type(pipe_or_transformer).__name__}"
+    )
+
+
+_WAN_LIKE = ModelAdapter(
+    name="wan",
+    block_lists=(BlockList("blocks"),),
+    cfg_mode="separate",
+    grid=TokenGrid(layout="BCFHW"),
+    attention=(AttentionModule("attn1", "self"), AttentionModule("attn2", "cross")),
+)
+register_adapter("WanTransformer3DModel", _WAN_LIKE)
+register_adapter("SkyReelsV2Transformer3DModel", ModelAdapter(**{**_WAN_LIKE.__dict__, "name": "skyreels_v2"}))
+register_adapter(
+    "CogVideoXTransformer3DModel",
+    ModelAdapter(
+        name="cogvideox",
+        block_lists=(BlockList("transformer_blocks", hidden_index=0, encoder_index=1),),
+        cfg_mode="batched",
+        grid=TokenGrid(layout="BFCHW", temporal_patch_key="patch_size_t"),
+        attention=(AttentionModule("attn1", "joint"),),
+    ),
+)
+register_adapter(
+    "HunyuanVideoTransformer3DModel",
+    ModelAdapter(
+        name="hunyuan_video",
+        block_lists=(
+            BlockList("transformer_blocks", hidden_index=0, encoder_index=1),
+            BlockList("single_transformer_blocks", hidden_index=0, encoder_index=1),
+        ),
+        cfg_mode="separate",
+        grid=TokenGrid(layout="BCFHW", temporal_patch_key="patch_size_t"),
+        attention=(AttentionModule("attn", "joint"),),
+    ),
+)
+register_adapter(
+    "LTXVideoTransformer3DModel",
+    ModelAdapter(
+        name="ltx_video",
+        block_lists=(BlockList("transformer_blocks"),),
+        cfg_mode="batched",
+        grid=TokenGrid(layout="tokens", temporal_patch_key="patch_size_t"),
+        attention=(AttentionModule("attn1", "self"), AttentionModule("attn2", "cross")),
+    ),
+)
+register_adapter(
+    "MochiTransformer3DModel",
+    ModelAdapter(
+        name="mochi",
+        block_lists=(BlockList("transformer_blocks", hidden_index=0, encoder_index=1),),
+        cfg_mode="batched",
+        grid=TokenGrid(layout="BCFHW"),
+        attention=(AttentionModule("attn1", "joint"),),
+    ),
+)
+
+
+def fingerprint_model(transformer: torch.nn.Module) -> "ModelFingerprint":
+    """The identity a plan records for `transformer`: class name, config hash and ordered block ids."""
+    from .plan import ModelFingerprint
+
+    adapter = get_adapter(transformer)
+    return ModelFingerprint(type(transformer).__name__, config_hash(transformer.config), tuple(adapter.block_ids(transformer)))

@@ -1,0 +1,13 @@
+"""Error classes of the runtime: every user mistake surfaces as one of these, with a one-line message."""
+
+
+class DitAccelError(Exception):
+    """Base class of the project's own errors; the CLIs print its message on one line and exit non-zero."""
+
+
+class PlanError(DitAccelError):
+    """A `.plan` file or a `Plan` object is malformed, unsafe, or does not fit the model it is applied to."""
+
+
+class AdapterError(DitAccelError):
+    """The transformer has no model adapter, or does not match the adapter's description."""
