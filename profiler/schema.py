@@ -114,10 +114,13 @@ class PromptInfo:
 class ProfileWriter:
     """Creates a profile file and appends complete prompts to it atomically."""
 
-    def __init__(self, path: str | os.PathLike, header: ProfileHeader) -> None:
+    def __init__(self, path: str | os.PathLike, header: ProfileHeader | None) -> None:
+        """Writer for `path`; creates the file with `header` unless it exists (then `header` may be None)."""
         self.path = Path(path)
         self.header = header
         if not self.path.exists():
+            if header is None:
+                raise ProfileError(f"{self.path} does not exist and no header was given to create it")
             self._atomic(lambda f: _write_header(f, header), copy=False)
 
     def completed(self) -> set[int]:
@@ -126,10 +129,20 @@ class ProfileWriter:
 
     def add_prompt(self, info: PromptInfo, arrays: dict[str, np.ndarray]) -> None:
         """Append one complete prompt (fields by `FIELDS` name); the file is replaced atomically."""
-        unknown = set(arrays) - set(FIELDS)
-        if unknown:
-            raise ValueError(f"unknown profile fields: {sorted(unknown)}")
-        self._atomic(lambda f: _write_prompt(f, info, arrays), copy=True)
+        self.add_prompts([(info, arrays)])
+
+    def add_prompts(self, prompts: list[tuple[PromptInfo, dict[str, np.ndarray]]]) -> None:
+        """Append several complete prompts in one atomic replacement of the file."""
+        for _, arrays in prompts:
+            unknown = set(arrays) - set(FIELDS)
+            if unknown:
+                raise ValueError(f"unknown profile fields: {sorted(unknown)}")
+
+        def write(f: h5py.File) -> None:
+            for info, arrays in prompts:
+                _write_prompt(f, info, arrays)
+
+        self._atomic(write, copy=True)
 
     def _atomic(self, write, copy: bool) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,15 @@ class BlockList:
 
 @dataclass(frozen=True)
 class AttentionModule:
-    """An attention submodule of every block: its attribute name and what it attends over."""
+    """An attention submodule of every block: its attribute name and what it attends over.
+
+    For `joint` attention (text and video tokens in one sequence), `text_first` says whether the text tokens come
+    before the video tokens in the attention call.
+    """
 
     attr: str
     kind: AttentionKind
+    text_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ register_adapter(
         block_lists=(BlockList("transformer_blocks", hidden_index=0, encoder_index=1),),
         cfg_mode="batched",
         grid=TokenGrid(layout="BFCHW", temporal_patch_key="patch_size_t"),
-        attention=(AttentionModule("attn1", "joint"),),
+        attention=(AttentionModule("attn1", "joint", text_first=True),),
     ),
 )
 register_adapter(

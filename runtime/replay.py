@@ -72,7 +72,7 @@ class BranchStates(StateManager):
         name = self._context.name if self._context is not None else DEFAULT_BRANCH
         state = self._state_cache.get(name)
         if state is None:
-            state = self._state_cache[name] = BranchState()
+            state = self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs)
         return state
 
     def branches(self) -> dict[str, BranchState]:
@@ -80,7 +80,10 @@ class BranchStates(StateManager):
 
 
 class StepHook(ModelHook):
-    """Advances the current branch's step on every transformer call and starts fresh caches at step 0."""
+    """Advances the current branch's step on every transformer call and resets the branch's state at step 0.
+
+    Shared by replay and the profiler: both need to know, in every block, which CFG branch and step is running.
+    """
 
     _is_stateful = True
 

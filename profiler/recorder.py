@@ -1,0 +1,382 @@
+"""Read-only probes that record per-block, per-step behaviour of a transformer while a pipeline generates.
+
+The recorder installs the runtime's step hook (to know the CFG branch and step of every call), a read-only block
+hook per block, and forward hooks on every attention module. Nothing it installs changes a single output value:
+block hooks only read inputs and outputs, and attention probes observe the `scaled_dot_product_attention` call
+through a `TorchFunctionMode` and then run it unchanged.
+
+Per call it accumulates, as device tensors (no host synchronisation until the prompt ends):
+drift of each block's residual and output against the previous step (relative L1, cosine distance), their mean
+absolute values, a MoReg motion score of the residual, and the drift of the model output. On attention steps of
+the cond branch it records the attention each token receives, cross-attention to text tokens for sampled queries,
+and query/key samples for PCA.
+
+Calibration data flow (which prompts, which pipeline call) lives in `profiler.run`; this module only observes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.overrides import TorchFunctionMode
+
+from runtime.adapters import AttentionModule, BlockList, ModelAdapter
+from runtime.replay import BranchState, BranchStates, StepHook, _block_inputs, _block_outputs
+
+PROBE_STEP_HOOK = "dit_profile_step"
+PROBE_BLOCK_HOOK = "dit_profile_block"
+PROBE_OUTPUT_HOOK = "dit_profile_output"
+DRIFT_METRICS = ("residual_rel_l1", "residual_cos", "output_rel_l1", "output_cos", "residual_norm", "output_norm", "motion")
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    """What to record and how densely (all stored in the profile so that runs can be compared and merged)."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    attention_every: int = 2
+    query_samples: int = 64
+    cross_tokens: int = 32
+    feature_samples: int = 256
+    record_attention: bool = True
+    record_features: bool = True
+
+    def attention_steps(self) -> list[int]:
+        """Steps on which attention maps and features are recorded (every `attention_every`-th, plus the last)."""
+        steps = set(range(0, self.num_inference_steps, self.attention_every)) | {self.num_inference_steps - 1}
+        return sorted(steps)
+
+
+class ProbeState(BranchState):
+    """Per-branch recording state: previous-step tensors and the metric accumulators of the current generation."""
+
+    def __init__(self, num_steps: int, num_blocks: int) -> None:
+        super().__init__()
+        self.num_steps, self.num_blocks = num_steps, num_blocks
+        self.prev_residual: dict[int, torch.Tensor] = {}
+        self.prev_output: dict[int, torch.Tensor] = {}
+        self.prev_model_output: torch.Tensor | None = None
+        self.metrics: dict[str, torch.Tensor] = {}
+        self.model_output_rel_l1: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.__init__(self.num_steps, self.num_blocks)
+
+    def write(self, name: str, step: int, block: int, values: torch.Tensor) -> None:
+        """Store per-sample values (shape [batch]) of metric `name` at (step, block)."""
+        store = self.metrics.get(name)
+        if store is None:
+            store = self.metrics[name] = torch.full((self.num_steps, self.num_blocks, values.shape[0]), math.nan, device=values.device)
+        store[step, block] = values
+
+
+def _token_layout(spec: AttentionModule, queries: int, keys: int, video: int) -> tuple[slice, slice | None] | None:
+    """(video token slice, text token slice or None) of one attention call's keys; None if it is not on the grid.
+
+    Self-attention keys are all video tokens, cross-attention keys all text tokens (queries are video), joint
+    attention holds both, text first or last as the adapter says.
+    """
+    if spec.kind == "self":
+        return (slice(0, video), None) if queries == video == keys else None
+    if spec.kind == "cross":
+        return (slice(0, video), slice(0, keys)) if queries == video else None
+    if queries != keys or queries < video:
+        return None
+    text = keys - video
+    return (slice(text, keys), slice(0, text)) if spec.text_first else (slice(0, video), slice(video, keys))
+
+
+def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Per-sample ‖current − previous‖₁ / ‖previous‖₁."""
+    diff = (current.float() - previous.float()).abs().flatten(1).sum(1)
+    return diff / previous.float().abs().flatten(1).sum(1).clamp_min(_EPS)
+
+
+def cosine_distance(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Per-sample 1 − cos(current, previous)."""
+    return 1.0 - F.cosine_similarity(current.float().flatten(1), previous.float().flatten(1), dim=1, eps=_EPS)
+
+
+def mean_abs(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float().abs().flatten(1).mean(1)
+
+
+def motion_score(residual: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """AdaCache's MoReg score: normalised difference of the residual between adjacent frames, per sample."""
+    if residual.dim() != 3 or residual.shape[1] <= tokens_per_frame:
+        return torch.full((residual.shape[0],), math.nan, device=residual.device)
+    later, earlier = residual[:, tokens_per_frame:].float(), residual[:, :-tokens_per_frame].float()
+    num = (later - earlier).abs().flatten(1).sum(1)
+    return num / (later.abs().flatten(1).sum(1) + earlier.abs().flatten(1).sum(1)).clamp_min(_EPS)
+
+
+class ProbeBranches(BranchStates):
+    """Branch states that survive the pipeline's end-of-call reset: the finished generation is kept for `collect`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.finished: dict[str, ProbeState] = {}
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        if self._state_cache:
+            self.finished = self._state_cache
+        self._state_cache = {}
+        self._context = None
+
+    def branches(self) -> dict[str, ProbeState]:
+        return self._state_cache or self.finished
+
+
+class BlockProbe(ModelHook):
+    """Reads one block's input and output hidden states and records drift, norms and motion."""
+
+    def __init__(self, recorder: "Recorder", index: int, spec: BlockList) -> None:
+        super().__init__()
+        self.recorder, self.index, self.spec = recorder, index, spec
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        hidden_in, _ = _block_inputs(self.spec, args, kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        hidden_out, _ = _block_outputs(self.spec, output)
+        state: ProbeState = self.recorder.branches.get_state()
+        with torch.no_grad():
+            self._record(state, hidden_in, hidden_out)
+        return output
+
+    def _record(self, state: ProbeState, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        step, block = state.step, self.index
+        residual = hidden_out - hidden_in
+        previous_residual, previous_output = state.prev_residual.get(block), state.prev_output.get(block)
+        if previous_residual is not None and previous_residual.shape == residual.shape:
+            state.write("residual_rel_l1", step, block, rel_l1(residual, previous_residual))
+            state.write("residual_cos", step, block, cosine_distance(residual, previous_residual))
+            state.write("output_rel_l1", step, block, rel_l1(hidden_out, previous_output))
+            state.write("output_cos", step, block, cosine_distance(hidden_out, previous_output))
+        state.write("residual_norm", step, block, mean_abs(residual))
+        state.write("output_norm", step, block, mean_abs(hidden_out))
+        state.write("motion", step, block, motion_score(residual, self.recorder.tokens_per_frame))
+        state.prev_residual[block] = residual.detach()
+        state.prev_output[block] = hidden_out.detach()
+
+
+class ModelOutputProbe(ModelHook):
+    """Reads the transformer's input latent (for the foreground mask) and its output (for output drift)."""
+
+    def __init__(self, recorder: "Recorder") -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.recorder.begin_call(module, args, kwargs)
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        prediction = output[0] if isinstance(output, (tuple, list)) else output.sample
+        state: ProbeState = self.recorder.branches.get_state()
+        with torch.no_grad():
+            if state.prev_model_output is not None:
+                if state.model_output_rel_l1 is None:
+                    state.model_output_rel_l1 = torch.full((state.num_steps, prediction.shape[0]), math.nan, device=prediction.device)
+                state.model_output_rel_l1[state.step] = rel_l1(prediction, state.prev_model_output)
+            state.prev_model_output = prediction.detach()
+        self.recorder.attention_active = False
+        return output
+
+
+class _AttentionObserver(TorchFunctionMode):
+    """Sees the `scaled_dot_product_attention` calls of one attention module and hands q/k to the recorder."""
+
+    def __init__(self, recorder: "Recorder", block: int, spec: AttentionModule) -> None:
+        super().__init__()
+        self.recorder, self.block, self.spec = recorder, block, spec
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query = kwargs.get("query", args[0] if args else None)
+            key = kwargs.get("key", args[1] if len(args) > 1 else None)
+            scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
+            with torch.no_grad():
+                self.recorder.observe_attention(self.block, self.spec, query, key, scale)
+        return func(*args, **kwargs)
+
+
+class Recorder:
+    """Installs the probes on a transformer and turns one generation's observations into profile arrays."""
+
+    def __init__(self, transformer: torch.nn.Module, adapter: ModelAdapter, settings: RecordSettings) -> None:
+        self.transformer, self.adapter, self.settings = transformer, adapter, settings
+        self.blocks = adapter.iter_blocks(transformer)
+        self.branches = ProbeBranches(ProbeState, (settings.num_inference_steps, len(self.blocks)))
+        self.attention_steps = settings.attention_steps()
+        self.grid: tuple[int, int, int] | None = None
+        self.tokens_per_frame = 1
+        self.attention_active = False
+        self.progress: Any = None
+        self._observers: list[_AttentionObserver] = []
+        self._torch_hooks: list[Any] = []
+        self._reset_prompt(seed=0)
+        self._install()
+
+    # -- installation -------------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        for index, (_, block, spec) in enumerate(self.blocks):
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockProbe(self, index, spec), PROBE_BLOCK_HOOK)
+            if self.settings.record_attention or self.settings.record_features:
+                for attention in self.adapter.attention:
+                    self._watch_attention(getattr(block, attention.attr), index, attention)
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        registry.register_hook(ModelOutputProbe(self), PROBE_OUTPUT_HOOK)
+        registry.register_hook(StepHook(self.branches, self.settings.num_inference_steps), PROBE_STEP_HOOK)
+        registry.invalidate_child_registries_cache()
+
+    def _watch_attention(self, module: torch.nn.Module, block: int, spec: AttentionModule) -> None:
+        observer = _AttentionObserver(self, block, spec)
+
+        def enter(*_: Any) -> None:
+            if self.attention_active:
+                observer.__enter__()
+                self._observers.append(observer)
+
+        def leave(*_: Any) -> None:
+            if self._observers and self._observers[-1] is observer:
+                self._observers.pop().__exit__(None, None, None)
+
+        self._torch_hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    def remove(self) -> None:
+        """Remove every probe; the transformer is left exactly as it was."""
+        for block in (b for _, b, _ in self.blocks):
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(PROBE_BLOCK_HOOK, recurse=False)
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        registry.remove_hook(PROBE_STEP_HOOK, recurse=False)
+        registry.remove_hook(PROBE_OUTPUT_HOOK, recurse=False)
+        registry.invalidate_child_registries_cache()
+        for hook in self._torch_hooks:
+            hook.remove()
+
+    # -- per call -----------------------------------------------------------------------------------------------
+    def begin_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Called before every transformer call (after the step hook): grid, cond-branch bookkeeping."""
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.grid = self.adapter.token_grid(module.config, hidden, kwargs)
+        self.tokens_per_frame = self.grid[1] * self.grid[2]
+        state = self.branches.get_state()
+        name = self.branches._context.name if self.branches._context is not None else "default"
+        is_cond = name != "uncond"
+        self.cond_row = hidden.shape[0] // 2 if (name == "cond_uncond" and hidden.shape[0] > 1) else 0
+        self.current_step = state.step
+        self.attention_active = is_cond and state.step in self.attention_steps
+        if is_cond and self.progress is not None:
+            self.progress.update(1)
+        if is_cond and state.step == self.settings.num_inference_steps - 1:
+            self.final_latent = hidden[self.cond_row].detach().float().cpu().numpy()
+
+    def observe_attention(self, block: int, spec: AttentionModule, query: torch.Tensor, key: torch.Tensor, scale: float | None) -> None:
+        """Record received attention, cross-attention and q/k samples from one attention call (cond row)."""
+        q, k = query[self.cond_row].float(), key[self.cond_row].float()  # (heads, tokens, dim)
+        video = math.prod(self.grid)
+        layout = _token_layout(spec, q.shape[1], k.shape[1], video)
+        if layout is None:
+            return
+        video_slice, text_slice = layout
+        q_video = q[:, video_slice]
+        astep = self.attention_steps.index(self.current_step)
+        if self.settings.record_attention:
+            index = self._queries(video, q.device)
+            scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+            probs = torch.softmax(q_video[:, index] @ k.transpose(-1, -2) * scale, dim=-1).mean(dim=0)  # (query, key)
+            if spec.kind != "cross":
+                self._buffer("received", self.grid)[astep, block] = probs[:, video_slice].mean(dim=0).reshape(self.grid).cpu().numpy()
+            if text_slice is not None:
+                text = probs[:, text_slice][:, : self.settings.cross_tokens]
+                self._buffer("cross", tuple(text.shape))[astep, block] = text.cpu().numpy()
+        if self.settings.record_features and spec.kind != "cross":
+            self._sample_features(block, q_video, k[:, video_slice])
+
+    def _buffer(self, name: str, tail: tuple[int, ...]) -> np.ndarray:
+        """The (attention step, block, …) buffer `name` of this prompt, allocated on first use."""
+        if getattr(self, name) is None:
+            setattr(self, name, np.zeros((len(self.attention_steps), len(self.blocks)) + tuple(tail), np.float32))
+        return getattr(self, name)
+
+    def _queries(self, video: int, device: torch.device) -> torch.Tensor:
+        if self.query_index is None or self.query_index.numel() != min(self.settings.query_samples, video):
+            count = min(self.settings.query_samples, video)
+            self.query_index = torch.randperm(video, generator=self.generator)[:count].sort().values
+        return self.query_index.to(device)
+
+    def _sample_features(self, block: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        per_step = -(-self.settings.feature_samples // len(self.attention_steps))
+        index = torch.randperm(q.shape[1], generator=self.generator)[:per_step].to(q.device)
+        self.features_q.setdefault(block, []).append(q[:, index].transpose(0, 1).half().cpu())
+        self.features_k.setdefault(block, []).append(k[:, index].transpose(0, 1).half().cpu())
+
+    # -- per prompt ---------------------------------------------------------------------------------------------
+    def _reset_prompt(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.query_index: torch.Tensor | None = None
+        self.received: np.ndarray | None = None
+        self.cross: np.ndarray | None = None
+        self.features_q: dict[int, list[torch.Tensor]] = {}
+        self.features_k: dict[int, list[torch.Tensor]] = {}
+        self.final_latent: np.ndarray | None = None
+
+    def begin_prompt(self, seed: int) -> None:
+        """Start recording a new generation; query and feature sampling are seeded by the prompt's seed."""
+        self._reset_prompt(seed)
+        self.branches.reset()
+        self.branches.finished = {}
+
+    def collect(self, branch_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Arrays of the generation that just ran, keyed by profile field (see `profiler.schema.FIELDS`)."""
+        per_branch = self._per_branch(branch_names)
+        arrays = {name: np.stack([per_branch[b][name] for b in branch_names]) for name in DRIFT_METRICS}
+        arrays["model_output_rel_l1"] = np.stack([per_branch[b]["model_output_rel_l1"] for b in branch_names])
+        if self.settings.record_attention:
+            arrays["attention_steps"] = np.asarray(self.attention_steps, np.int32)
+            arrays["query_index"] = (self.query_index if self.query_index is not None else torch.zeros(0)).numpy().astype(np.int32)
+            if self.received is not None:
+                arrays["attention_received"] = self.received
+            if self.cross is not None:
+                arrays["cross_attention"] = self.cross
+        if self.settings.record_features and self.features_q:
+            arrays["feature_queries"] = self._stack_features(self.features_q)
+            arrays["feature_keys"] = self._stack_features(self.features_k)
+        return arrays
+
+    def _stack_features(self, samples: dict[int, list[torch.Tensor]]) -> np.ndarray:
+        per_block = [torch.cat(samples[b])[: self.settings.feature_samples] for b in sorted(samples)]
+        count = min(t.shape[0] for t in per_block)
+        return torch.stack([t[:count] for t in per_block]).numpy()
+
+    def _per_branch(self, branch_names: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+        """Metric arrays (step, block) per branch, from per-context states and batch rows."""
+        states = self.branches.branches()
+        result: dict[str, dict[str, np.ndarray]] = {}
+        for branch in branch_names:
+            context, row = self._locate(branch, states)
+            state = states[context]
+            nan = np.full((self.settings.num_inference_steps, len(self.blocks)), np.nan, np.float32)
+            metrics = {name: state.metrics[name][..., row].cpu().numpy() if name in state.metrics else nan for name in DRIFT_METRICS}
+            model_out = state.model_output_rel_l1
+            metrics["model_output_rel_l1"] = (model_out[:, row].cpu().numpy() if model_out is not None else nan[:, 0])
+            result[branch] = metrics
+        return result
+
+    @staticmethod
+    def _locate(branch: str, states: dict[str, ProbeState]) -> tuple[str, int]:
+        """Which context state and batch row hold `branch` (batched CFG: row 0 uncond, row 1 cond)."""
+        if branch in states:
+            return branch, 0
+        if "cond_uncond" in states:
+            return "cond_uncond", 1 if branch == "cond" else 0
+        return next(iter(states)), 0

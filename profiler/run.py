@@ -1,0 +1,356 @@
+"""Calibration data flow: which prompts run, on which pipeline, into which file, and how runs resume and merge.
+
+`profile_prompts` is what `dit-profile` calls. It measures per-block cost once (a short pass before any probe is
+installed), then generates every prompt with the `Recorder` attached and appends each finished prompt to the
+profile atomically, so an interrupted run resumes with `resume=True` and loses at most the prompt in progress.
+Under `torchrun`, every rank profiles its shard of prompts into its own file and rank 0 merges them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.adapters import find_transformer, fingerprint_model, get_adapter
+from runtime.errors import DitAccelError
+
+from .flops import count_flops
+from .foreground import foreground_mask, latent_to_token_features
+from .recorder import Recorder, RecordSettings
+from .schema import ProfileError, ProfileHeader, ProfileWriter, PromptInfo, iter_prompt_groups, open_profile, prompt_key
+
+MAX_STORED_VIDEO_BYTES = 4 << 20
+COST_STEPS = 3
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One calibration prompt: text, negative text and the seed of its initial noise."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+
+
+def read_prompts(path: str | os.PathLike) -> list[PromptSpec]:
+    """Prompts from a `.txt` file (one per line, seeds 0, 1, …) or `.jsonl` (prompt, negative_prompt, seed)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DitAccelError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    entries = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not entries:
+        raise DitAccelError(f"prompts file {path} holds no prompt (one per line, or JSON lines with a 'prompt' key)")
+    if path.suffix == ".jsonl":
+        return [_prompt_from_json(path, n, line) for n, line in entries]
+    return [PromptSpec(line, "", seed) for seed, (_, line) in enumerate(entries)]
+
+
+def _prompt_from_json(path: Path, line_number: int, line: str) -> PromptSpec:
+    try:
+        data = json.loads(line)
+    except ValueError:
+        raise DitAccelError(f"{path}:{line_number}: not valid JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
+        raise DitAccelError(f"{path}:{line_number}: each JSON line needs a non-empty string 'prompt'")
+    seed = data.get("seed", line_number - 1)
+    if not isinstance(seed, int):
+        raise DitAccelError(f"{path}:{line_number}: 'seed' must be an integer")
+    return PromptSpec(data["prompt"], str(data.get("negative_prompt", "")), seed)
+
+
+def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32") -> Any:
+    """The embedded default pipeline (`model=None`) or a diffusers pipeline from a local folder, never a hub."""
+    torch_dtype = _dtype(dtype)
+    if model is None:
+        from defaultmodel import load_default_pipeline
+
+        pipe = load_default_pipeline(device=device, dtype=torch_dtype)
+    else:
+        folder = Path(model)
+        if not (folder / "model_index.json").is_file():
+            raise DitAccelError(f"model folder {folder} is not a local diffusers pipeline (no model_index.json); pass a folder saved with save_pretrained")
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True).to(device)
+    get_adapter(find_transformer(pipe))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _dtype(name: str) -> torch.dtype:
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise DitAccelError(f"unknown dtype {name!r}; choose one of {', '.join(choices)}")
+    return choices[name]
+
+
+def generate(pipe: Any, spec: PromptSpec, steps: int, guidance: float, size: dict[str, int], output_type: str = "np") -> Any:
+    """One generation of `spec` with a seeded generator; returns the pipeline's frames."""
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+    result = pipe(prompt=spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=steps,
+                  guidance_scale=guidance, generator=generator, output_type=output_type, **size)
+    return result.frames
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Per-call cost of the transformer and of each block, and the token grid seen during the cost pass."""
+
+    block_flops: np.ndarray
+    block_seconds: np.ndarray
+    model_flops: int
+    model_seconds: float
+    grid: tuple[int, int, int]
+
+
+def measure_cost(pipe: Any, spec: PromptSpec, guidance: float, size: dict[str, int]) -> Cost:
+    """FLOPs (torch's counter, CPU attention included) and median wall time per transformer call and per block."""
+    transformer = find_transformer(pipe)
+    adapter = get_adapter(transformer)
+    blocks = adapter.iter_blocks(transformer)
+    calls: list[float] = []
+    grid: list[tuple[int, int, int]] = []
+    block_times: list[list[float]] = [[] for _ in blocks]
+    sync = torch.cuda.synchronize if next(transformer.parameters()).is_cuda else (lambda: None)
+
+    def model_pre(module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        grid.append(adapter.token_grid(module.config, hidden, kwargs))
+        sync()
+        calls.append(time.perf_counter())
+
+    def model_post(*_: Any) -> None:
+        sync()
+        calls[-1] = time.perf_counter() - calls[-1]
+
+    handles = [transformer.register_forward_pre_hook(model_pre, with_kwargs=True), transformer.register_forward_hook(model_post)]
+    def block_pre(times: list[float]) -> Any:
+        def hook(*_: Any) -> None:
+            sync()
+            times.append(time.perf_counter())
+        return hook
+
+    def block_post(times: list[float]) -> Any:
+        def hook(*_: Any) -> None:
+            sync()
+            times[-1] = time.perf_counter() - times[-1]
+        return hook
+
+    for times, (_, block, _) in zip(block_times, blocks):
+        handles += [block.register_forward_pre_hook(block_pre(times)), block.register_forward_hook(block_post(times))]
+    try:
+        with torch.no_grad():
+            generate(pipe, spec, COST_STEPS, guidance, size, output_type="latent")
+            _, per_module = count_flops(lambda: generate(pipe, spec, COST_STEPS, guidance, size, output_type="latent"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    timed_calls = len(calls) // 2  # the first pass is timed; the second ran under the FLOP counter
+    root = type(transformer).__name__
+    block_flops = np.array([per_module.get(f"{root}.{block_id}", 0) // timed_calls for block_id, _, _ in blocks], np.int64)
+    seconds = np.array([statistics.median(t[1:timed_calls] or t[:1]) for t in block_times], np.float64)
+    return Cost(block_flops, seconds, per_module.get(root, 0) // timed_calls, statistics.median(calls[1:timed_calls] or calls[:1]), grid[0])
+
+
+def branch_names(cfg_mode: str, guidance: float) -> tuple[str, ...]:
+    """Branches a run records: cond and uncond with classifier-free guidance, else cond only."""
+    return ("cond", "uncond") if guidance > 1.0 else ("cond",)
+
+
+@dataclass
+class RunSummary:
+    """What a profiling run did: counts, sizes and timing, for the command's report."""
+
+    output: str
+    prompts_total: int
+    prompts_profiled: int
+    prompts_skipped: int
+    seconds: float
+    seconds_per_prompt: float
+    file_bytes: int
+    bytes_per_prompt: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def profile_prompts(
+    pipe: Any,
+    prompts: list[PromptSpec],
+    output: str | os.PathLike,
+    settings: RecordSettings,
+    size: dict[str, int] | None = None,
+    resume: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> RunSummary:
+    """Profile this rank's share of `prompts` into `output` (see module docstring)."""
+    from tqdm.auto import tqdm
+
+    size = size or {}
+    output = Path(output)
+    transformer = find_transformer(pipe)
+    adapter = get_adapter(transformer)
+    run_settings = {**asdict(settings), **{f"size_{k}": v for k, v in sorted(size.items())}, "pipeline": type(pipe).__name__}
+    done = _check_existing(output, fingerprint_model(transformer), run_settings, resume)
+    mine = [(index, spec) for index, spec in enumerate(prompts) if index % world_size == rank]
+    todo = [(index, spec) for index, spec in mine if index not in done]
+    started = time.perf_counter()
+    writer = ProfileWriter(output, None) if output.exists() else None
+    cost = measure_cost(pipe, todo[0][1], settings.guidance_scale, size) if todo and writer is None else None
+    recorder = Recorder(transformer, adapter, settings)
+    bar = tqdm(total=len(todo) * settings.num_inference_steps, desc=f"profiling {output.name}", unit="step", disable=not progress)
+    recorder.progress = bar
+    try:
+        for index, spec in todo:
+            arrays = _profile_one(pipe, recorder, spec, settings, size, adapter)
+            if writer is None:
+                writer = ProfileWriter(output, _header(pipe, transformer, adapter, settings, run_settings, cost))
+            writer.add_prompt(PromptInfo(prompt_key(index), index, spec.prompt, spec.negative_prompt, spec.seed), arrays)
+    finally:
+        bar.close()
+        recorder.remove()
+    elapsed = time.perf_counter() - started
+    size_bytes = output.stat().st_size if output.exists() else 0
+    complete = len(done) + len(todo)
+    return RunSummary(str(output), len(mine), len(todo), len(mine) - len(todo), elapsed, elapsed / max(len(todo), 1),
+                      size_bytes, size_bytes / max(complete, 1))
+
+
+def _profile_one(pipe: Any, recorder: Recorder, spec: PromptSpec, settings: RecordSettings, size: dict[str, int], adapter: Any) -> dict[str, np.ndarray]:
+    recorder.begin_prompt(spec.seed)
+    with torch.no_grad():
+        video = generate(pipe, spec, settings.num_inference_steps, settings.guidance_scale, size)
+    arrays = recorder.collect(branch_names(adapter.cfg_mode, settings.guidance_scale))
+    if recorder.final_latent is not None:
+        transformer = recorder.transformer
+        patch = _patch(transformer.config, adapter)
+        features = latent_to_token_features(recorder.final_latent, adapter.grid.layout, patch, recorder.grid)
+        arrays["foreground"] = foreground_mask(features, seed=spec.seed)
+    frames = np.asarray(video[0]) if isinstance(video, np.ndarray) else None
+    if frames is not None and frames.size <= MAX_STORED_VIDEO_BYTES:
+        arrays["video"] = np.clip(np.round(frames * 255), 0, 255).astype(np.uint8)
+    return arrays
+
+
+def _patch(config: Any, adapter: Any) -> tuple[int, int, int]:
+    from runtime.adapters import _patch_sizes
+
+    spatial, temporal = _patch_sizes(adapter.grid, config)
+    return (1, 1, 1) if adapter.grid.layout == "tokens" else (temporal, spatial, spatial)
+
+
+def _header(pipe: Any, transformer: Any, adapter: Any, settings: RecordSettings, run_settings: dict, cost: Cost) -> ProfileHeader:
+    steps = settings.num_inference_steps
+    timesteps = np.asarray(pipe.scheduler.timesteps, dtype=np.float64)[:steps]
+    sigmas = getattr(pipe.scheduler, "sigmas", None)
+    if sigmas is None or len(sigmas) < steps:
+        train_steps = getattr(pipe.scheduler.config, "num_train_timesteps", 1000)
+        sigmas = timesteps / float(train_steps)
+    return ProfileHeader(
+        fingerprint=fingerprint_model(transformer),
+        settings=run_settings,
+        branches=branch_names(adapter.cfg_mode, settings.guidance_scale),
+        grid=cost.grid,
+        adapter=adapter.name,
+        cfg_mode=adapter.cfg_mode,
+        timesteps=timesteps,
+        sigmas=np.asarray(sigmas, dtype=np.float64)[:steps],
+        block_flops=cost.block_flops,
+        block_seconds=cost.block_seconds,
+        model_flops=int(cost.model_flops),
+        model_seconds=float(cost.model_seconds),
+    )
+
+
+def check_output_location(output: str | os.PathLike) -> None:
+    """Refuse early (before loading a model) an output whose folder is missing or not writable."""
+    folder = Path(output).parent
+    if not folder.is_dir():
+        raise DitAccelError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise DitAccelError(f"output folder {folder} is not writable")
+
+
+def _check_existing(output: Path, fingerprint: Any, run_settings: dict, resume: bool) -> set[int]:
+    """Indices already complete in `output`; refuses to touch a file of another model or settings."""
+    if not output.exists():
+        check_output_location(output)
+        return set()
+    try:
+        existing = open_profile(output)
+    except ProfileError as exc:
+        raise DitAccelError(f"{output} exists and is not a readable profile ({exc}); choose another output path") from None
+    if existing.header.fingerprint != fingerprint:
+        raise DitAccelError(f"{output} exists and holds a profile of another model ({existing.header.fingerprint.transformer_class}); choose another output path")
+    if not resume:
+        raise DitAccelError(f"{output} already exists; pass --resume to complete it or choose another output path")
+    if existing.header.settings != run_settings:
+        differ = sorted(k for k in set(run_settings) | set(existing.header.settings) if run_settings.get(k) != existing.header.settings.get(k))
+        raise DitAccelError(f"{output} was recorded with different settings ({', '.join(differ)}); resume with the same options")
+    return {p.index for p in existing.prompts}
+
+
+def merge_profiles(inputs: list[str | os.PathLike], output: str | os.PathLike) -> int:
+    """Merge profiles of one model and one set of settings into `output`; returns the number of prompts."""
+    output = Path(output)
+    if output.exists():
+        raise DitAccelError(f"{output} already exists; choose another output path for the merge")
+    if not inputs:
+        raise DitAccelError("no profiles to merge")
+    profiles = [open_profile(p) for p in inputs]
+    first = profiles[0].header
+    for profile in profiles[1:]:
+        reason = first.compatible_with(profile.header)
+        if reason:
+            raise DitAccelError(f"cannot merge {profile.path}: {reason}")
+    entries, seen = [], set()
+    for profile in profiles:
+        for info, arrays in iter_prompt_groups(profile.path):
+            if info.index in seen:
+                raise DitAccelError(f"prompt index {info.index} appears in more than one profile ({profile.path}); were the shards made from one prompts file?")
+            seen.add(info.index)
+            entries.append((info, arrays))
+    entries.sort(key=lambda e: e[0].index)
+    ProfileWriter(output, first).add_prompts(entries)
+    return len(entries)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, or (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard_path(output: str | os.PathLike, rank: int) -> Path:
+    output = Path(output)
+    return output.with_name(f"{output.stem}.rank{rank}{output.suffix}")
+
+
+def profile_distributed(pipe: Any, prompts: list[PromptSpec], output: str | os.PathLike, settings: RecordSettings, **kwargs: Any) -> RunSummary:
+    """Each rank profiles its shard into `<output>.rank<r>.h5`; after a barrier, rank 0 merges them into `output`."""
+    rank, world = distributed_rank()
+    if world == 1:
+        return profile_prompts(pipe, prompts, output, settings, **kwargs)
+    summary = profile_prompts(pipe, prompts, shard_path(output, rank), settings, rank=rank, world_size=world, **kwargs)
+    torch.distributed.barrier()
+    if rank == 0:
+        shards = [shard_path(output, r) for r in range(world)]
+        merge_profiles([s for s in shards if s.exists()], output)
+        for shard in shards:
+            shard.unlink(missing_ok=True)
+    torch.distributed.barrier()
+    return summary
