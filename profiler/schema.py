@@ -118,6 +118,8 @@ class ProfileWriter:
         """Writer for `path`; creates the file with `header` unless it exists (then `header` may be None)."""
         self.path = Path(path)
         self.header = header
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)  # left by a run killed during an atomic write
         if not self.path.exists():
             if header is None:
                 raise ProfileError(f"{self.path} does not exist and no header was given to create it")

@@ -1,0 +1,5 @@
+"""`python -m profiler` is `dit-profile`."""
+
+from .cli import main
+
+main()
