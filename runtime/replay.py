@@ -1,17 +1,20 @@
 """Replay a plan on a live pipeline through diffusers' `HookRegistry` / `ModelHook`.
 
-Two kinds of hook are installed:
+Hooks installed:
 
 * a *step hook* on the transformer, which works out the denoising step of every transformer call, per CFG branch
-  (from diffusers' `cache_context(name, step_index=…)` when the pipeline provides it, else by counting calls), and
-  clears that branch's caches when a new generation starts;
+  (from diffusers' `cache_context(name, step_index=…)` when the pipeline provides it, else by counting calls),
+  picks the step table for the run length (remapping the plan when the run has another step count), asks an
+  adaptive policy for its decision, and clears that branch's caches when a new generation starts;
 * a *block hook* on every block, which on a compute step runs the block (recording the span's residual when a
-  reuse step follows) and on a reuse step returns its input plus the residual cached at the span's last computed
-  step. A span of contiguous blocks is cached as one tensor: its first block adds the residual, the others pass
-  their input through.
+  reuse step or a blended prune step follows), on a prune step runs it with PCA-projected attention scores
+  (blending with the cached output by the plan's DWS weight), and on a reuse step returns its input plus the
+  residual cached at the span's last computed step. A span of contiguous blocks is cached as one tensor: its first
+  block adds the residual, the others pass their input through;
+* an *attention hook* on the self-attention of blocks that have prune steps (see `runtime.pruning`).
 
-All decisions of a static plan are plain Python lists prepared at apply time, so the hot path never synchronises
-with the device. Cache state is kept per CFG branch (diffusers' cache context name); pipelines that batch cond and
+All decisions of a static plan are plain Python tuples prepared at apply time, so the hot path never synchronises
+with the device; adaptive policies read one scalar per computed step (see `runtime.policies`). Cache state is kept per CFG branch (diffusers' cache context name); pipelines that batch cond and
 uncond into one call keep one cache per batch row, so the halves never mix either.
 
 Example:
@@ -29,32 +32,30 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .adapters import BlockList, ModelAdapter, config_hash, find_transformer, get_adapter
+from .adapters import AttentionModule, BlockList, ModelAdapter, config_hash, find_transformer, get_adapter
 from .errors import PlanError
-from .plan import PRUNE, REUSE, Plan
+from .plan import PRUNE, Plan
+from .policies import POLICIES, AdaptivePolicy
+from .pruning import ProjectedAttention, load_bases
+from .schedule import CompiledSchedule, StepTable
 
 STEP_HOOK = "dit_plan_step"
 BLOCK_HOOK = "dit_plan_block"
+ATTENTION_HOOK = "dit_plan_attention"
 DEFAULT_BRANCH = "default"
-SUPPORTED_POLICIES = ("static",)
-
-
-@dataclass(frozen=True)
-class SpanSchedule:
-    """What one cached span does at every step: `reuse[s]`, and `store[s]` (record the residual after step s)."""
-
-    start: int
-    stop: int
-    reuse: tuple[bool, ...]
-    store: tuple[bool, ...]
+SUPPORTED_POLICIES = ("static", *POLICIES)
 
 
 class BranchState(BaseState):
-    """Per-CFG-branch replay state: current step, call count, span inputs in flight and cached residuals."""
+    """Per-CFG-branch replay state: current step and table, span inputs in flight and cached residuals."""
 
     def __init__(self) -> None:
         self.step = 0
         self.calls = 0
+        self.branch = DEFAULT_BRANCH
+        self.table: StepTable | None = None
+        self.adaptive_reuse = False
+        self.tokens_per_frame = 1
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.residuals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -80,71 +81,137 @@ class BranchStates(StateManager):
 
 
 class StepHook(ModelHook):
-    """Advances the current branch's step on every transformer call and resets the branch's state at step 0.
+    """Works out the branch, run length and step of every transformer call; resets the branch at step 0.
 
     Shared by replay and the profiler: both need to know, in every block, which CFG branch and step is running.
+    The step comes from diffusers' cache context (`step_index`) when the pipeline passes it, else from counting
+    calls; the run length from the context (`num_inference_steps`), else from the pipeline's scheduler, else the
+    plan's own step count.
     """
 
     _is_stateful = True
 
-    def __init__(self, branches: BranchStates, num_steps: int) -> None:
+    def __init__(self, branches: BranchStates, num_steps: int, scheduler: Any = None, schedule: CompiledSchedule | None = None,
+                 policy: AdaptivePolicy | None = None, adapter: ModelAdapter | None = None) -> None:
         super().__init__()
-        self.branches = branches
-        self.num_steps = num_steps
+        self.branches, self.num_steps, self.scheduler = branches, num_steps, scheduler
+        self.schedule, self.policy, self.adapter = schedule, policy, adapter
+
+    def _run_length(self, context: Any) -> int:
+        if context is not None and context.num_inference_steps:
+            return int(context.num_inference_steps)
+        timesteps = getattr(self.scheduler, "timesteps", None)
+        return len(timesteps) if timesteps is not None and len(timesteps) else self.num_steps
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         state = self.branches.get_state()
         context = self.branches._context
-        if context is not None and context.step_index is not None:
-            if context.num_inference_steps is not None and context.num_inference_steps != self.num_steps:
-                raise PlanError(
-                    f"the plan was fitted for {self.num_steps} inference steps but the pipeline runs "
-                    f"{context.num_inference_steps}; run with num_inference_steps={self.num_steps} or refit the plan"
-                )
-            step = int(context.step_index)
-        else:
-            step = state.calls % self.num_steps
+        steps = self._run_length(context)
+        step = int(context.step_index) if context is not None and context.step_index is not None else state.calls % steps
         if step == 0:
             state.reset()
-        state.step = step
-        state.calls += 1
+        state.step, state.calls = step, state.calls + 1
+        state.branch = context.name if context is not None else DEFAULT_BRANCH
+        if self.schedule is not None:
+            state.table = self.schedule.table(steps)
+        if self.policy is not None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            grid = self.adapter.token_grid(module.config, hidden, kwargs)
+            state.tokens_per_frame = grid[1] * grid[2]
+            state.adaptive_reuse = self.policy.begin_step(state.branch, step, steps)
         return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        if self.policy is not None:
+            state = self.branches.get_state()
+            self.policy.end_step(state.branch, state.step, state.table.steps)
+        return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.branches.reset()
+        if self.policy is not None:
+            self.policy.reset()
         return module
 
 
-class BlockHook(ModelHook):
-    """Computes or reuses one block according to its span's schedule."""
+class PruneSwitch:
+    """Turns a block's PCA-projected attention on for the duration of one prune-step call."""
 
-    def __init__(self, branches: BranchStates, span: SpanSchedule, index: int, spec: BlockList) -> None:
+    def __init__(self, basis: torch.Tensor) -> None:
+        self.basis = basis
+        self.active = False
+
+
+class AttentionPruneHook(ModelHook):
+    """On an attention module: while its block's switch is on, attention scores use the PCA basis."""
+
+    def __init__(self, switch: PruneSwitch) -> None:
         super().__init__()
-        self.branches = branches
-        self.span = span
-        self.is_first = index == span.start
-        self.is_last = index == span.stop - 1
-        self.spec = spec
+        self.switch = switch
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.switch.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        with ProjectedAttention(self.switch.basis):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class BlockHook(ModelHook):
+    """Computes, prunes or reuses one block according to the step table and the adaptive policy."""
+
+    def __init__(self, branches: BranchStates, block: int, span: tuple[int, int], span_index: int, spec: BlockList,
+                 policy: AdaptivePolicy | None, switch: PruneSwitch | None) -> None:
+        super().__init__()
+        self.branches, self.block, self.span_index, self.spec = branches, block, span_index, spec
+        self.is_first, self.is_last = block == span[0], block == span[1] - 1
+        self.policy = policy if policy is not None and block in policy.observed_blocks() else None
+        self.switch = switch
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         state = self.branches.get_state()
-        step = state.step
-        if self.span.reuse[step]:
+        step, table, span = state.step, state.table, self.span_index
+        if table.reuse[span][step] or state.adaptive_reuse:
             return self._reuse(state, *_block_inputs(self.spec, args, kwargs))
-        store = self.span.store[step]
+        store = table.store[span][step]
+        pruned = self.switch is not None and table.prune[self.block][step]
+        observe = self.policy is not None
+        inputs = _block_inputs(self.spec, args, kwargs) if (store and self.is_first) or pruned or observe else None
         if store and self.is_first:
-            state.inputs[self.span.start] = _block_inputs(self.spec, args, kwargs)
-        output = self.fn_ref.original_forward(*args, **kwargs)
+            state.inputs[span] = inputs
+        output = self._forward(args, kwargs, pruned)
+        if pruned and table.blend[self.block][step] < 1.0 and span in state.residuals:
+            output = self._blend(state, inputs, output, table.blend[self.block][step])
+        if observe:
+            self.policy.observe(state.branch, self.block, inputs[0], _block_outputs(self.spec, output)[0], step, state.tokens_per_frame)
         if store and self.is_last:
-            hidden_in, encoder_in = state.inputs.pop(self.span.start)
+            hidden_in, encoder_in = state.inputs.pop(span)
             hidden_out, encoder_out = _block_outputs(self.spec, output)
             encoder_residual = None if encoder_in is None or encoder_out is None else encoder_out - encoder_in
-            state.residuals[self.span.start] = (hidden_out - hidden_in, encoder_residual)
+            state.residuals[span] = (hidden_out - hidden_in, encoder_residual)
         return output
+
+    def _forward(self, args: tuple, kwargs: dict, pruned: bool) -> Any:
+        if not pruned:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        self.switch.active = True
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.switch.active = False
+
+    def _blend(self, state: BranchState, inputs: tuple, output: Any, weight: float) -> Any:
+        """DWS: weight·pruned + (1 − weight)·cached, for the hidden (and encoder) states."""
+        hidden_in, encoder_in = inputs
+        hidden_residual, encoder_residual = state.residuals[self.span_index]
+        hidden_out, encoder_out = _block_outputs(self.spec, output)
+        hidden = torch.lerp(hidden_in + hidden_residual, hidden_out, weight)
+        if encoder_residual is not None and encoder_out is not None:
+            encoder_out = torch.lerp(encoder_in + encoder_residual, encoder_out, weight)
+        return _pack_outputs(self.spec, hidden, encoder_out)
 
     def _reuse(self, state: BranchState, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         if self.is_first:
-            hidden_residual, encoder_residual = state.residuals[self.span.start]
+            hidden_residual, encoder_residual = state.residuals[self.span_index]
             hidden = hidden + hidden_residual
             if encoder_residual is not None:
                 encoder = encoder + encoder_residual
@@ -185,24 +252,27 @@ class PlanHandle:
 
     transformer: torch.nn.Module
     branches: BranchStates
-    blocks: list[torch.nn.Module] = field(default_factory=list)
+    policy: AdaptivePolicy | None = None
+    hooked: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
     active: bool = True
 
     def remove(self) -> None:
         """Remove every hook the plan installed; the transformer then behaves exactly as before."""
         if not self.active:
             return
-        for block in self.blocks:
-            HookRegistry.check_if_exists_or_initialize(block).remove_hook(BLOCK_HOOK, recurse=False)
-        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-        registry.remove_hook(STEP_HOOK, recurse=False)
-        registry.invalidate_child_registries_cache()
+        for module, name in reversed(self.hooked):
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
         self.branches.reset()
         self.active = False
 
     def cache_bytes(self) -> dict[str, int]:
         """Bytes held by cached residuals, per CFG branch (cache context name)."""
         return {name: state.cache_bytes() for name, state in self.branches.branches().items()}
+
+    def reused_steps(self) -> list[int]:
+        """Steps of the last generation an adaptive policy reused the whole stack at (empty for static plans)."""
+        return self.policy.reused_steps() if self.policy is not None else []
 
     def __enter__(self) -> "PlanHandle":
         return self
@@ -233,27 +303,19 @@ def check_plan_matches(plan: Plan, transformer: torch.nn.Module, adapter: ModelA
         raise PlanError(f"plan's block_ids differ from the model's at position {differ}: {fingerprint.block_ids[differ]} vs {block_ids[differ]}")
     if plan.policy.get("kind") not in SUPPORTED_POLICIES:
         raise PlanError(f"plan policy '{plan.policy.get('kind')}' is not supported by this runtime (supported: {', '.join(SUPPORTED_POLICIES)})")
-    if (plan.actions == PRUNE).any():
-        raise PlanError("plan uses 'prune' actions, which this runtime version cannot replay yet; refit without pruning")
 
 
-def span_schedules(plan: Plan) -> list[SpanSchedule]:
-    """For every block, the schedule of the span it is cached in (blocks of one span share one object)."""
-    schedules: dict[tuple[int, int], SpanSchedule] = {}
-    result = []
-    for start, stop in plan.span_of_block():
-        if (start, stop) not in schedules:
-            reuse = tuple(bool(a == REUSE) for a in plan.actions[start])
-            store = tuple(not reuse[s] and s + 1 < len(reuse) and reuse[s + 1] for s in range(len(reuse)))
-            schedules[(start, stop)] = SpanSchedule(start, stop, reuse, store)
-        result.append(schedules[(start, stop)])
-    return result
+def _pruned_attention(adapter: ModelAdapter) -> AttentionModule:
+    """The attention module whose scores pruning projects: the block's self- or joint attention."""
+    return next(a for a in adapter.attention if a.kind != "cross")
 
 
 def apply_plan(pipe_or_transformer: Any, plan: Plan, *, force: bool = False) -> PlanHandle:
     """Install `plan` on a pipeline's transformer (or on a transformer) and return a handle that removes it.
 
-    The plan is checked against the model before any hook is installed. Example:
+    The plan is checked against the model (and compiled: spans, policy, PCA bases) before any hook is installed.
+    Passing the pipeline rather than the transformer lets step remapping read the run length from its scheduler
+    when the pipeline does not pass it in the cache context. Example:
 
         >>> with apply_plan(pipe, load_plan("wan.plan")):
         ...     frames = pipe(prompt_embeds=embeds, num_inference_steps=50).frames
@@ -264,12 +326,29 @@ def apply_plan(pipe_or_transformer: Any, plan: Plan, *, force: bool = False) -> 
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if registry.get_hook(STEP_HOOK) is not None:
         raise PlanError("a plan is already applied to this transformer; call .remove() on its handle first")
+    kind = plan.policy["kind"]
+    policy = POLICIES[kind](plan.policy, plan.num_blocks) if kind in POLICIES else None
+    schedule = CompiledSchedule(plan, adaptive=policy is not None)
+    blocks = adapter.iter_blocks(transformer)
+    parameter = next(transformer.parameters())
+    prune_blocks = [b for b in range(plan.num_blocks) if (plan.actions[b] == PRUNE).any()]
+    bases = load_bases(plan.arrays, plan.model.block_ids, prune_blocks, parameter.device, parameter.dtype)
     branches = BranchStates(BranchState)
-    handle = PlanHandle(transformer, branches)
-    schedules = span_schedules(plan)
-    for index, (_, block, spec) in enumerate(adapter.iter_blocks(transformer)):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockHook(branches, schedules[index], index, spec), BLOCK_HOOK)
-        handle.blocks.append(block)
-    registry.register_hook(StepHook(branches, plan.num_inference_steps), STEP_HOOK)
+    handle = PlanHandle(transformer, branches, policy)
+    attention = _pruned_attention(adapter)
+    for index, (_, block, spec) in enumerate(blocks):
+        switch = PruneSwitch(bases[index]) if index in bases else None
+        if switch is not None:
+            _register(handle, getattr(block, attention.attr), AttentionPruneHook(switch), ATTENTION_HOOK)
+        span_index = schedule.span_of_block[index]
+        hook = BlockHook(branches, index, schedule.spans[span_index], span_index, spec, policy, switch)
+        _register(handle, block, hook, BLOCK_HOOK)
+    scheduler = getattr(pipe_or_transformer, "scheduler", None)
+    _register(handle, transformer, StepHook(branches, plan.num_inference_steps, scheduler, schedule, policy, adapter), STEP_HOOK)
     registry.invalidate_child_registries_cache()
     return handle
+
+
+def _register(handle: PlanHandle, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    handle.hooked.append((module, name))
