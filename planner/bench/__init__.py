@@ -1,0 +1,1 @@
+"""dit-bench: side-by-side comparison of plans against diffusers' own caches."""
