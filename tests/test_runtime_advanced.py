@@ -244,3 +244,18 @@ def test_adaptive_decisions_agree_across_ranks(tmp_path):
     results = str(tmp_path / "reused")
     torch.multiprocessing.spawn(_agreement_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
     assert np.array_equal(np.load(f"{results}.0.npy"), np.load(f"{results}.1.npy"))
+
+
+def test_torch_compile_with_a_static_plan_matches_eager():
+    model = tiny_wan().eval()
+    actions = np.zeros((3, len(STEPS)), np.uint8)
+    actions[1:, 2:4] = REUSE
+    plan = static_plan(model, actions, spans=((1, 3),))
+    with apply_plan(model, plan):
+        eager = run_steps(model, "wan", STEPS)
+    counts = count_block_computations(model)
+    compiled = torch.compile(model)
+    with apply_plan(model, plan):
+        out = run_steps(compiled, "wan", STEPS)
+    assert counts == (plan.actions != REUSE).sum(axis=1).tolist(), "the compiled model replays the same decisions"
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)  # inductor may reorder float sums, nothing more
