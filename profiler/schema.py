@@ -4,6 +4,11 @@ A profile holds one profiling run (or merged shards of several). Writers call `P
 `open_profile`, which returns numpy arrays by field name. Every dataset carries its dimension names in a `dims`
 attribute; the root carries the schema version and the model fingerprint. See docs/profile-format.md.
 
+Integrity: every profile starts with a 512-byte HDF5 user block (which HDF5 ignores) holding a magic string and
+the SHA-256 of the rest of the file. `open_profile` verifies it before the HDF5 library parses anything, so a
+truncated, bit-flipped or edited file is refused with a message instead of reaching HDF5's C parser (which can
+hang on some corruptions).
+
 Crash safety: `ProfileWriter.add_prompt` never modifies the file in place. It copies the current file to a
 temporary file beside it, appends the prompt there, and renames it over the original, so a run killed at any moment
 leaves the last complete file (losing at most the prompt in progress).
@@ -15,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +38,9 @@ from runtime.plan import ModelFingerprint
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dit-profile"
+USERBLOCK_BYTES = 512
+SEAL_MAGIC = b"DIT-PROFILE-SHA256:"
+MAX_FIELD_VALUES = 1 << 28  # 268 M values per field: 10x Wan-1.3B's largest field, a stated bound on what a read allocates
 
 
 class ProfileError(DitAccelError):
@@ -153,8 +163,9 @@ class ProfileWriter:
         try:
             if copy:
                 shutil.copyfile(self.path, tmp)
-            with h5py.File(tmp, "a" if copy else "w") as handle:
+            with h5py.File(tmp, "a") if copy else h5py.File(tmp, "w", userblock_size=USERBLOCK_BYTES) as handle:
                 write(handle)
+            seal(tmp)
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -192,6 +203,32 @@ def _write_prompt(f: h5py.File, info: PromptInfo, arrays: dict[str, np.ndarray])
     group.attrs["complete"] = True
 
 
+def _content_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(USERBLOCK_BYTES)
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def seal(path: str | os.PathLike) -> None:
+    """Write the SHA-256 of everything after the user block into the user block (after any change to the file)."""
+    stamp = SEAL_MAGIC + _content_digest(path).encode()
+    with open(path, "r+b") as handle:
+        handle.write(stamp.ljust(USERBLOCK_BYTES, b"\0"))
+
+
+def _verify_seal(path: Path) -> None:
+    with open(path, "rb") as handle:
+        block = handle.read(USERBLOCK_BYTES)
+    if not block.startswith(SEAL_MAGIC):
+        raise ProfileError(f"{path}: not a dit-profile file (no profile seal; written by another tool or damaged)")
+    expected = block[len(SEAL_MAGIC) : len(SEAL_MAGIC) + 64].decode("ascii", "replace")
+    if _content_digest(path) != expected:
+        raise ProfileError(f"{path}: profile content does not match its checksum (truncated, damaged or edited); re-profile or restore it")
+
+
 def prompt_key(index: int) -> str:
     return f"p{index:05d}"
 
@@ -210,17 +247,27 @@ class Profile:
 
     def has(self, name: str) -> bool:
         """Whether every prompt recorded field `name`."""
-        with self._open() as f:
+        with self._damage_as_error(), self._open() as f:
             return bool(self.prompts) and all(FIELDS[name].path in f["prompts"][p.key] for p in self.prompts)
 
     def read(self, prompt: PromptInfo | int, name: str) -> np.ndarray:
         """Field `name` of one prompt (a `PromptInfo`, or a position in `prompts`)."""
         info = self.prompts[prompt] if isinstance(prompt, int) else prompt
-        with self._open() as f:
+        with self._damage_as_error(), self._open() as f:
             group = f["prompts"][info.key]
             if FIELDS[name].path not in group:
                 raise ProfileError(f"{self.path}: prompt {info.index} has no '{name}' (re-profile recording it)")
             return _read_dataset(group[FIELDS[name].path], self.path)
+
+    @contextlib.contextmanager
+    def _damage_as_error(self) -> Iterator[None]:
+        """h5py reports damaged files with many exception types; all of them become one ProfileError line."""
+        try:
+            yield
+        except ProfileError:
+            raise
+        except Exception as exc:
+            raise ProfileError(f"{self.path}: damaged profile ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
 
     def stack(self, name: str) -> np.ndarray:
         """Field `name` of every prompt, stacked along a new leading `prompt` axis."""
@@ -236,10 +283,10 @@ class Profile:
 
 
 def _read_dataset(dataset: h5py.Dataset, path: Path) -> np.ndarray:
-    try:
-        return dataset[()]
-    except (OSError, ValueError) as exc:
-        raise ProfileError(f"{path}: dataset {dataset.name} is corrupt ({exc})") from None
+    """A dataset's values, refusing declared sizes beyond any real profile field before reading."""
+    if dataset.size > MAX_FIELD_VALUES:
+        raise ProfileError(f"{path}: dataset {dataset.name} declares {dataset.size} values, more than any profile field")
+    return dataset[()]
 
 
 def open_profile(path: str | os.PathLike) -> Profile:
@@ -247,6 +294,7 @@ def open_profile(path: str | os.PathLike) -> Profile:
     path = Path(path)
     if not path.is_file():
         raise ProfileError(f"profile {path} does not exist")
+    _verify_seal(path)
     try:
         with h5py.File(path, "r") as f:
             header = _read_header(f, path)
@@ -296,7 +344,7 @@ def iter_prompt_groups(path: str | os.PathLike) -> Iterator[tuple[PromptInfo, di
     """Every complete prompt of a profile with all its fields (used to merge shards)."""
     profile = open_profile(path)
     for info in profile.prompts:
-        with profile._open() as f:
+        with profile._damage_as_error(), profile._open() as f:
             group = f["prompts"][info.key]
             arrays = {name: _read_dataset(group[spec.path], profile.path) for name, spec in FIELDS.items() if spec.path in group}
         yield info, arrays

@@ -17,7 +17,7 @@ import torch
 
 from profiler.recorder import Recorder, RecordSettings
 from profiler.run import PromptSpec, generate, load_pipeline, merge_profiles, profile_prompts, read_prompts
-from profiler.schema import FIELDS, ProfileError, open_profile
+from profiler.schema import FIELDS, ProfileError, open_profile, seal
 from runtime import get_adapter
 
 STEPS = 4
@@ -127,7 +127,7 @@ def test_corrupt_profile_is_refused(profile_path, tmp_path):
     with pytest.raises(ProfileError):
         open_profile(tmp_path / "cut.h5")
     (tmp_path / "text.h5").write_text("not hdf5")
-    with pytest.raises(ProfileError, match="not a readable profile"):
+    with pytest.raises(ProfileError, match="not a dit-profile file"):
         open_profile(tmp_path / "text.h5")
 
 
@@ -180,6 +180,9 @@ def test_merge_shards_and_refuse_other_models(pipe, tmp_path, profile_path):
     with h5py.File(other, "a") as f:
         fingerprint = json.loads(f.attrs["model_fingerprint"])
         f.attrs["model_fingerprint"] = json.dumps({**fingerprint, "config_hash": "f" * 64})
+    with pytest.raises(ProfileError, match="does not match its checksum"):
+        open_profile(other)
+    seal(other)
     with pytest.raises(Exception, match="profiles are of different models"):
         merge_profiles([merged, other], tmp_path / "mixed.h5")
     assert not (tmp_path / "dup.h5").exists() and not (tmp_path / "mixed.h5").exists()
