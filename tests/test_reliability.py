@@ -178,3 +178,124 @@ def test_profile_fuzz_never_crashes_or_hangs(tmp_path):
         outcomes[_load_outcome(_read_everything, target)] += 1
     assert outcomes["refused"] > FUZZ_CASES // 10
     print(f"profile fuzz: {outcomes}")
+
+
+# --- long runs and concurrency -------------------------------------------------------------------------------------
+
+def _reuse_plan(pipe, steps: int = 4) -> Plan:
+    from runtime import fingerprint_model
+
+    actions = np.zeros((3, steps), np.uint8)
+    actions[1:, 2] = 1
+    return Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 1, steps), actions=actions, spans=((1, 3),))
+
+
+def _hook_count(module) -> int:
+    return sum(len(m._diffusers_hook.hooks) for m in module.modules() if hasattr(m, "_diffusers_hook"))
+
+
+def test_two_hundred_generations_same_output_no_growth():
+    import tracemalloc
+
+    from conftest import PIPELINES, run_pipeline
+    from runtime import apply_plan
+
+    pipe = PIPELINES["wan"]()
+    with apply_plan(pipe, _reuse_plan(pipe)) as handle:
+        first = run_pipeline(pipe)
+        hooks = _hook_count(pipe.transformer)
+        run_pipeline(pipe)
+        tracemalloc.start()
+        baseline = tracemalloc.get_traced_memory()[0]
+        for _ in range(198):
+            assert np.array_equal(run_pipeline(pipe), first)
+        growth = tracemalloc.get_traced_memory()[0] - baseline
+        tracemalloc.stop()
+        assert _hook_count(pipe.transformer) == hooks
+        assert growth < 256 * 1024, f"Python heap grew by {growth} bytes over 198 generations"
+        assert sum(handle.cache_bytes().values()) <= 2 * 3 * 4 * 4 * 16 * 4 * 2
+
+
+def test_apply_and_remove_hundred_times_leaves_the_pipeline_as_fresh():
+    from conftest import PIPELINES, run_pipeline
+    from runtime import apply_plan
+
+    pipe = PIPELINES["wan"]()
+    fresh = run_pipeline(pipe)
+    hooks = _hook_count(pipe.transformer)
+    plan = _reuse_plan(pipe)
+    for _ in range(100):
+        apply_plan(pipe, plan).remove()
+    assert _hook_count(pipe.transformer) == hooks
+    assert np.array_equal(run_pipeline(pipe), fresh)
+    fresh_weights = PIPELINES["wan"]().transformer.state_dict()
+    for name, tensor in pipe.transformer.state_dict().items():
+        assert np.array_equal(tensor.numpy(), fresh_weights[name].numpy()), name
+
+
+def test_two_pipelines_with_different_plans_in_two_threads():
+    import threading
+
+    from conftest import PIPELINES, run_pipeline
+    from runtime import apply_plan
+
+    pipes = [PIPELINES["wan"](), PIPELINES["wan"]()]
+    plans = [_reuse_plan(pipes[0]), _reuse_plan(pipes[1]).with_changes(actions=np.zeros((3, 4), np.uint8), spans=())]
+    handles = [apply_plan(p, plan) for p, plan in zip(pipes, plans)]
+    alone = [run_pipeline(p, seed=i) for i, p in enumerate(pipes)]
+    results: list[list[np.ndarray]] = [[], []]
+
+    def work(index: int) -> None:
+        for _ in range(5):
+            results[index].append(run_pipeline(pipes[index], seed=index))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for handle in handles:
+        handle.remove()
+    for index in range(2):
+        assert all(np.array_equal(video, alone[index]) for video in results[index])
+    assert not np.array_equal(alone[0], alone[1])
+
+
+# --- crashes lose nothing ------------------------------------------------------------------------------------------
+
+KILL_TRIALS = 10
+
+
+def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from profiler.recorder import RecordSettings
+    from profiler.run import load_pipeline, profile_prompts, read_prompts
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a large red circle moves left on a blue background\na small green square moves up on a black background\n")
+    settings = RecordSettings(num_inference_steps=3, record_attention=False)
+    pipe = load_pipeline(None)
+    reference = tmp_path / "reference.h5"
+    profile_prompts(pipe, read_prompts(prompts), reference, settings, progress=False)
+    expected = open_profile(reference)
+    rng = random.Random(7)
+    states = []
+    for trial in range(KILL_TRIALS):
+        output = tmp_path / f"trial{trial}.h5"
+        args = [sys.executable, "-m", "profiler", str(prompts), "-o", str(output), "--steps", "3", "--no-attention", "--quiet"]
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 12.0))
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        states.append(len(open_profile(output).prompts) if output.exists() else -1)
+        profile_prompts(pipe, read_prompts(prompts), output, settings, resume=output.exists(), progress=False)
+        resumed = open_profile(output)
+        assert [p.index for p in resumed.prompts] == [0, 1]
+        for name in ("residual_rel_l1", "motion", "feature_queries", "foreground", "model_output_rel_l1"):
+            np.testing.assert_array_equal(resumed.stack(name), expected.stack(name))
+        assert not list(tmp_path.glob(f".trial{trial}.h5.*.tmp"))
+    print(f"prompts complete when killed (-1: no file yet): {states}")
