@@ -1,10 +1,140 @@
-"""dit-plan command line (grows with the planner issue)."""
+"""dit-plan: fit plans from profiles, inspect them, validate (and tighten) them on held-out prompts.
+
+Thin wrappers over the library (`planner.methods`, `planner.summary`, `planner.validate`); every command that reports
+numbers takes `--json` and then prints one JSON object. Errors are one line on stderr with exit code 2, and no output
+file is left behind (plans are written atomically, last).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
 import click
 
+from profiler.cli_common import EXIT_USER_ERROR, emit_report, user_errors
+from runtime.plan import load_plan
 
-@click.group(invoke_without_command=True)
+from .errors import PlannerError
+from .labels import RULES
+from .methods import METHODS, FitOptions, fit_plan
+from runtime.plan import save_plan
+from .plots import plan_figure, save_figure
+from .solver import GRANULARITIES
+from .summary import plan_report, provenance_drift, render_report
+from .validate import PipelineRunner, load_pipeline, profiled_generation, read_prompts, render_validation, tighten_plan, validate_plan
+
+
+class OneLineErrorGroup(click.Group):
+    """A click group whose usage errors (bad option values, missing arguments) are one 'error: …' line too."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message().splitlines()[0]}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+
+@click.group(cls=OneLineErrorGroup, invoke_without_command=True)
 @click.pass_context
 def main(ctx: click.Context) -> None:
-    """Fit, inspect and validate acceleration plans from profiles (not implemented yet)."""
+    """Fit, inspect and validate acceleration plans from profiles."""
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
+
+
+@main.command()
+@click.argument("profiles", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Plan file to write.")
+@click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True, help="Method preset.")
+@click.option("--target-speedup", type=float, help="FLOP speedup to reach with the least predicted error.")
+@click.option("--max-error", type=float, help="Predicted error not to exceed, with the most speedup.")
+@click.option("--pca-variance", type=float, default=0.95, show_default=True, help="q/k variance every head's PCA basis keeps.")
+@click.option("--warmup", type=int, help="Steps always computed at the start (method default).")
+@click.option("--protect-last", type=int, help="Steps always computed at the end (method default).")
+@click.option("--max-reuse", type=int, help="Longest run of reused steps (default steps/6).")
+@click.option("--foreground-weight", type=float, default=2.0, show_default=True, help="Error weight of foreground blocks.")
+@click.option("--label-quantile", type=float, default=0.8, show_default=True, help="Attention quantile above which tokens are high-attention.")
+@click.option("--label-rule", type=click.Choice(RULES), default="threshold", show_default=True)
+@click.option("--label-threshold", type=float, help="Foreground score threshold (default half-way between chance and 1).")
+@click.option("--moreg/--no-moreg", default=True, show_default=True, help="AdaCache motion regularisation.")
+@click.option("--prune", is_flag=True, help="auto: allow PCAS prune steps (unicp always prunes).")
+@click.option("--granularity", type=click.Choice(GRANULARITIES), default="stack", show_default=True, help="auto: which blocks share one schedule.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def fit(profiles: tuple[str, ...], output: str, as_json: bool, **options: Any) -> None:
+    """Fit a plan from one or more profiles of the same model."""
+    plan = fit_plan(list(profiles), FitOptions(**options))
+    save_plan(plan, output)
+    report = {"output": output, "method": options["method"], "policy": plan.policy, "predicted": plan.predicted,
+              "labels": list(plan.labels), "spans": [list(s) for s in plan.spans]}
+    emit_report(report, as_json, _render_fit)
+
+
+def _render_fit(report: dict[str, Any]) -> str:
+    predicted = report["predicted"]
+    return (f"wrote {report['output']}: method {report['method']}, policy {report['policy']['kind']}, predicted speedup "
+            f"{predicted['speedup']:.2f}x, compute fraction {predicted['compute_fraction']:.2f}, error {predicted['error']:.4g}")
+
+
+@main.command()
+@click.argument("plan_path")
+@click.option("--plot", help="Write the plan's figures (drift, schedule, labels, PCA) to this image file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def inspect(plan_path: str, plot: str | None, as_json: bool) -> None:
+    """Show a plan: schedule grid, labels, spans, prediction and provenance."""
+    plan = load_plan(plan_path)
+    report = plan_report(plan)
+    if plot:
+        drift, note = provenance_drift(plan)
+        report["plot"] = str(save_figure(plan_figure(plan, drift), plot))
+        report["plot_note"] = note
+    emit_report(report, as_json, _render_inspect)
+
+
+def _render_inspect(report: dict[str, Any]) -> str:
+    text = render_report(report)
+    if "plot" in report:
+        text += f"\nfigure written to {report['plot']}" + (f" ({report['plot_note']})" if report["plot_note"] else "")
+    return text
+
+
+@main.command()
+@click.argument("plan_path")
+@click.option("--prompts", "prompts_path", required=True, help="Held-out prompts, one per line.")
+@click.option("--model", "model_path", help="Local pipeline folder (default: the embedded default model).")
+@click.option("--steps", type=int, help="Inference steps (default: the plan's; the runtime remaps within [N/2, 2N]).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed repeats per prompt and variant.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first prompt (then +1 per prompt).")
+@click.option("--guidance-scale", type=float, help="CFG scale (default: the profile's, else 5); size is the profile's too.")
+@click.option("--flops/--no-flops", default=True, show_default=True, help="Count FLOPs of the first prompt (two extra runs).")
+@click.option("--min-psnr", type=float, help="Tighten the plan until every prompt reaches this PSNR (dB).")
+@click.option("-o", "--output", help="Where to write the tightened plan (with --min-psnr).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def validate(plan_path: str, prompts_path: str, model_path: str | None, steps: int | None, repeats: int, seed: int,
+             guidance_scale: float | None, flops: bool, min_psnr: float | None, output: str | None, as_json: bool) -> None:
+    """Measure a plan against the full model on held-out prompts; with --min-psnr, tighten it and write it."""
+    if (min_psnr is None) != (output is None):
+        raise PlannerError("--min-psnr and -o go together: the tightened plan needs a file to go to")
+    plan = load_plan(plan_path)
+    prompts = read_prompts(prompts_path)
+    profiled_scale, size = profiled_generation(plan)
+    scale = profiled_scale if guidance_scale is None else guidance_scale
+    runner = PipelineRunner(load_pipeline(model_path), guidance_scale=scale, size=size)
+    settings = {"steps": steps, "repeats": repeats, "seed": seed, "flops": flops}
+    if min_psnr is None:
+        emit_report(validate_plan(plan, runner, prompts, **settings).to_json(), as_json, render_validation)
+        return
+    tightened, reports = tighten_plan(plan, runner, prompts, min_psnr, **settings)
+    save_plan(tightened, output)
+    report = {**reports[-1].to_json(), "output": output, "rounds": len(reports), "predicted": tightened.predicted,
+              "history": [{"min_psnr": r.to_json()["min_psnr"], "wall_speedup": r.wall_speedup, "predicted_error": r.predicted_error} for r in reports]}
+    emit_report(report, as_json, render_validation)

@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 from runtime.errors import DitAccelError
-from runtime.plan import ModelFingerprint
+from runtime.plan import ModelFingerprint, make_world_readable
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dit-profile"
@@ -166,6 +166,7 @@ class ProfileWriter:
             with h5py.File(tmp, "a") if copy else h5py.File(tmp, "w", userblock_size=USERBLOCK_BYTES) as handle:
                 write(handle)
             seal(tmp)
+            make_world_readable(tmp)
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -212,8 +213,18 @@ def _content_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
 def seal(path: str | os.PathLike) -> None:
-    """Write the SHA-256 of everything after the user block into the user block (after any change to the file)."""
+    """Write the SHA-256 of everything after the user block into the user block (after any change to the file).
+
+    Refuses a file without the 512-byte user block profiles are created with, rather than overwrite its HDF5 header.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(USERBLOCK_BYTES + len(_HDF5_SIGNATURE))
+    if head[USERBLOCK_BYTES:] != _HDF5_SIGNATURE:
+        raise ProfileError(f"{path}: not an HDF5 file with a {USERBLOCK_BYTES}-byte user block; only profiles written by this version can be sealed")
     stamp = SEAL_MAGIC + _content_digest(path).encode()
     with open(path, "r+b") as handle:
         handle.write(stamp.ljust(USERBLOCK_BYTES, b"\0"))

@@ -233,15 +233,33 @@ def _checksum(text: str, tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def plan_to_bytes(plan: Plan) -> bytes:
-    """Serialise a plan to the bytes of a `.plan` file (deterministic)."""
-    from safetensors.numpy import save
+_SAFETENSORS_DTYPES = {"uint8": "U8", "float32": "F32", "float64": "F64", "float16": "F16", "int32": "I32", "int64": "I64", "int8": "I8", "int16": "I16", "bool": "BOOL"}
 
+
+def plan_to_bytes(plan: Plan) -> bytes:
+    """Serialise a plan to the bytes of a `.plan` file.
+
+    The safetensors container is laid out here rather than by `safetensors.save`, which writes metadata keys in hash
+    order: tensors sorted by name, header JSON with sorted keys, padded to 8 bytes, so equal plans give equal bytes.
+    """
     try:
         text, tensors = _canonical(plan)
     except ValueError as exc:
         raise PlanError(f"plan metadata cannot be written as JSON: {exc}") from None
-    return save(tensors, metadata={"dit_plan": text, "content_sha256": _checksum(text, tensors)})
+    header: dict[str, Any] = {"__metadata__": {"content_sha256": _checksum(text, tensors), "dit_plan": text}}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        dtype = _SAFETENSORS_DTYPES.get(array.dtype.name)
+        if dtype is None:
+            raise PlanError(f"plan array '{name}' has dtype {array.dtype}, which a plan cannot store")
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(chunks)
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
@@ -253,11 +271,19 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        make_world_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def make_world_readable(path: str | os.PathLike) -> None:
+    """Give a file made by `mkstemp` (mode 0600) the mode a plain `open()` would have given it under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

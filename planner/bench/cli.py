@@ -1,8 +1,148 @@
-"""dit-bench command line (being built)."""
+"""`dit-bench`: plans against diffusers' own caches, on the same prompts and seeds, in one process.
+
+A thin click wrapper over `planner.bench.runner` and `planner.bench.report`. Usage errors and bad input are one
+`error: …` line on stderr with exit code 2, and nothing is written under --out.
+
+    dit-bench --out artifacts/bench                                   # default model, peers only
+    dit-bench --profile calib.h5 --fit --out artifacts/bench          # + auto at several budgets and every preset
+    dit-bench --plan a.plan --plan b.plan --peers fbc,magcache --thresholds magcache=0.05,0.1
+    dit-bench --random-config wan-1.3b --device cuda --dtype bfloat16 --steps 50 --frames 33   # speed only
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
 
+from profiler.cli_common import EXIT_USER_ERROR, user_errors
 
-@click.command()
-def main() -> None:
-    """Compare acceleration plans with diffusers' caches on the same prompts and seeds (not implemented yet)."""
-    click.echo("dit-bench: not implemented yet")
+from .errors import BenchError
+from .models import DTYPES, RANDOM_CONFIGS
+from .peers import PEERS
+from .report import build_report, pareto_png, render_markdown, to_json, write_outputs
+from .runner import DEFAULT_BUDGETS, BenchOptions, run_bench, summarise
+from .variants import FIT_PRESETS
+
+
+class OneLineErrorCommand(click.Command):
+    """A click command whose usage errors (bad option values, unknown options) are one 'error: …' line too."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message().splitlines()[0]}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+
+def _numbers(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise click.BadParameter(f"{what} is empty")
+    return values
+
+
+def _parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    return None if value is None else _numbers(value, "--budgets")
+
+
+def _parse_presets(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none")
+    unknown = [n for n in names if n not in FIT_PRESETS]
+    if unknown:
+        raise click.BadParameter(f"unknown preset {unknown[0]!r} (known: {', '.join(FIT_PRESETS)}, or none)")
+    return names
+
+
+def _parse_peers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise click.BadParameter(f"unknown peer {unknown[0]!r} (known: {', '.join(PEERS)})")
+    return names
+
+
+def _parse_thresholds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
+    grids = {}
+    for item in value:
+        name, _, numbers = item.partition("=")
+        if name.strip() not in PEERS or not numbers:
+            raise click.BadParameter(f"expected PEER=V1,V2,… with PEER one of {', '.join(PEERS)}, got {item!r}")
+        grids[name.strip()] = _numbers(numbers, f"--thresholds {name.strip()}")
+    return grids
+
+
+def check_output_dir(out: str) -> None:
+    """Refuse early an --out that is a file or whose nearest existing parent is not a writable folder."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"--out {out} exists and is not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise BenchError(f"--out {out}: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise BenchError(f"--out {out}: folder {existing} is not writable")
+
+
+@click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", default="artifacts/bench", show_default=True, type=click.Path(), help="Folder for bench.md, bench.json, pareto.png (and fitted plans).")
+@click.option("--model", type=click.Path(), help="Local diffusers pipeline folder (default: the embedded default model).")
+@click.option("--random-config", type=click.Choice(sorted(RANDOM_CONFIGS)), help="Full-size architecture with random weights (speed only).")
+@click.option("--plan", "plans", multiple=True, type=click.Path(dir_okay=False), help="A .plan file to benchmark (repeatable).")
+@click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="Profile(s) for --fit; their prompts also calibrate MagCache.")
+@click.option("--fit", is_flag=True, help="Fit auto at every --budgets value and each method preset from --profile.")
+@click.option("--budgets", callback=_parse_budgets, help=f"FLOP speedups to fit auto at [default: {','.join(f'{b:g}' for b in DEFAULT_BUDGETS)}; 2 with --quick].")
+@click.option("--presets", callback=_parse_presets, help=f"Method presets to fit at their defaults, or none [default: {','.join(FIT_PRESETS)}; none with --quick].")
+@click.option("--peers", default=",".join(PEERS), show_default=True, callback=_parse_peers, help="diffusers caches to compare with.")
+@click.option("--thresholds", multiple=True, callback=_parse_thresholds, help="PEER=V1,V2,… replaces a peer's grid (repeatable).")
+@click.option("--quick", is_flag=True, help="Reduced grid: one value per peer, auto at 2x, no presets (unless given).")
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Benchmark prompts (.txt one per line, seeds 0, 1, …; or .jsonl).")
+@click.option("--calibration-prompts", type=click.Path(dir_okay=False), help="MagCache calibration prompts (default: the --profile prompts, else built-in ones).")
+@click.option("--steps", type=click.IntRange(2), help="Denoising steps (default: the profile's, else the plan's, else 20).")
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(1), help="Interleaved timed rounds; the median is reported.")
+@click.option("--guidance", type=float, help="Guidance scale (default: the profile's, else 5).")
+@click.option("--frames", type=click.IntRange(1), help="Video frames (default: the profile's, else the pipeline's).")
+@click.option("--height", type=click.IntRange(8), help="Video height in pixels.")
+@click.option("--width", type=click.IntRange(8), help="Video width in pixels.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(sorted(DTYPES)))
+@click.option("--lpips-weights", type=click.Path(dir_okay=False), help="TorchScript LPIPS module (model(x, y), images in [-1, 1]); no download.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the markdown table.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def main(out: str, frames: int | None, height: int | None, width: int | None, as_json: bool, quiet: bool,
+         thresholds: dict[str, tuple[float, ...]], **options: Any) -> None:
+    """Benchmark plans and diffusers' caches against the un-accelerated pipeline (same prompts, seeds, process)."""
+    unselected = sorted(set(thresholds) - set(options["peers"]))
+    if unselected:
+        raise BenchError(f"--thresholds names {unselected[0]}, which --peers leaves out")
+    check_output_dir(out)
+    size = {k: v for k, v in {"num_frames": frames, "height": height, "width": width}.items() if v is not None}
+    bench = BenchOptions(**{**options, "plans": tuple(options["plans"]), "profiles": tuple(options["profiles"])},
+                         thresholds=thresholds, size=size, progress=not quiet)
+    run = run_bench(bench)
+    report = build_report(summarise(run))
+    markdown = render_markdown(report)
+    files = {"bench.md": markdown.encode(), "bench.json": to_json(report).encode(), "pareto.png": pareto_png(report)}
+    files.update(_fitted_plan_files(run))
+    written = write_outputs(out, files)
+    click.echo(to_json(report) if as_json else markdown + "\nwrote " + ", ".join(str(p) for p in written), nl=not as_json)
+
+
+def _fitted_plan_files(run: Any) -> dict[str, bytes]:
+    """The plans `--fit` made, so every row can be replayed."""
+    from runtime.plan import plan_to_bytes
+
+    return {v.plan_file: plan_to_bytes(v.plan) for v in run.variants if v.plan_file is not None}

@@ -1,0 +1,237 @@
+"""The bench's outputs: the report with definitions and where our plans stand, a markdown table, JSON, a Pareto plot.
+
+Every output is rendered in memory first and written at the end, each through a temporary file renamed into place
+only once all of them are ready, so a failed run leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OURS = "auto"
+DEFINITIONS = {
+    "psnr": "10·log10(1 / MSE) in dB, the MSE taken over the whole video at once (every frame, pixel and RGB channel in [0, 1]) "
+            "against the un-accelerated video of the same prompt and seed; the table shows the mean over prompts",
+    "ssim": "Gaussian-window SSIM (11 px, sigma 1.5) per frame and channel, averaged; mean over prompts",
+    "lpips": "mean over frames of the user-supplied TorchScript LPIPS model, images scaled to [-1, 1]",
+    "wall_speedup": "median over interleaved rounds of the un-accelerated wall time / the variant's (all prompts, same process)",
+    "flop_speedup": "FLOPs of one un-accelerated generation of the first prompt / the variant's (torch FlopCounterMode, CPU attention counted)",
+    "block_calls": "block computations, counted when a block's first attention module computes its query projection; summed over prompts",
+    "cache_bytes": "peak bytes of the tensors held in the state of the diffusers hooks on the transformer (plans and peers alike)",
+    "bound": "T / (T_c + (T - T_c)·rho) with T_c = T·(computed / total block calls) and rho the non-block share of the "
+             "un-accelerated run's FLOPs: the speedup if skipped block calls cost nothing; attention-only skipping "
+             "(PAB, TaylorSeer on attention) counts as a skipped block, so the bound overstates what those methods can reach",
+}
+
+
+def build_report(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary plus definitions and the comparison of our `auto` plans with each peer's curve."""
+    return {**summary, "definitions": DEFINITIONS, "standing": standing(summary["rows"])}
+
+
+def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def standing(rows: list[dict[str, Any]], ours: str = OURS) -> list[dict[str, Any]]:
+    """For each `ours` point and each peer: the peer's speed at equal PSNR and PSNR at equal speed (interpolated on
+    its curve, None outside its range), and which of the peer's points dominate it or it dominates."""
+    points = [r for r in _ok(rows) if r["method"] == ours and r["kind"] == "plan"]
+    peers: dict[str, list[dict[str, Any]]] = {}
+    for row in _ok(rows):
+        if row["kind"] == "peer":
+            peers.setdefault(row["method"], []).append(row)
+    result = []
+    for point in points:
+        speed, quality = point["wall_speedup"], point["psnr"]
+        for peer, curve in peers.items():
+            result.append({
+                "ours": point["name"], "peer": peer, "ours_speedup": speed, "ours_psnr": quality,
+                "peer_speedup_at_equal_psnr": _interpolate(curve, "psnr", "wall_speedup", quality),
+                "peer_psnr_at_equal_speedup": _interpolate(curve, "wall_speedup", "psnr", speed),
+                "dominated_by": [r["name"] for r in curve if _dominates(r, point)],
+                "dominates": [r["name"] for r in curve if _dominates(point, r)],
+            })
+    return result
+
+
+def _interpolate(curve: list[dict[str, Any]], x_key: str, y_key: str, x: float) -> float | None:
+    """y at x on the curve's points sorted by x (linear), or None when x lies outside them."""
+    pairs = sorted((r[x_key], r[y_key]) for r in curve if math.isfinite(r[x_key]) and math.isfinite(r[y_key]))
+    if not pairs or not math.isfinite(x) or not pairs[0][0] <= x <= pairs[-1][0]:
+        return None
+    xs, ys = zip(*pairs)
+    return float(np.interp(x, xs, ys))
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """a is at least as fast and as faithful as b, and strictly better in one."""
+    better_or_equal = a["wall_speedup"] >= b["wall_speedup"] and a["psnr"] >= b["psnr"]
+    return better_or_equal and (a["wall_speedup"] > b["wall_speedup"] or a["psnr"] > b["psnr"])
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: header, table, what did not run, where `auto` stands, definitions."""
+    lines = _header(report) + [""] + _table(report) + [""]
+    lines += _section("Not applicable", [f"{k}: {v}" for k, v in report["not_applicable"].items()])
+    lines += _section("Not fitted", [f"{k}: {v}" for k, v in report["not_fitted"].items()])
+    lines += _section(f"Where `{OURS}` stands against each peer (wall speedup, mean PSNR)", [_standing_line(s) for s in report["standing"]])
+    lines += _section("Definitions", [f"**{k}**: {v}" for k, v in report["definitions"].items()] + [f"**rho** (this run): {report['rho']:.4f}"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    model, settings = report["model"], report["settings"]
+    lines = [
+        f"## dit-bench: {model['name']}",
+        "",
+        f"{model['transformer_class']} ({model['blocks']} blocks, CFG {model['cfg_mode']}), {settings['steps']} steps, guidance "
+        f"{settings['guidance']:g}, {len(settings['prompts'])} prompt(s), median of {settings['repeats']} interleaved round(s), "
+        f"{settings['device']} {settings['dtype']}, torch {settings['torch']}, diffusers {settings['diffusers']}.",
+    ]
+    rounds = report["rows"][0]["wall_s_rounds"]
+    spread = f" (spread {max(rounds) / min(rounds) - 1:.0%}: the timing noise of this machine)" if len(rounds) > 1 else ""
+    lines.append(f"Un-accelerated time per round: {', '.join(f'{t:.2f} s' for t in rounds)}{spread}.")
+    files = model["weights"].get("files", [])
+    if files:
+        lines.append("Weights measured: " + "; ".join(f"`{f['path']}` modified {f['modified']}" for f in files) + ".")
+    if not model["fidelity_meaningful"]:
+        lines.append("**Random weights: PSNR, SSIM and LPIPS are meaningless here; read the speed columns only.**")
+    if settings["device"].startswith("cpu"):
+        lines.append("Memory on CPU: the cache MB column is the bytes held by the hooks' caches (no allocator peak on CPU).")
+    return lines
+
+
+def _table(report: dict[str, Any]) -> list[str]:
+    lpips = any(r.get("lpips") is not None for r in report["rows"])
+    cuda = any(r.get("peak_cuda_bytes") is not None for r in report["rows"])
+    head = ["method", "setting", "wall speedup", "FLOP speedup", "PSNR dB", "SSIM", *(["LPIPS"] if lpips else []),
+            "block calls", "cache MB", *(["peak CUDA GB"] if cuda else []), "bound", "wall / bound", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["rows"]:
+        lines.append("| " + " | ".join(_cells(row, lpips, cuda)) + " |")
+    return lines
+
+
+def _cells(row: dict[str, Any], lpips: bool, cuda: bool) -> list[str]:
+    setting = {"peer": row["name"].partition(" ")[2], "baseline": "—"}.get(row["kind"], row["name"])
+    if row["status"].startswith("failed"):
+        blanks = 7 + lpips + cuda
+        return [row["method"], setting, *["—"] * blanks, row["status"]]
+    nothing = row["status"] == "skipped nothing"
+    speeds = ["skipped nothing"] * 2 if nothing else [f"{row['wall_speedup']:.2f}x", f"{row['flop_speedup']:.2f}x"]
+    calls = row["block_calls"]
+    cells = [row["method"], setting, *speeds, _db(row["psnr"]), f"{row['ssim']:.4f}"]
+    cells += [f"{row['lpips']:.4f}"] if lpips else []
+    cells += [f"{calls['computed']}/{calls['total']}", f"{row['cache_bytes'] / 1e6:.2f}"]
+    cells += [f"{(row['peak_cuda_bytes'] or 0) / 1e9:.2f}"] if cuda else []
+    cells += [f"{row['bound']:.2f}x", "—" if nothing else f"{row['wall_of_bound']:.0%}", _note(row)]
+    return cells
+
+
+def _note(row: dict[str, Any]) -> str:
+    if row["status"] == "reference":
+        return f"reference, {row['wall_s']:.2f} s"
+    if row["status"] == "skipped nothing":
+        return "skipped nothing: no block or attention call saved"
+    predicted = row["setting"].get("predicted_speedup")
+    return f"predicted {predicted:.2f}x FLOPs" if isinstance(predicted, (int, float)) else ""
+
+
+def _db(value: float) -> str:
+    return "∞" if math.isinf(value) else f"{value:.2f}"
+
+
+def _section(title: str, items: list[str]) -> list[str]:
+    return [f"### {title}", "", *[f"- {item}" for item in items], ""] if items else []
+
+
+def _standing_line(entry: dict[str, Any]) -> str:
+    peer, speed, quality = entry["peer"], entry["ours_speedup"], entry["ours_psnr"]
+    at_psnr, at_speed = entry["peer_speedup_at_equal_psnr"], entry["peer_psnr_at_equal_speedup"]
+    parts = [f"{entry['ours']} ({speed:.2f}x, {_db(quality)} dB) vs {peer}:"]
+    parts.append(f"at equal PSNR {peer} runs {at_psnr:.2f}x ({'ours faster' if speed > at_psnr else 'peer faster'});" if at_psnr is not None
+                 else f"{peer}'s curve does not reach {_db(quality)} dB within its measured points;")
+    parts.append(f"at equal speed {peer} gets {_db(at_speed)} dB ({'ours higher' if quality > at_speed else 'peer higher'})." if at_speed is not None
+                 else f"{peer}'s curve does not span {speed:.2f}x.")
+    if entry["dominated_by"]:
+        parts.append(f"Dominated by {', '.join(entry['dominated_by'])}.")
+    if entry["dominates"]:
+        parts.append(f"Dominates {', '.join(entry['dominates'])}.")
+    return " ".join(parts)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    """The report as JSON; infinite PSNR (identical videos) is written as the string "inf"."""
+    return json.dumps(_jsonable(report), indent=2) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
+    return value
+
+
+def pareto_png(report: dict[str, Any]) -> bytes:
+    """Wall speedup vs PSNR, one curve per method (points that skipped nothing or failed are left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in _ok(report["rows"]):
+        if math.isfinite(row["psnr"]):
+            curves.setdefault(row["method"], []).append((row["wall_speedup"], row["psnr"]))
+    for method, points in curves.items():
+        xs, ys = zip(*sorted(points))
+        ours = any(r["method"] == method and r["kind"] == "plan" for r in report["rows"])
+        axes.plot(xs, ys, marker="o" if ours else "s", linestyle="-" if ours else "--", linewidth=2.2 if ours else 1.2, label=method)
+    axes.set_xlabel("wall-clock speedup (median of interleaved rounds)")
+    axes.set_ylabel("PSNR vs un-accelerated, dB (global MSE)")
+    title = f"{report['model']['name']}, {report['settings']['steps']} steps"
+    axes.set_title(title if report["model"]["fidelity_meaningful"] else f"{title}\nrandom weights: PSNR is meaningless", fontsize=10)
+    axes.grid(True, alpha=0.3)
+    if curves:
+        axes.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_outputs(out_dir: str | os.PathLike, files: dict[str, bytes]) -> list[Path]:
+    """Write every file under `out_dir`: all to temporary files first, then each renamed into place."""
+    out_dir = Path(out_dir)
+    staged: list[tuple[str, Path]] = []
+    try:
+        for relative, data in files.items():
+            path = out_dir / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    return [path for _, path in staged]

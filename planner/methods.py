@@ -1,0 +1,353 @@
+"""Fitting a plan: the five method presets over one shared cost/error model, and the plan they produce.
+
+* `profilingdit` — background blocks (labels) cached as spans: warm-up, then refresh intervals shrinking from T_max to
+  T_max/2; foreground blocks always computed. Budget knob: T_max.
+* `adacache` — adaptive codebook policy on a probe block's residual distance, MoReg on. Budget knob: codebook scale.
+* `bwcache` — adaptive similarity-indicator policy. Budget knob: the indicator quantile used as threshold.
+* `unicp` — EDCW windows per block and step, PCAS prune steps, DWS blend weights. Budget knob: the window threshold.
+* `auto` — greedy budget solver over compute / reuse (/ prune with --prune) per unit and step, foreground errors
+  weighted up. Units default to the whole stack: one synchronised schedule, as AdaCache found per-layer schedules
+  unstable and `validate` measures staggered per-block schedules far below their prediction (docs/planner.md).
+
+Every preset with a budget keeps the least-error setting that meets it (see `solver.py`); without one it uses the
+paper's defaults (`auto`: target speedup 2, or the most reachable below that). The same profiles and options always give the same plan bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from runtime.plan import Plan
+
+from .drift import build_predictor, normalised_drift
+from .errors import PlannerError
+from .labels import BlockLabels, fit_labels
+from .pca import PcaBases, fit_pca_bases, pruned_block_flops
+from .policies import (
+    adacache_policy, adjacent_distances, bwcache_policy, choose_probe_block, indicator_blocks, moreg_settings, simulate,
+    simulate_adacache, simulate_bwcache, unprotected,
+)
+from .predict import Predictor
+from .profiles import ProfileSet, load_profiles
+from .schedules import blending_blocks, edcw_actions, group_spans, interval_row, protected_steps
+from .solver import Budget, Candidate, block_units, choose_candidate, greedy_schedule
+
+PLANNER_VERSION = "0.1.0"
+METHODS = ("profilingdit", "adacache", "bwcache", "unicp", "auto")
+LABEL_FIELDS = ("attention_received", "foreground")
+FEATURE_FIELDS = ("feature_queries", "feature_keys")
+AUTO_DEFAULT_SPEEDUP = 2.0
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Every planner parameter (recorded in the plan's provenance). `None` means the method's default."""
+
+    method: str = "auto"
+    target_speedup: float | None = None
+    max_error: float | None = None
+    pca_variance: float = 0.95
+    warmup: int | None = None
+    protect_last: int | None = None
+    max_reuse: int | None = None
+    foreground_weight: float = 2.0
+    label_quantile: float = 0.8
+    label_rule: str = "threshold"
+    label_threshold: float | None = None
+    moreg: bool = True
+    prune: bool = False
+    granularity: str = "stack"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What every method gets: the merged profiles, resolved options, labels, PCA bases and the predictor."""
+
+    profiles: ProfileSet
+    options: FitOptions
+    budget: Budget
+    warmup: int
+    protect_last: int
+    max_reuse: int
+    labels: BlockLabels | None
+    pca: PcaBases | None
+    predictor: Predictor
+
+    @property
+    def steps(self) -> int:
+        return self.profiles.num_steps
+
+    @property
+    def blocks(self) -> int:
+        return self.profiles.num_blocks
+
+    @property
+    def protected(self) -> np.ndarray:
+        return protected_steps(self.steps, self.warmup, self.protect_last)
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """A method's schedule (blocks × steps), policy, prediction, extra arrays and the knob values it chose."""
+
+    actions: np.ndarray
+    policy: dict[str, Any]
+    predicted: dict[str, Any]
+    chosen: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def fit_plan(profile_paths: Sequence[str], options: FitOptions) -> Plan:
+    """Fit a plan from one or more profile files of the same model."""
+    return fit_profiles(load_profiles(profile_paths), options)
+
+
+def fit_profiles(profiles: ProfileSet, options: FitOptions) -> Plan:
+    """Fit a plan from already opened profiles."""
+    context = build_context(profiles, options)
+    result = METHOD_FITTERS[options.method](context)
+    return assemble_plan(context, result)
+
+
+def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
+    """Check the options against the profile, resolve defaults, fit labels and PCA bases, build the predictor."""
+    if options.method not in METHODS:
+        raise PlannerError(f"unknown method {options.method!r} (known: {', '.join(METHODS)})")
+    if not options.foreground_weight > 0:
+        raise PlannerError(f"--foreground-weight must be positive, got {options.foreground_weight}")
+    budget = Budget(options.target_speedup, options.max_error)
+    steps = profiles.num_steps
+    warmup, protect_last, max_reuse = _resolve_steps(options, steps)
+    labels = _labels(profiles, options)
+    pca = _pca(profiles, options)
+    weights = np.ones(profiles.num_blocks) if labels is None else np.where(~labels.background, options.foreground_weight, 1.0)
+    predictor = build_predictor(profiles, weights, None if pca is None else pca.distortion, None if pca is None else _pruned_flops(profiles, pca))
+    return FitContext(profiles, options, budget, warmup, protect_last, max_reuse, labels, pca, predictor)
+
+
+def _resolve_steps(options: FitOptions, steps: int) -> tuple[int, int, int]:
+    """(warm-up, protected last steps, longest reuse run): the method's defaults unless given."""
+    defaults = {"profilingdit": (round(0.12 * steps), round(0.04 * steps)), "adacache": (1, 2)}
+    warmup_default, last_default = defaults.get(options.method, (round(0.1 * steps), round(0.04 * steps)))
+    warmup = max(1, warmup_default) if options.warmup is None else options.warmup
+    protect_last = max(1, last_default) if options.protect_last is None else options.protect_last
+    max_reuse = max(1, round(steps / 6)) if options.max_reuse is None else options.max_reuse
+    if warmup < 1:
+        raise PlannerError(f"--warmup must be at least 1 (step 0 has nothing cached), got {warmup}")
+    if protect_last < 0 or max_reuse < 1:
+        raise PlannerError(f"--protect-last must be >= 0 and --max-reuse >= 1, got {protect_last} and {max_reuse}")
+    return min(warmup, steps), min(protect_last, steps), max_reuse
+
+
+def _labels(profiles: ProfileSet, options: FitOptions) -> BlockLabels | None:
+    """ProfilingDiT labels when the profile has attention maps and masks (required by profilingdit)."""
+    if options.method == "profilingdit":
+        profiles.require(LABEL_FIELDS, "method profilingdit (block labels)")
+    elif not profiles.has(*LABEL_FIELDS):
+        return None
+    return fit_labels(profiles.stack("attention_received"), profiles.stack("foreground"), options.label_quantile, options.label_rule, options.label_threshold)
+
+
+def _pca(profiles: ProfileSet, options: FitOptions) -> PcaBases | None:
+    """PCAS bases for plans that prune: unicp always, auto with --prune (the runtime replays prune steps later)."""
+    if options.method == "unicp" or (options.method == "auto" and options.prune):
+        profiles.require(FEATURE_FIELDS, f"pruning (method {options.method})")
+        return fit_pca_bases(profiles.stack("feature_queries"), profiles.stack("feature_keys"), options.pca_variance)
+    if options.prune:
+        raise PlannerError(f"--prune applies to methods unicp and auto, not {options.method}")
+    return None
+
+
+def _pruned_flops(profiles: ProfileSet, pca: PcaBases) -> np.ndarray:
+    frames, height, width = profiles.header.grid
+    heads, head_dim = pca.bases[0].shape[:2]
+    return pruned_block_flops(profiles.header.block_flops.astype(np.float64), frames * height * width, head_dim, pca.ranks, heads)
+
+
+def _static_candidate(context: FitContext, actions: np.ndarray, params: dict[str, Any]) -> Candidate:
+    return Candidate(params, context.predictor.speedup(actions), context.predictor.error(actions), actions)
+
+
+def _pick(context: FitContext, values: Sequence[Any], default: Any, build: Callable[[Any], Candidate], method: str) -> Candidate:
+    """The candidate for the default knob value, or the best of the sweep under the budget."""
+    if not context.budget.given:
+        return build(default)
+    return choose_candidate([build(v) for v in values], context.budget, method)
+
+
+def fit_profilingdit(context: FitContext) -> MethodResult:
+    """ProfilingDiT: background blocks cached with warm-up and shrinking refresh intervals, foreground computed."""
+    background = context.labels.background
+    if not background.any() and (context.budget.target_speedup or 1.0) > 1.0:
+        raise PlannerError("method profilingdit caches background blocks only, and the profile labels every block foreground")
+
+    def build(longest: int) -> Candidate:
+        shortest = max(2, round(longest / 2))
+        actions = np.zeros((context.blocks, context.steps), dtype=np.uint8)
+        actions[background] = interval_row(context.steps, context.warmup, context.protect_last, longest, shortest)
+        return _static_candidate(context, actions, {"refresh_longest": longest, "refresh_shortest": shortest})
+
+    default = max(2, round(6 * context.steps / 50))
+    chosen = _pick(context, range(2, max(3, context.steps - context.warmup + 1)), default, build, "profilingdit")
+    return MethodResult(chosen.result, {"kind": "static"}, context.predictor.summary(chosen.result), chosen.params)
+
+
+def fit_adacache(context: FitContext) -> MethodResult:
+    """AdaCache (+MoReg): codebook thresholds from quantiles of the profiled probe distances, simulated per prompt."""
+    fields = ("residual_rel_l1", "motion") if context.options.moreg else ("residual_rel_l1",)
+    context.profiles.require(fields, "method adacache" + (" with MoReg (or pass --no-moreg)" if context.options.moreg else ""))
+    steps = _reusable_steps(context)
+    rel_l1 = _replays(context.profiles, "residual_rel_l1")
+    stack = normalised_drift(rel_l1, _replays(context.profiles, "residual_norm"), _replays(context.profiles, "output_norm"))[0].sum(axis=-1)
+    probe = choose_probe_block(rel_l1, stack, steps)
+    motion = _replays(context.profiles, "motion")[..., probe] if context.options.moreg else None
+    moreg = moreg_settings(motion, steps)
+    distances = adjacent_distances(rel_l1[..., probe], motion, moreg, steps)
+
+    def build(scale: float) -> Candidate:
+        policy = adacache_policy(distances, scale, context.steps, probe, moreg, context.warmup, context.protect_last)
+        run = simulate(simulate_adacache(policy, rel_l1[..., probe], motion), context.predictor)
+        return Candidate({"codebook_scale": scale}, run.speedup, run.error, (policy, run))
+
+    chosen = _pick(context, [float(s) for s in 2.0 ** np.linspace(-4, 4, 33)], 1.0, build, "adacache")
+    return _adaptive_result(context, *chosen.result, chosen.params)
+
+
+def fit_bwcache(context: FitContext) -> MethodResult:
+    """BWCache: threshold at a quantile of the profiled similarity indicator, simulated per prompt."""
+    context.profiles.require(("output_rel_l1",), "method bwcache")
+    steps = _reusable_steps(context)
+    blocks = indicator_blocks(context.blocks)
+    indicator = _replays(context.profiles, "output_rel_l1")[..., blocks].mean(axis=-1)
+    reuse_steps = max(1, round(0.1 * context.steps))
+    refresh_every = 2 * (reuse_steps + 1)
+
+    def build(quantile: float) -> Candidate:
+        policy = bwcache_policy(indicator[:, steps].ravel(), quantile, blocks, reuse_steps, refresh_every, context.warmup, context.protect_last)
+        run = simulate(simulate_bwcache(policy, indicator), context.predictor)
+        return Candidate({"indicator_quantile": quantile}, run.speedup, run.error, (policy, run))
+
+    chosen = _pick(context, [float(q) for q in np.linspace(0.0, 1.0, 21)], 0.5, build, "bwcache")
+    return _adaptive_result(context, *chosen.result, chosen.params)
+
+
+def _reusable_steps(context: FitContext) -> np.ndarray:
+    steps = unprotected(context.steps, context.warmup, context.protect_last)
+    if not steps.any():
+        raise PlannerError(f"no step is left to reuse: {context.steps} steps, warm-up {context.warmup}, {context.protect_last} protected final steps")
+    return steps
+
+
+def _replays(profiles: ProfileSet, name: str) -> np.ndarray:
+    """Field [prompt, branch, step, block] of the deciding branch as [prompt, step, block]; 0 drift at step 0.
+
+    The runtime takes one decision per step for all CFG branches, measured on the first branch to run (cond).
+    """
+    branches = profiles.header.branches
+    array = profiles.stack(name).astype(np.float64)[:, branches.index("cond") if "cond" in branches else 0]
+    if name.endswith("rel_l1"):
+        array[:, 0] = 0.0
+    if not np.all(np.isfinite(array)):
+        hint = {"motion": " (videos of one frame have no motion; pass --no-moreg)", "residual_rel_l1": " after step 0", "output_rel_l1": " after step 0"}
+        raise PlannerError(f"profile field {name} holds non-finite values{hint.get(name, '')}")
+    return array
+
+
+def _adaptive_result(context: FitContext, policy: dict[str, Any], run: Any, chosen: dict[str, Any]) -> MethodResult:
+    actions = np.zeros((context.blocks, context.steps), dtype=np.uint8)
+    return MethodResult(actions, policy, run.predicted(), chosen, {"expected_compute": run.expected_compute(context.blocks)})
+
+
+def fit_unicp(context: FitContext) -> MethodResult:
+    """UniCP: EDCW windows under an error threshold, PCAS prune steps and DWS blend weights."""
+    predictor = context.predictor
+    cells = (predictor.drift * predictor.step_weight)[:, ~context.protected]
+    positive = cells[cells > 0]
+
+    def build(threshold: float) -> Candidate:
+        actions = edcw_actions(predictor, threshold, context.protected, context.max_reuse, prune=True)
+        return _static_candidate(context, actions, {"window_threshold": threshold})
+
+    if positive.size:
+        top = float(predictor.step_weight.max() * predictor.drift.sum(axis=1).max() * predictor.block_weight.max())
+        values = [0.0, *(float(v) for v in np.geomspace(positive.min() / 2, max(top, positive.min()), 40))]
+        default = float(2 * np.median(positive))
+    else:
+        values, default = [0.0], 0.0
+    chosen = _pick(context, values, default, build, "unicp")
+    return MethodResult(chosen.result, {"kind": "static"}, predictor.summary(chosen.result), chosen.params)
+
+
+def fit_auto(context: FitContext) -> MethodResult:
+    """Greedy least-error schedule under the budget (pruning where it pays, with --prune).
+
+    Without a budget it aims at a 2x FLOP speedup, or the most the protected steps and reuse limit allow if less.
+    """
+    budget = context.budget if context.budget.given else Budget(target_speedup=AUTO_DEFAULT_SPEEDUP)
+    labels = context.labels.labels if context.labels else ("unlabelled",) * context.blocks
+    units = block_units(context.blocks, context.options.granularity, labels)
+    actions = greedy_schedule(context.predictor, context.protected, budget, context.max_reuse, context.pca is not None, units, strict=context.budget.given)
+    return MethodResult(actions, {"kind": "static"}, context.predictor.summary(actions), {"budget": budget.to_json()})
+
+
+METHOD_FITTERS: dict[str, Callable[[FitContext], MethodResult]] = {
+    "profilingdit": fit_profilingdit, "adacache": fit_adacache, "bwcache": fit_bwcache, "unicp": fit_unicp, "auto": fit_auto,
+}
+
+
+def assemble_plan(context: FitContext, result: MethodResult) -> Plan:
+    """The plan file's content: schedule, labels, spans, policy, arrays, provenance and prediction."""
+    header = context.profiles.header
+    arrays = {**context.predictor.to_arrays(), **result.arrays}
+    if context.pca is not None:
+        arrays.update(context.pca.to_arrays())
+        arrays["dws_weight"] = context.predictor.dws_weights(result.actions)
+    static = result.policy["kind"] == "static"
+    alone = blending_blocks(result.actions, arrays.get("dws_weight"))
+    spans = group_spans(result.actions, alone) if static else ((0, context.blocks),) if context.blocks > 1 else ()
+    labels = context.labels
+    return Plan(
+        model=header.fingerprint,
+        timesteps=header.timesteps,
+        sigmas=header.sigmas,
+        actions=result.actions,
+        labels=labels.labels if labels else (),
+        label_scores=labels.scores if labels else None,
+        spans=spans,
+        policy=result.policy,
+        provenance=_provenance(context, result),
+        predicted={**_finite(result.predicted), "error_model": "stale-drift-v1"},
+        arrays=arrays,
+    )
+
+
+def _provenance(context: FitContext, result: MethodResult) -> dict[str, Any]:
+    provenance: dict[str, Any] = {
+        "planner_version": PLANNER_VERSION,
+        "method": context.options.method,
+        "parameters": {**context.options.to_json(), "warmup": context.warmup, "protect_last": context.protect_last, "max_reuse": context.max_reuse},
+        "chosen": result.chosen,
+        "profiles": [source.to_json() for source in context.profiles.sources],
+        "profile_settings": context.profiles.header.settings,
+    }
+    if context.labels is not None:
+        labels = context.labels
+        provenance["labels"] = {"threshold": labels.threshold, "chance": labels.chance, "rule": context.options.label_rule, "quantile": context.options.label_quantile}
+    if context.pca is not None:
+        provenance["pca"] = {"variance": context.options.pca_variance, "ranks": [int(r) for r in context.pca.ranks], "distortion": [float(d) for d in context.pca.distortion]}
+    return provenance
+
+
+def _finite(predicted: dict[str, Any]) -> dict[str, Any]:
+    """Predictions as JSON numbers; an infinite speedup (nothing left to compute) is refused."""
+    for key, value in predicted.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PlannerError(f"predicted {key} is not finite ({value}); the profile's FLOP counts look wrong")
+    return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in predicted.items()}

@@ -1,0 +1,128 @@
+"""`dit-plan inspect`: a plan as a JSON-ready report and as text (schedule grid, labels, spans, prediction)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from runtime.plan import COMPUTE, PRUNE, REUSE, Plan
+
+ACTION_CHARS = {COMPUTE: "C", REUSE: ".", PRUNE: "P"}
+LABEL_CHARS = {"foreground": "F", "background": "B", "unlabelled": "-"}
+
+
+def schedule_string(row: np.ndarray) -> str:
+    """One block's actions as characters: C compute, . reuse, P prune."""
+    return "".join(ACTION_CHARS[int(a)] for a in row)
+
+
+def expected_string(row: np.ndarray) -> str:
+    """Share of profiled replays computing a block at each step: # ≥ 3/4, + ≥ 1/2, - ≥ 1/4, . below."""
+    return "".join("#" if f >= 0.75 else "+" if f >= 0.5 else "-" if f >= 0.25 else "." for f in row)
+
+
+def plan_report(plan: Plan) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain JSON values."""
+    blocks = []
+    for index, block_id in enumerate(plan.model.block_ids):
+        row = plan.actions[index]
+        entry = {
+            "id": block_id, "label": plan.labels[index], "score": float(plan.label_scores[index]),
+            "schedule": schedule_string(row), "computed": int(np.sum(row == COMPUTE)), "reused": int(np.sum(row == REUSE)),
+            "pruned": int(np.sum(row == PRUNE)),
+        }
+        if f"pca.{index}" in plan.arrays:
+            entry["pca_rank"] = int(plan.arrays[f"pca.{index}"].shape[-1])
+            entry["pca_explained"] = [float(v) for v in plan.arrays[f"pca_explained.{index}"]]
+        if "expected_compute" in plan.arrays:
+            entry["expected_compute"] = expected_string(plan.arrays["expected_compute"][index])
+        blocks.append(entry)
+    return {
+        "model": {"transformer_class": plan.model.transformer_class, "config_hash": plan.model.config_hash, "blocks": plan.num_blocks},
+        "num_inference_steps": plan.num_inference_steps,
+        "policy": plan.policy,
+        "method": plan.provenance.get("method"),
+        "compute_fraction": plan.compute_fraction(),
+        "predicted": plan.predicted,
+        "spans": [list(span) for span in plan.spans],
+        "blocks": blocks,
+        "provenance": plan.provenance,
+        "arrays": {name: list(array.shape) for name, array in sorted(plan.arrays.items())},
+    }
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The text form of `plan_report`."""
+    model, predicted, steps = report["model"], report["predicted"], report["num_inference_steps"]
+    lines = [
+        f"plan: {model['transformer_class']} ({model['blocks']} blocks, config {model['config_hash'][:12]}…), {steps} steps",
+        f"policy: {_policy_line(report['policy'])}; method {report['method'] or 'unknown'}",
+        "predicted: " + ", ".join(f"{k} {_number(v)}" for k, v in sorted(predicted.items())),
+        "",
+        "schedule (C compute, . reuse, P prune; label F foreground, B background, - unlabelled):",
+        *_grid(report["blocks"], steps, "schedule"),
+    ]
+    if any("expected_compute" in b for b in report["blocks"]):
+        lines += ["", "expected compute in profiled replays (# ≥ 3/4, + ≥ 1/2, - ≥ 1/4, . less):", *_grid(report["blocks"], steps, "expected_compute")]
+    lines += ["", "spans: " + (" ".join(f"[{a}, {b})" for a, b in report["spans"]) or "none")]
+    ranks = [f"{b['id']}:{b['pca_rank']}" for b in report["blocks"] if "pca_rank" in b]
+    if ranks:
+        lines.append("pca ranks: " + " ".join(ranks))
+    lines += ["", *_provenance_lines(report["provenance"])]
+    return "\n".join(lines)
+
+
+def _grid(blocks: list[dict[str, Any]], steps: int, key: str) -> list[str]:
+    width = max(len(b["id"]) for b in blocks) + 8
+    tens = "".join(str(s // 10 % 10) if s % 10 == 0 else " " for s in range(steps))
+    units = "".join(str(s % 10) for s in range(steps))
+    rows = [f"{b['id']:<{width - 8}} {LABEL_CHARS[b['label']]} {b['score']:.2f}  {b[key]}" for b in blocks]
+    return [" " * width + tens, " " * width + units, *rows]
+
+
+def _policy_line(policy: dict[str, Any]) -> str:
+    details = ", ".join(f"{k}={_number(v)}" for k, v in sorted(policy.items()) if k != "kind")
+    return policy["kind"] + (f" ({details})" if details else "")
+
+
+def _provenance_lines(provenance: dict[str, Any]) -> list[str]:
+    lines = [f"planner {provenance.get('planner_version', '?')}"]
+    for source in provenance.get("profiles", []):
+        lines.append(f"profile {source['path']} (sha256 {source['sha256'][:12]}…, {source['prompts']} prompts)")
+    parameters = provenance.get("parameters", {})
+    if parameters:
+        lines.append("parameters: " + " ".join(f"{k}={_number(v)}" for k, v in sorted(parameters.items())))
+    if "tightened" in provenance:
+        lines.append(f"tightened: {provenance['tightened']}")
+    return lines
+
+
+def _number(value: Any) -> str:
+    """Compact text of a JSON value: floats to 4 significant digits, also inside lists and objects."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_number(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_number(v)}" for k, v in sorted(value.items())) + "}"
+    return str(value)
+
+
+def provenance_drift(plan: Plan) -> tuple[np.ndarray | None, str | None]:
+    """The mean residual drift [blocks, steps] of the plan's first profile, or (None, why it is unavailable)."""
+    from runtime.errors import DitAccelError
+
+    from .profiles import mean_residual_drift
+
+    sources = plan.provenance.get("profiles") or []
+    if not sources:
+        return None, "drift heatmap skipped: the plan names no profile"
+    path = sources[0].get("path", "")
+    try:
+        drift = mean_residual_drift(path)
+    except (DitAccelError, OSError, KeyError) as exc:
+        return None, f"drift heatmap skipped: {str(exc).splitlines()[0]}"
+    if drift.shape != plan.actions.shape:
+        return None, f"drift heatmap skipped: profile {path} has {drift.shape[0]} blocks × {drift.shape[1]} steps, the plan {plan.actions.shape}"
+    return drift, None

@@ -1,0 +1,276 @@
+"""`dit-plan validate`: measure a plan on held-out prompts against the un-accelerated model, and tighten it.
+
+Every prompt is generated with and without the plan from the same seed; fidelity is PSNR (global MSE) and SSIM of
+the accelerated video against the full one. Speed is the wall-clock ratio of the median full run to the median
+planned run (runs interleaved, alternating which goes first, after one warm-up run), and the FLOP ratio of the first
+prompt, counted for the transformer (comparable to the prediction) and for the whole pipeline.
+
+Tightening is a closed loop: while some prompt is below the minimum PSNR, the plan's own error model (`predict.py`)
+recomputes the cells that remove the most predicted error per FLOP, enough to close the PSNR gap if
+PSNR ≈ C − 20·log10(error) (and at least a quarter of the skipped cells), span by span so synchronised schedules
+stay synchronised, then validates again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from profiler.flops import count_flops
+from profiler.metrics import psnr, ssim
+from runtime.plan import COMPUTE, Plan
+from runtime.adapters import find_transformer
+from runtime.replay import apply_plan
+from runtime.schedule import remap_actions
+
+from .errors import PlannerError
+from .predict import Predictor, predictor_from_plan
+from .schedules import blending_blocks, group_spans
+from .solver import restore_schedule
+
+MARGIN_DB = 0.5
+
+
+class PipelineRunner:
+    """Generates one video per (prompt, seed) with a diffusers-style text-to-video pipeline."""
+
+    def __init__(self, pipe: Any, guidance_scale: float = 5.0, size: dict[str, int] | None = None) -> None:
+        self.pipe = pipe
+        self.guidance_scale = guidance_scale
+        self.size = dict(size or {})
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+
+    def generate(self, prompt: str, seed: int, steps: int) -> np.ndarray:
+        """Video [frames, height, width, rgb] in [0, 1]."""
+        frames = self.pipe(
+            prompt=prompt, num_inference_steps=steps, guidance_scale=self.guidance_scale,
+            generator=torch.Generator().manual_seed(seed), output_type="np", **self.size,
+        ).frames
+        return np.asarray(frames[0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """Fidelity of the planned video of one prompt against the full one."""
+
+    prompt: str
+    seed: int
+    psnr: float
+    ssim: float
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Measured speed and fidelity of a plan, next to what the planner predicted."""
+
+    steps: int
+    repeats: int
+    prompts: tuple[PromptResult, ...]
+    wall_full_s: float
+    wall_plan_s: float
+    flop_speedup: float | None
+    pipeline_flop_speedup: float | None
+    predicted_speedup: float | None
+    predicted_error: float | None
+
+    @property
+    def wall_speedup(self) -> float:
+        return self.wall_full_s / self.wall_plan_s
+
+    @property
+    def min_psnr(self) -> float:
+        return min(p.psnr for p in self.prompts)
+
+    def calibration_db(self) -> float | None:
+        """C in PSNR ≈ C − 20·log10(predicted error), from the median over prompts (None when not measurable)."""
+        if not self.predicted_error or self.predicted_error <= 0:
+            return None
+        values = [p.psnr + 20 * math.log10(self.predicted_error) for p in self.prompts if math.isfinite(p.psnr)]
+        return statistics.median(values) if values else None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["prompts"] = [_finite_json(asdict(p)) for p in self.prompts]
+        data.update(wall_speedup=self.wall_speedup, min_psnr=_json_number(self.min_psnr), calibration_db=self.calibration_db())
+        return data
+
+
+def _json_number(value: float) -> float | str:
+    """Infinite PSNR (identical videos) as the string "inf", since JSON has no infinity."""
+    return value if math.isfinite(value) else "inf"
+
+
+def _finite_json(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _json_number(v) if isinstance(v, float) else v for k, v in data.items()}
+
+
+def profiled_generation(plan: Plan) -> tuple[float, dict[str, int]]:
+    """(guidance scale, video size kwargs) the plan's profile was recorded with (5.0 and the pipeline's size if unknown)."""
+    settings = plan.provenance.get("profile_settings", {})
+    size = {key[len("size_"):]: int(value) for key, value in settings.items() if key.startswith("size_")}
+    return float(settings.get("guidance_scale", 5.0)), size
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Held-out prompts, one per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlannerError(f"prompts file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise PlannerError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise PlannerError(f"prompts file {path} holds no prompt (one per line)")
+    return prompts
+
+
+def load_pipeline(path: str | None) -> Any:
+    """The default model's pipeline, or a local diffusers pipeline folder (never the network)."""
+    if path is None:
+        from defaultmodel import load_default_pipeline
+
+        try:
+            return load_default_pipeline()
+        except FileNotFoundError as exc:
+            raise PlannerError(str(exc)) from None
+    index = Path(path) / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise PlannerError(f"{path} is not a pipeline folder (cannot read {index.name}: {exc})") from None
+    try:
+        if class_name == "TinyVideoPipeline":
+            from defaultmodel import TinyVideoPipeline
+
+            return TinyVideoPipeline.from_pretrained(path)
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PlannerError(f"cannot load pipeline {class_name} from {path}: {str(exc).splitlines()[0]}") from None
+
+
+def validate_plan(plan: Plan, runner: PipelineRunner, prompts: Sequence[str], *, steps: int | None = None, repeats: int = 3, seed: int = 0,
+                  flops: bool = True, warmup: bool = True, progress: bool = True) -> ValidationReport:
+    """Run full and planned generations of every prompt (interleaved) and report speed and fidelity.
+
+    `warmup` runs one untimed generation first (first-call overheads); `flops` counts FLOPs on the first prompt.
+    """
+    steps = _check_steps(plan, steps)
+    if repeats < 1 or not prompts:
+        raise PlannerError("validation needs at least one prompt and one repeat")
+    with apply_plan(runner.pipe, plan):
+        pass  # refuses a plan this model or runtime cannot replay before any long run
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=2 * len(prompts) * repeats + warmup, desc="validate", unit="run", disable=not progress)
+    if warmup:
+        runner.generate(prompts[0], seed, steps)
+        bar.update()
+    times: dict[str, list[float]] = {"full": [], "plan": []}
+    results = []
+    for index, prompt in enumerate(prompts):
+        videos = {}
+        for repeat in range(repeats):
+            for variant in ("full", "plan") if repeat % 2 == 0 else ("plan", "full"):
+                elapsed, video = _timed(runner, plan if variant == "plan" else None, prompt, seed + index, steps)
+                times[variant].append(elapsed)
+                videos.setdefault(variant, video)
+                bar.update()
+        results.append(PromptResult(prompt, seed + index, psnr(videos["plan"], videos["full"]), ssim(videos["plan"], videos["full"])))
+    bar.close()
+    flop_speedup, pipeline_flop_speedup = _flop_speedups(runner, plan, prompts[0], seed, steps) if flops else (None, None)
+    predicted = plan.predicted
+    return ValidationReport(
+        steps, repeats, tuple(results), statistics.median(times["full"]), statistics.median(times["plan"]),
+        flop_speedup, pipeline_flop_speedup, predicted.get("speedup"), predicted.get("error"),
+    )
+
+
+def _check_steps(plan: Plan, steps: int | None) -> int:
+    """The run length: the plan's own, or another one the runtime can remap the plan to (refused here if not)."""
+    if steps is None:
+        return plan.num_inference_steps
+    if steps < 2:
+        raise PlannerError(f"--steps must be at least 2, got {steps}")
+    remap_actions(plan.actions, steps)
+    return steps
+
+
+def _timed(runner: PipelineRunner, plan: Plan | None, prompt: str, seed: int, steps: int) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    video = _generate(runner, plan, prompt, seed, steps)
+    return time.perf_counter() - start, video
+
+
+def _generate(runner: PipelineRunner, plan: Plan | None, prompt: str, seed: int, steps: int) -> np.ndarray:
+    if plan is None:
+        return runner.generate(prompt, seed, steps)
+    with apply_plan(runner.pipe, plan):
+        return runner.generate(prompt, seed, steps)
+
+
+def _flop_speedups(runner: PipelineRunner, plan: Plan, prompt: str, seed: int, steps: int) -> tuple[float, float]:
+    """(transformer FLOP ratio, whole-pipeline FLOP ratio) of a full run over a planned run of one prompt."""
+    root = type(find_transformer(runner.pipe)).__name__
+    full_total, full_modules = count_flops(lambda: _generate(runner, None, prompt, seed, steps))
+    plan_total, plan_modules = count_flops(lambda: _generate(runner, plan, prompt, seed, steps))
+    return full_modules.get(root, full_total) / max(plan_modules.get(root, plan_total), 1), full_total / max(plan_total, 1)
+
+
+def tighten_plan(plan: Plan, runner: PipelineRunner, prompts: Sequence[str], min_psnr: float, *, max_rounds: int = 8, **validate_kwargs: Any) -> tuple[Plan, list[ValidationReport]]:
+    """Validate, and recompute more cells until every prompt reaches `min_psnr` dB; returns the plan and every report."""
+    predictor = predictor_from_plan(plan)
+    reports = []
+    for round_index in range(max_rounds):
+        report = validate_plan(plan, runner, prompts, **{**validate_kwargs, "warmup": round_index == 0 and validate_kwargs.get("warmup", True)})
+        reports.append(report)
+        if report.min_psnr >= min_psnr:
+            return plan, reports
+        if np.all(plan.actions == COMPUTE):
+            break
+        target = predictor.error(plan.actions) * 10 ** (-(min_psnr + MARGIN_DB - report.min_psnr) / 20)
+        skipped = int(np.sum(plan.actions != COMPUTE))
+        spans = [np.arange(start, stop) for start, stop in sorted(set(plan.span_of_block()))]
+        actions = restore_schedule(predictor, plan.actions, target, math.ceil(skipped / 4), spans)
+        plan = _with_actions(plan, predictor, actions, {"min_psnr": min_psnr, "rounds": len(reports)})
+    raise PlannerError(f"could not reach {min_psnr:g} dB on every prompt within {len(reports)} rounds (worst prompt {reports[-1].min_psnr:.2f} dB)")
+
+
+def _with_actions(plan: Plan, predictor: Predictor, actions: np.ndarray, tightened: dict[str, Any]) -> Plan:
+    """The plan with a new schedule: spans, blend weights and prediction follow it."""
+    arrays = dict(plan.arrays)
+    if "dws_weight" in arrays:
+        arrays["dws_weight"] = predictor.dws_weights(actions)
+    spans = group_spans(actions, blending_blocks(actions, arrays.get("dws_weight")))
+    predicted = {**plan.predicted, **predictor.summary(actions)}
+    return plan.with_changes(actions=actions, spans=spans, arrays=arrays, predicted=predicted, provenance={**plan.provenance, "tightened": tightened})
+
+
+def render_validation(report: dict[str, Any]) -> str:
+    """Text form of a validation report (a `ValidationReport.to_json()`, plus 'output' when a plan was written)."""
+    lines = [
+        f"{len(report['prompts'])} held-out prompts, {report['steps']} steps, median of {report['repeats']} interleaved repeats",
+        f"wall speedup {report['wall_speedup']:.2f}x (full {report['wall_full_s']:.3f}s, plan {report['wall_plan_s']:.3f}s)",
+    ]
+    if report["flop_speedup"] is not None:
+        lines.append(f"FLOP speedup {report['flop_speedup']:.2f}x in the transformer (predicted {_fmt(report['predicted_speedup'])}x), {report['pipeline_flop_speedup']:.2f}x for the whole pipeline")
+    lines.append(f"predicted error {_fmt(report['predicted_error'])}; PSNR ≈ C − 20·log10(error) with measured C = {_fmt(report['calibration_db'])} dB")
+    lines += [f"  PSNR {_fmt(p['psnr'])} dB  SSIM {p['ssim']:.4f}  seed {p['seed']}  {p['prompt']}" for p in report["prompts"]]
+    if report.get("output"):
+        lines.append(f"tightened plan written to {report['output']} after {report['rounds']} validation rounds")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,135 @@
+"""dit-plan validate: measured speed and fidelity of a static plan on a small random-weight text-to-video pipeline
+(the default model's pipeline class and text encoder with a 3-block Wan transformer), and the closed tightening loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import WanTransformer3DModel
+
+from defaultmodel import TinyTextEncoder, TinyVideoPipeline, WordTokenizer
+from defaultmodel.model import build_scheduler
+from planner import FitOptions, PipelineRunner, fit_plan, tighten_plan, validate_plan
+from planner.cli import main
+from runtime.plan import save_plan
+from planner.synthetic import SyntheticSpec, write_synthetic_profile
+from runtime import COMPUTE, fingerprint_model, load_plan
+
+STEPS = 4
+PROMPTS = ["a large red circle moves left on a black background"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A saved TinyVideoPipeline with random weights and a 3-block, 16-wide Wan transformer (fast on a CPU)."""
+    torch.manual_seed(0)
+    tokenizer = WordTokenizer.from_package()
+    encoder = TinyTextEncoder(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length, width=16, num_layers=1, num_heads=2, pad_id=tokenizer.pad_id)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12, out_channels=12,
+                                        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=64)
+    folder = tmp_path_factory.mktemp("pipeline")
+    TinyVideoPipeline(transformer.eval(), build_scheduler(), encoder.eval(), tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runner(pipeline_dir):
+    return PipelineRunner(TinyVideoPipeline.from_pretrained(pipeline_dir))
+
+
+@pytest.fixture(scope="module")
+def plan_path(runner, tmp_path_factory):
+    """A static plan fitted on a synthetic profile carrying the pipeline transformer's fingerprint."""
+    fingerprint = fingerprint_model(runner.pipe.transformer)
+    folder = tmp_path_factory.mktemp("plan")
+    spec = SyntheticSpec(steps=STEPS, blocks=3, transformer_class=fingerprint.transformer_class, config_hash=fingerprint.config_hash)
+    profile = write_synthetic_profile(folder / "profile.h5", spec)
+    return save_plan(fit_plan([profile], FitOptions(target_speedup=1.3)), folder / "m.plan")
+
+
+@pytest.fixture(scope="module")
+def measured(runner, plan_path):
+    """One validation of the plan (FLOPs counted), shared by the tests that read it."""
+    return validate_plan(load_plan(plan_path), runner, PROMPTS, repeats=1, progress=False)
+
+
+def test_validate_measures_speed_and_fidelity(measured, plan_path):
+    plan = load_plan(plan_path)
+    assert measured.steps == STEPS and len(measured.prompts) == 1
+    result = measured.prompts[0]
+    assert 0 < result.psnr < math.inf and 0 < result.ssim < 1
+    assert measured.wall_full_s > 0 and measured.wall_plan_s > 0 and measured.pipeline_flop_speedup > 1.0
+    assert measured.predicted_speedup == plan.predicted["speedup"] and measured.calibration_db() is not None
+    assert json.loads(json.dumps(measured.to_json()))["prompts"][0]["psnr"] == result.psnr
+
+
+def test_flop_speedup_matches_the_prediction(measured, plan_path):
+    assert measured.flop_speedup == pytest.approx(load_plan(plan_path).predicted["speedup"], rel=0.05)
+
+
+def test_tightening_reaches_the_minimum_psnr(runner, plan_path, measured):
+    plan = load_plan(plan_path)
+    target = measured.min_psnr + 3.0
+    tightened, reports = tighten_plan(plan, runner, PROMPTS, target, repeats=1, flops=False, progress=False)
+    assert len(reports) >= 2 and reports[-1].min_psnr >= target
+    assert (tightened.actions == COMPUTE).sum() > (plan.actions == COMPUTE).sum()
+    assert tightened.provenance["tightened"]["min_psnr"] == target
+    assert tightened.predicted["error"] < plan.predicted["error"] and tightened.predicted["speedup"] < plan.predicted["speedup"]
+
+
+def test_validate_cli_tightens_and_writes_the_plan(pipeline_dir, plan_path, measured, tmp_path):
+    prompts = tmp_path / "held-out.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "tight.plan"
+    floor = measured.min_psnr + 2.0
+    args = ["validate", str(plan_path), "--model", str(pipeline_dir), "--prompts", str(prompts), "--repeats", "1", "--no-flops", "--json"]
+    result = CliRunner().invoke(main, [*args, "--min-psnr", str(floor), "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["output"] == str(out) and report["rounds"] >= 2 and float(report["min_psnr"]) >= floor
+    assert load_plan(out).predicted == report["predicted"]
+
+
+def test_validate_refuses_step_counts_the_runtime_cannot_remap(runner, plan_path):
+    from runtime import PlanError
+
+    with pytest.raises(PlanError, match="cannot be remapped to 10"):
+        validate_plan(load_plan(plan_path), runner, PROMPTS, steps=10, progress=False)
+
+
+def test_validate_refuses_plans_the_runtime_cannot_replay_before_running(runner, plan_path, tmp_path):
+    from runtime import PlanError
+
+    unknown = load_plan(plan_path).with_changes(policy={"kind": "teacache"})
+    calls = []
+    runner_spy = PipelineRunner(runner.pipe)
+    runner_spy.generate = lambda *args: calls.append(args)
+    with pytest.raises(PlanError, match="teacache"):
+        validate_plan(unknown, runner_spy, PROMPTS, progress=False)
+    assert calls == []
+
+
+@pytest.mark.parametrize("method", ["profilingdit", "adacache", "bwcache", "unicp", "auto"])
+def test_every_preset_replays_on_the_runtime(method, tmp_path):
+    """Plans of every method are accepted and replayed by runtime.apply_plan (policies, prune steps, DWS weights)."""
+    from tiny_models import run_steps, tiny_wan
+
+    from runtime import PRUNE, apply_plan
+
+    model = tiny_wan(3).eval()
+    fingerprint = fingerprint_model(model)
+    spec = SyntheticSpec(steps=8, blocks=3, transformer_class=fingerprint.transformer_class, config_hash=fingerprint.config_hash)
+    plan = fit_plan([write_synthetic_profile(tmp_path / "p.h5", spec)], FitOptions(method=method, target_speedup=1.3))
+    timesteps = [float(t) for t in np.linspace(999, 1, 8)]
+    baseline = run_steps(model, "wan", timesteps)
+    with apply_plan(model, plan):
+        output = run_steps(model, "wan", timesteps)
+    assert torch.isfinite(output).all()
+    if plan.policy["kind"] == "static":  # adaptive thresholds come from the synthetic profile, not this model
+        assert not torch.equal(output, baseline)
+    assert method != "unicp" or np.any(plan.actions == PRUNE)
