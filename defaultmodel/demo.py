@@ -1,4 +1,4 @@
-"""``dit-demo``: generate one video with the default model and write a GIF and a PNG grid."""
+"""`python -m defaultmodel.demo`: generate one video with the default model and write a GIF and a PNG grid."""
 
 from __future__ import annotations
 
