@@ -22,28 +22,35 @@ DEFINITIONS = {
             "against the un-accelerated video of the same prompt and seed; the table shows the mean over prompts",
     "ssim": "Gaussian-window SSIM (11 px, sigma 1.5) per frame and channel, averaged; mean over prompts",
     "lpips": "mean over frames of the user-supplied TorchScript LPIPS model, images scaled to [-1, 1]",
-    "wall_speedup": "median over interleaved rounds of the un-accelerated wall time / the variant's (all prompts, same process)",
-    "flop_speedup": "FLOPs of one un-accelerated generation of the first prompt / the variant's (torch FlopCounterMode, CPU attention counted)",
+    "wall_speedup": "median over interleaved rounds of (un-accelerated time / the variant's time), both summed over prompts, the "
+                    "un-accelerated time of each variant run being the mean of the two un-accelerated runs that bracket it (same process)",
+    "flop_speedup": "FLOPs of one un-accelerated generation of the first prompt / the variant's (torch FlopCounterMode, CPU attention "
+                    "counted); block calls and the bound cover every prompt, so for adaptive methods the two can differ",
     "block_calls": "block computations, counted when a block's first attention module computes its query projection; summed over prompts",
     "cache_bytes": "peak bytes of the tensors held in the state of the diffusers hooks on the transformer (plans and peers alike)",
     "bound": "T / (T_c + (T - T_c)·rho) with T_c = T·(computed / total block calls) and rho the non-block share of the "
-             "un-accelerated run's FLOPs: the speedup if skipped block calls cost nothing; attention-only skipping "
-             "(PAB, TaylorSeer on attention) counts as a skipped block, so the bound overstates what those methods can reach",
+             "un-accelerated run's FLOPs: the speedup if skipped block calls cost nothing; skipping only inside a block "
+             "(PAB, TaylorSeer) counts as a skipped block, so the bound overstates what those methods can reach",
 }
 
 
+SPEEDS = {"flop_speedup": "FLOP speedup", "wall_speedup": "wall speedup"}
+
+
 def build_report(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary plus definitions and the comparison of our `auto` plans with each peer's curve."""
-    return {**summary, "definitions": DEFINITIONS, "standing": standing(summary["rows"])}
+    """The summary plus definitions and the comparison of our `auto` plans with each peer's curve, by FLOP speedup
+    (immune to machine load) and by wall speedup."""
+    return {**summary, "definitions": DEFINITIONS, "standing": {speed: standing(summary["rows"], speed=speed) for speed in SPEEDS}}
 
 
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["status"] == "ok"]
 
 
-def standing(rows: list[dict[str, Any]], ours: str = OURS) -> list[dict[str, Any]]:
-    """For each `ours` point and each peer: the peer's speed at equal PSNR and PSNR at equal speed (interpolated on
-    its curve, None outside its range), and which of the peer's points dominate it or it dominates."""
+def standing(rows: list[dict[str, Any]], ours: str = OURS, speed: str = "wall_speedup") -> list[dict[str, Any]]:
+    """For each `ours` point and each peer: the peer's speed (the `speed` column) at equal PSNR and PSNR at equal
+    speed (interpolated on its curve, None outside its range), and which of the peer's points dominate it or it
+    dominates."""
     points = [r for r in _ok(rows) if r["method"] == ours and r["kind"] == "plan"]
     peers: dict[str, list[dict[str, Any]]] = {}
     for row in _ok(rows):
@@ -51,14 +58,14 @@ def standing(rows: list[dict[str, Any]], ours: str = OURS) -> list[dict[str, Any
             peers.setdefault(row["method"], []).append(row)
     result = []
     for point in points:
-        speed, quality = point["wall_speedup"], point["psnr"]
+        quality = point["psnr"]
         for peer, curve in peers.items():
             result.append({
-                "ours": point["name"], "peer": peer, "ours_speedup": speed, "ours_psnr": quality,
-                "peer_speedup_at_equal_psnr": _interpolate(curve, "psnr", "wall_speedup", quality),
-                "peer_psnr_at_equal_speedup": _interpolate(curve, "wall_speedup", "psnr", speed),
-                "dominated_by": [r["name"] for r in curve if _dominates(r, point)],
-                "dominates": [r["name"] for r in curve if _dominates(point, r)],
+                "ours": point["name"], "peer": peer, "ours_speedup": point[speed], "ours_psnr": quality,
+                "peer_speedup_at_equal_psnr": _interpolate(curve, "psnr", speed, quality),
+                "peer_psnr_at_equal_speedup": _interpolate(curve, speed, "psnr", point[speed]),
+                "dominated_by": [r["name"] for r in curve if _dominates(r, point, speed)],
+                "dominates": [r["name"] for r in curve if _dominates(point, r, speed)],
             })
     return result
 
@@ -72,10 +79,9 @@ def _interpolate(curve: list[dict[str, Any]], x_key: str, y_key: str, x: float) 
     return float(np.interp(x, xs, ys))
 
 
-def _dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def _dominates(a: dict[str, Any], b: dict[str, Any], speed: str) -> bool:
     """a is at least as fast and as faithful as b, and strictly better in one."""
-    better_or_equal = a["wall_speedup"] >= b["wall_speedup"] and a["psnr"] >= b["psnr"]
-    return better_or_equal and (a["wall_speedup"] > b["wall_speedup"] or a["psnr"] > b["psnr"])
+    return a[speed] >= b[speed] and a["psnr"] >= b["psnr"] and (a[speed] > b[speed] or a["psnr"] > b["psnr"])
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -83,7 +89,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = _header(report) + [""] + _table(report) + [""]
     lines += _section("Not applicable", [f"{k}: {v}" for k, v in report["not_applicable"].items()])
     lines += _section("Not fitted", [f"{k}: {v}" for k, v in report["not_fitted"].items()])
-    lines += _section(f"Where `{OURS}` stands against each peer (wall speedup, mean PSNR)", [_standing_line(s) for s in report["standing"]])
+    for speed, label in SPEEDS.items():
+        entries = report["standing"][speed]
+        lines += _section(f"Where `{OURS}` stands against each peer ({label}, mean PSNR)", [_standing_line(e, label) for e in entries])
     lines += _section("Definitions", [f"**{k}**: {v}" for k, v in report["definitions"].items()] + [f"**rho** (this run): {report['rho']:.4f}"])
     return "\n".join(lines).rstrip() + "\n"
 
@@ -97,9 +105,9 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"{settings['guidance']:g}, {len(settings['prompts'])} prompt(s), median of {settings['repeats']} interleaved round(s), "
         f"{settings['device']} {settings['dtype']}, torch {settings['torch']}, diffusers {settings['diffusers']}.",
     ]
-    rounds = report["rows"][0]["wall_s_rounds"]
-    spread = f" (spread {max(rounds) / min(rounds) - 1:.0%}: the timing noise of this machine)" if len(rounds) > 1 else ""
-    lines.append(f"Un-accelerated time per round: {', '.join(f'{t:.2f} s' for t in rounds)}{spread}.")
+    runs = report["rows"][0]["run_seconds"]
+    lines.append(f"{len(runs)} un-accelerated generations took {min(runs):.2f} to {max(runs):.2f} s (spread "
+                 f"{max(runs) / min(runs) - 1:.0%}): the timing noise each wall speedup is measured under.")
     files = model["weights"].get("files", [])
     if files:
         lines.append("Weights measured: " + "; ".join(f"`{f['path']}` modified {f['modified']}" for f in files) + ".")
@@ -154,10 +162,10 @@ def _section(title: str, items: list[str]) -> list[str]:
     return [f"### {title}", "", *[f"- {item}" for item in items], ""] if items else []
 
 
-def _standing_line(entry: dict[str, Any]) -> str:
+def _standing_line(entry: dict[str, Any], label: str) -> str:
     peer, speed, quality = entry["peer"], entry["ours_speedup"], entry["ours_psnr"]
     at_psnr, at_speed = entry["peer_speedup_at_equal_psnr"], entry["peer_psnr_at_equal_speedup"]
-    parts = [f"{entry['ours']} ({speed:.2f}x, {_db(quality)} dB) vs {peer}:"]
+    parts = [f"{entry['ours']} ({speed:.2f}x {label}, {_db(quality)} dB) vs {peer}:"]
     parts.append(f"at equal PSNR {peer} runs {at_psnr:.2f}x ({'ours faster' if speed > at_psnr else 'peer faster'});" if at_psnr is not None
                  else f"{peer}'s curve does not reach {_db(quality)} dB within its measured points;")
     parts.append(f"at equal speed {peer} gets {_db(at_speed)} dB ({'ours higher' if quality > at_speed else 'peer higher'})." if at_speed is not None
@@ -187,33 +195,41 @@ def _jsonable(value: Any) -> Any:
 
 
 def pareto_png(report: dict[str, Any]) -> bytes:
-    """Wall speedup vs PSNR, one curve per method (points that skipped nothing or failed are left out)."""
+    """PSNR against FLOP speedup and against wall speedup, one curve per method (points that skipped nothing or
+    failed are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 5))
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for row in _ok(report["rows"]):
-        if math.isfinite(row["psnr"]):
-            curves.setdefault(row["method"], []).append((row["wall_speedup"], row["psnr"]))
-    for method, points in curves.items():
-        xs, ys = zip(*sorted(points))
-        ours = any(r["method"] == method and r["kind"] == "plan" for r in report["rows"])
-        axes.plot(xs, ys, marker="o" if ours else "s", linestyle="-" if ours else "--", linewidth=2.2 if ours else 1.2, label=method)
-    axes.set_xlabel("wall-clock speedup (median of interleaved rounds)")
-    axes.set_ylabel("PSNR vs un-accelerated, dB (global MSE)")
+    figure, panels = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for axes, (speed, label) in zip(panels, SPEEDS.items()):
+        _plot_curves(axes, report["rows"], speed)
+        axes.set_xlabel(label + (" (median of interleaved rounds)" if speed == "wall_speedup" else " (one generation)"))
+        axes.grid(True, alpha=0.3)
+    panels[0].set_ylabel("PSNR vs un-accelerated, dB (global MSE)")
     title = f"{report['model']['name']}, {report['settings']['steps']} steps"
-    axes.set_title(title if report["model"]["fidelity_meaningful"] else f"{title}\nrandom weights: PSNR is meaningless", fontsize=10)
-    axes.grid(True, alpha=0.3)
-    if curves:
-        axes.legend(fontsize=8)
+    figure.suptitle(title if report["model"]["fidelity_meaningful"] else f"{title}: random weights, PSNR is meaningless", fontsize=10)
     buffer = io.BytesIO()
     figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _plot_curves(axes: Any, rows: list[dict[str, Any]], speed: str) -> None:
+    """One line per method through its points sorted by speed; our plans solid, peers dashed."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in _ok(rows):
+        if math.isfinite(row["psnr"]):
+            curves.setdefault(row["method"], []).append((row[speed], row["psnr"]))
+    ours = {row["method"] for row in rows if row["kind"] == "plan"}
+    for method, points in curves.items():
+        xs, ys = zip(*sorted(points))
+        mine = method in ours
+        axes.plot(xs, ys, marker="o" if mine else "s", linestyle="-" if mine else "--", linewidth=2.2 if mine else 1.2, label=method)
+    if curves:
+        axes.legend(fontsize=8)
 
 
 def write_outputs(out_dir: str | os.PathLike, files: dict[str, bytes]) -> list[Path]:
