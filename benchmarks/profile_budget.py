@@ -34,7 +34,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pipe = load_pipeline(None)
     specs = [PromptSpec(p, "", i) for i, p in enumerate(PROMPTS[: args.prompts])]
     settings = RecordSettings()
@@ -59,7 +62,7 @@ def main() -> None:
     estimate = sum(bytes_per_prompt(default_shape, settings).values())
     projected = bytes_per_prompt(WAN_1_3B_480P, settings)
     ratio = statistics.median(profiled) / statistics.median(plain)
-    print(f"default model, {len(specs)} prompts, {settings.num_inference_steps} steps, median of {args.repeats} interleaved repeats")
+    print(f"default model, {len(specs)} prompts, {settings.num_inference_steps} steps, median of {args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s)")
     print("| quantity | value | target |")
     print("|---|---|---|")
     print(f"| profiling time / plain generation time (cost pass included) | {ratio:.2f} | <= 1.5 |")
