@@ -7,12 +7,11 @@ file is left behind (plans are written atomically, last).
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
 
-from profiler.cli_common import EXIT_USER_ERROR, emit_report, user_errors
+from profiler.cli_common import OneLineErrorGroup, emit_report, user_errors
 from runtime.plan import load_plan
 
 from .errors import PlannerError
@@ -23,22 +22,6 @@ from .plots import plan_figure, save_figure
 from .solver import GRANULARITIES
 from .summary import plan_report, provenance_drift, render_report
 from .validate import PipelineRunner, load_pipeline, profiled_generation, read_prompts, render_validation, tighten_plan, validate_plan
-
-
-class OneLineErrorGroup(click.Group):
-    """A click group whose usage errors (bad option values, missing arguments) are one 'error: …' line too."""
-
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message().splitlines()[0]}", err=True)
-            sys.exit(EXIT_USER_ERROR)
-        except click.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(EXIT_USER_ERROR)
 
 
 @click.group(cls=OneLineErrorGroup, invoke_without_command=True)

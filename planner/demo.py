@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from profiler.cli_common import emit_report, user_errors
+from profiler.cli_common import OneLineErrorCommand, emit_report, user_errors
 from profiler.recorder import RecordSettings
 from profiler.run import PromptSpec, load_pipeline, profile_prompts
 from runtime import apply_plan, save_plan
@@ -78,7 +78,7 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join([f"plan {report['plan']} (auto, target {report['target_speedup']}x, {report['steps']} steps)", *rows])
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", default="artifacts/demo", show_default=True, type=click.Path(file_okay=False), help="Folder for profile, plan, GIFs and report.")
 @click.option("--calibration", default=4, show_default=True, type=click.IntRange(1, len(CALIBRATION)), help="Calibration captions to profile.")
 @click.option("--held-out", default=2, show_default=True, type=click.IntRange(1, len(HELD_OUT)), help="Held-out captions to validate on.")

@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 
-from .cli_common import emit_report, user_errors
+from .cli_common import OneLineErrorGroup, emit_report, user_errors
 from .recorder import RecordSettings
 from .run import check_output_location, load_pipeline, merge_profiles, profile_distributed, read_prompts
 
 
-class _DefaultToRun(click.Group):
+class _DefaultToRun(OneLineErrorGroup):
     """`dit-profile PROMPTS …` means `dit-profile run PROMPTS …`; `dit-profile merge …` stays a subcommand."""
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:

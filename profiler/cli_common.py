@@ -29,6 +29,28 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class OneLineUsageErrors:
+    """Mixin for click commands and groups: usage errors (bad option values, missing arguments) are one line too."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+        except click.Abort:
+            _fail("aborted")
+
+
+class OneLineErrorCommand(OneLineUsageErrors, click.Command):
+    """A click command whose every error is one `error: …` line and exit code 2."""
+
+
+class OneLineErrorGroup(OneLineUsageErrors, click.Group):
+    """A click group whose every error is one `error: …` line and exit code 2."""
+
+
 def _fail(message: str) -> None:
     click.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
     sys.exit(EXIT_USER_ERROR)

@@ -12,13 +12,12 @@ A thin click wrapper over `planner.bench.runner` and `planner.bench.report`. Usa
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from profiler.cli_common import EXIT_USER_ERROR, user_errors
+from profiler.cli_common import OneLineErrorCommand, user_errors
 
 from .errors import BenchError
 from .models import DTYPES, RANDOM_CONFIGS
@@ -26,20 +25,6 @@ from .peers import PEERS
 from .report import build_report, pareto_png, render_markdown, to_json, write_outputs
 from .runner import DEFAULT_BUDGETS, BenchOptions, run_bench, summarise
 from .variants import FIT_PRESETS
-
-
-class OneLineErrorCommand(click.Command):
-    """A click command whose usage errors (bad option values, unknown options) are one 'error: …' line too."""
-
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        try:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message().splitlines()[0]}", err=True)
-            sys.exit(EXIT_USER_ERROR)
-        except click.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(EXIT_USER_ERROR)
 
 
 def _numbers(text: str, what: str) -> tuple[float, ...]:
