@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from planner import FitOptions, PlannerError, fit_plan
 from planner.demo import CALIBRATION, HELD_OUT

@@ -9,7 +9,6 @@ Under `torchrun`, every rank profiles its shard of prompts into its own file and
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import time

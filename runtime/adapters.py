@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import AdapterError
+from .plan import ModelFingerprint
 
 CfgMode = Literal["separate", "batched"]
 AttentionKind = Literal["self", "cross", "joint"]
@@ -233,9 +234,7 @@ register_adapter(
 )
 
 
-def fingerprint_model(transformer: torch.nn.Module) -> "ModelFingerprint":
+def fingerprint_model(transformer: torch.nn.Module) -> ModelFingerprint:
     """The identity a plan records for `transformer`: class name, config hash and ordered block ids."""
-    from .plan import ModelFingerprint
-
     adapter = get_adapter(transformer)
     return ModelFingerprint(type(transformer).__name__, config_hash(transformer.config), tuple(adapter.block_ids(transformer)))

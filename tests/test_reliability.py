@@ -20,7 +20,7 @@ import pytest
 
 from profiler.schema import FIELDS, ProfileError, ProfileHeader, ProfileWriter, PromptInfo, open_profile
 from runtime import ModelFingerprint, Plan, PlanError
-from runtime.plan import _checksum, plan_from_bytes, plan_to_bytes
+from runtime.plan import plan_from_bytes, plan_to_bytes
 
 FUZZ_CASES = 1000
 PER_CASE_SECONDS = 2.0
