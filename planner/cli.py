@@ -21,7 +21,9 @@ from runtime.plan import save_plan
 from .plots import plan_figure, save_figure
 from .solver import GRANULARITIES
 from .summary import plan_report, provenance_drift, render_report
-from .validate import PipelineRunner, load_pipeline, profiled_generation, read_prompts, render_validation, tighten_plan, validate_plan
+from profiler.run import load_pipeline
+
+from .validate import PipelineRunner, profiled_generation, read_prompts, render_validation, tighten_plan, validate_plan
 
 
 @click.group(cls=OneLineErrorGroup, invoke_without_command=True)

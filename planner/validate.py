@@ -13,7 +13,6 @@ stay synchronised, then validates again.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -132,32 +131,6 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise PlannerError(f"prompts file {path} holds no prompt (one per line)")
     return prompts
-
-
-def load_pipeline(path: str | None) -> Any:
-    """The default model's pipeline, or a local diffusers pipeline folder (never the network)."""
-    if path is None:
-        from defaultmodel import load_default_pipeline
-
-        try:
-            return load_default_pipeline()
-        except FileNotFoundError as exc:
-            raise PlannerError(str(exc)) from None
-    index = Path(path) / "model_index.json"
-    try:
-        class_name = json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError) as exc:
-        raise PlannerError(f"{path} is not a pipeline folder (cannot read {index.name}: {exc})") from None
-    try:
-        if class_name == "TinyVideoPipeline":
-            from defaultmodel import TinyVideoPipeline
-
-            return TinyVideoPipeline.from_pretrained(path)
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PlannerError(f"cannot load pipeline {class_name} from {path}: {str(exc).splitlines()[0]}") from None
 
 
 def validate_plan(plan: Plan, runner: PipelineRunner, prompts: Sequence[str], *, steps: int | None = None, repeats: int = 3, seed: int = 0,

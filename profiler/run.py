@@ -69,22 +69,39 @@ def _prompt_from_json(path: Path, line_number: int, line: str) -> PromptSpec:
 
 
 def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32") -> Any:
-    """The embedded default pipeline (`model=None`) or a diffusers pipeline from a local folder, never a hub."""
+    """The embedded default pipeline (`model=None`) or a diffusers pipeline from a local folder, never a hub.
+
+    A saved `TinyVideoPipeline` folder (the default model's class) loads through its own `from_pretrained`, since
+    diffusers' generic loader needs `accelerate` for Wan's float32-pinned modules.
+    """
     torch_dtype = _dtype(dtype)
-    if model is None:
-        from defaultmodel import load_default_pipeline
-
-        pipe = load_default_pipeline(device=device, dtype=torch_dtype)
-    else:
-        folder = Path(model)
-        if not (folder / "model_index.json").is_file():
-            raise DitAccelError(f"model folder {folder} is not a local diffusers pipeline (no model_index.json); pass a folder saved with save_pretrained")
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True).to(device)
+    try:
+        pipe = _load(model, torch_dtype)
+    except FileNotFoundError as exc:
+        raise DitAccelError(str(exc)) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise DitAccelError(f"cannot load the pipeline in {model}: {str(exc).splitlines()[0]}") from None
+    pipe = pipe.to(device)
     get_adapter(find_transformer(pipe))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load(model: str | None, torch_dtype: torch.dtype) -> Any:
+    if model is None:
+        from defaultmodel import load_default_pipeline
+
+        return load_default_pipeline(dtype=torch_dtype)
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        raise DitAccelError(f"model folder {model} is not a local diffusers pipeline folder (no model_index.json); pass a folder saved with save_pretrained")
+    if json.loads(index.read_text()).get("_class_name") == "TinyVideoPipeline":
+        from defaultmodel import TinyVideoPipeline
+
+        return TinyVideoPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=True)
 
 
 def _dtype(name: str) -> torch.dtype:
