@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from tqdm.auto import tqdm
 
 from profiler.cli_common import OneLineErrorGroup, emit_report, user_errors
 from runtime.plan import load_plan
@@ -17,6 +18,7 @@ from runtime.plan import load_plan
 from .errors import PlannerError
 from .labels import RULES
 from .methods import METHODS, FitOptions, fit_plan
+from .onnx_export import EXAMPLE_PROMPT, check_exportable, export_onnx
 from runtime.plan import save_plan
 from .plots import plan_figure, save_figure
 from .solver import GRANULARITIES
@@ -123,3 +125,40 @@ def validate(plan_path: str, prompts_path: str, model_path: str | None, steps: i
     report = {**reports[-1].to_json(), "output": output, "rounds": len(reports), "predicted": tightened.predicted,
               "history": [{"min_psnr": r.to_json()["min_psnr"], "wall_speedup": r.wall_speedup, "predicted_error": r.predicted_error} for r in reports]}
     emit_report(report, as_json, render_validation)
+
+
+@main.command("export-onnx")
+@click.argument("plan_path")
+@click.option("--model", "model_path", help="Local pipeline folder (default: the embedded default model).")
+@click.option("-o", "--output", required=True, help="Folder to write: graphs, weights.bin, manifest.json (replaced atomically).")
+@click.option("--prompt", default=EXAMPLE_PROMPT, show_default=True, help="Prompt of the example call that fixes the graphs' input shapes.")
+@click.option("--force", is_flag=True, help="Export a plan fitted on another model config (unsafe).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def export_onnx_command(plan_path: str, model_path: str | None, output: str, prompt: str, force: bool, as_json: bool) -> None:
+    """Export the transformer with a static plan folded in: one ONNX graph per distinct per-step action set.
+
+    Residual caches are explicit graph inputs/outputs; manifest.json maps steps to graphs. Replay it with
+    runtime.onnx_driver (onnxruntime, no PyTorch) or build TensorRT engines from the graphs.
+    """
+    plan = load_plan(plan_path)
+    check_exportable(plan)
+    _, size = profiled_generation(plan)
+    pipe = load_pipeline(model_path)
+    with tqdm(total=None, desc="exporting graphs", unit="graph", disable=as_json) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        manifest = export_onnx(pipe, plan, output, prompt, size=size, force=force, progress=progress)
+    report = {"output": output, "graphs": len(manifest["graphs"]), "steps": len(manifest["steps"]),
+              "graph_steps": [sum(s["graph"] == i for s in manifest["steps"]) for i in range(len(manifest["graphs"]))],
+              "actions": [g["actions"] for g in manifest["graphs"]]}
+    emit_report(report, as_json, _render_export)
+
+
+def _render_export(report: dict[str, Any]) -> str:
+    lines = [f"wrote {report['graphs']} graph(s) for {report['steps']} steps to {report['output']}"]
+    for index, (actions, count) in enumerate(zip(report["actions"], report["graph_steps"])):
+        lines.append(f"  graph_{index}.onnx  {count:3d} steps  {' '.join(a[0].upper() for a in actions)}")
+    return "\n".join(lines)

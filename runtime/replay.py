@@ -58,6 +58,8 @@ class BranchState(BaseState):
         self.tokens_per_frame = 1
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.residuals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: DWS weights given as tensors per block (ONNX export feeds them as graph inputs); else the table's floats.
+        self.blend_inputs: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.__init__()
@@ -180,7 +182,8 @@ class BlockHook(ModelHook):
             state.inputs[span] = inputs
         output = self._forward(args, kwargs, pruned)
         if pruned and table.blend[self.block][step] < 1.0 and span in state.residuals:
-            output = self._blend(state, inputs, output, table.blend[self.block][step])
+            weight = state.blend_inputs.get(self.block, table.blend[self.block][step])
+            output = self._blend(state, inputs, output, weight)
         if observe:
             self.policy.observe(state.branch, self.block, inputs[0], _block_outputs(self.spec, output)[0], step, state.tokens_per_frame)
         if store and self.is_last:
@@ -199,7 +202,7 @@ class BlockHook(ModelHook):
         finally:
             self.switch.active = False
 
-    def _blend(self, state: BranchState, inputs: tuple, output: Any, weight: float) -> Any:
+    def _blend(self, state: BranchState, inputs: tuple, output: Any, weight: float | torch.Tensor) -> Any:
         """DWS: weight·pruned + (1 − weight)·cached, for the hidden (and encoder) states."""
         hidden_in, encoder_in = inputs
         hidden_residual, encoder_residual = state.residuals[self.span_index]

@@ -1,0 +1,133 @@
+"""Replay an exported plan (`dit-plan export-onnx`) with onnxruntime: numpy in, numpy out, no PyTorch needed.
+
+The export folder holds one ONNX graph per distinct action set and `manifest.json`, which maps every denoising
+step to its graph and DWS weights. `OnnxPlanRunner.step` runs one transformer call: it feeds the graph the model
+inputs plus the residual caches and blend weights the graph asks for, and keeps the `cache_out.*` tensors it
+returns, per CFG branch, for the steps that reuse them. `denoise` is the flow-matching Euler loop with separate
+cond/uncond calls that Wan-style text-to-video pipelines (and the default model) run.
+
+This module imports only json, pathlib, numpy and (lazily) onnxruntime, so it can be copied next to the export.
+
+Example:
+    >>> runner = OnnxPlanRunner("export/")
+    >>> latents = denoise(runner, noise, cond_embeds, uncond_embeds, guidance_scale=5.0)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "dit-accel-onnx"
+SUPPORTED_VERSIONS = (1,)
+CACHE_IN, CACHE_OUT, BLEND = "cache_in.", "cache_out.", "blend."
+
+
+class ExportError(ValueError):
+    """An export folder is missing, malformed, or fed inputs it cannot use; the message says which and why."""
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of an export folder, checked for format, version and step → graph consistency."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path} not found: is {folder} a folder written by 'dit-plan export-onnx'?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}); re-export the plan") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ExportError(f"{path} is not a dit-accel ONNX manifest")
+    if manifest.get("version") not in SUPPORTED_VERSIONS:
+        raise ExportError(f"{path} has manifest version {manifest.get('version')}; this driver reads {SUPPORTED_VERSIONS}")
+    graphs, steps = manifest.get("graphs"), manifest.get("steps")
+    if not isinstance(graphs, list) or not isinstance(steps, list) or not steps:
+        raise ExportError(f"{path} lists no graphs or steps")
+    if any(not isinstance(s, dict) or not 0 <= s.get("graph", -1) < len(graphs) for s in steps):
+        raise ExportError(f"{path} maps a step to a graph it does not list")
+    return manifest
+
+
+class OnnxPlanRunner:
+    """Runs one transformer call per (branch, step) on the exported graphs, keeping each branch's residual caches."""
+
+    def __init__(self, folder: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(folder)
+        self.providers = list(providers)
+        self._sessions: dict[int, Any] = {}
+        self.caches: dict[str, dict[str, np.ndarray]] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.manifest["steps"])
+
+    def session(self, index: int) -> Any:
+        """The onnxruntime session of graph `index`, created on first use."""
+        if index not in self._sessions:
+            import onnxruntime
+
+            path = self.folder / self.manifest["graphs"][index]["file"]
+            if not path.is_file():
+                raise ExportError(f"{path} is missing from the export; re-export the plan")
+            self._sessions[index] = onnxruntime.InferenceSession(str(path), providers=self.providers)
+        return self._sessions[index]
+
+    def reset(self) -> None:
+        """Forget every branch's caches (a new generation)."""
+        self.caches.clear()
+
+    def step(self, branch: str, step: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The transformer's output at `step` for CFG `branch` (e.g. "cond"), given its model inputs by name."""
+        if not 0 <= step < self.num_steps:
+            raise ExportError(f"step {step} is outside the export's {self.num_steps} steps")
+        entry = self.manifest["steps"][step]
+        graph = self.manifest["graphs"][entry["graph"]]
+        caches = self.caches.setdefault(branch, {})
+        if step == 0:
+            caches.clear()
+        feeds = {}
+        for name in graph["inputs"]:
+            if name.startswith(CACHE_IN):
+                key = name[len(CACHE_IN):]
+                if key not in caches:
+                    raise ExportError(f"step {step} of branch '{branch}' reuses cache {key}, which no earlier step computed; run steps in order from 0")
+                feeds[name] = caches[key]
+            elif name.startswith(BLEND):
+                feeds[name] = np.array([entry["blend"][name]], dtype=np.float32)
+            elif name in inputs:
+                feeds[name] = inputs[name]
+            else:
+                raise ExportError(f"graph {graph['file']} needs input '{name}'; pass it in `inputs`")
+        outputs = self.session(entry["graph"]).run(graph["outputs"], feeds)
+        for name, value in zip(graph["outputs"][1:], outputs[1:]):
+            caches[name[len(CACHE_OUT):]] = value
+        return outputs[0]
+
+
+def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None,
+            guidance_scale: float = 5.0) -> np.ndarray:
+    """Flow-matching Euler sampling with classifier-free guidance as separate cond/uncond calls (Wan's loop).
+
+    `latents` is the initial noise, `cond` / `uncond` the prompt embeddings; timesteps and sigmas come from the
+    manifest (the scheduler the plan was exported with). Returns the final latents in float32.
+    """
+    schedule = runner.manifest.get("scheduler") or {}
+    timesteps, sigmas = schedule.get("timesteps"), schedule.get("sigmas")
+    if not timesteps or not sigmas or len(sigmas) < len(timesteps) + 1:
+        raise ExportError("the manifest has no flow-matching timesteps and sigmas; this export cannot be denoised by `denoise`")
+    runner.reset()
+    latents = latents.astype(np.float32)
+    use_cfg = guidance_scale > 1.0 and uncond is not None
+    for i, t in enumerate(timesteps):
+        timestep = np.full((latents.shape[0],), t, dtype=np.float32)
+        prediction = runner.step("cond", i, {"hidden_states": latents, "timestep": timestep, "encoder_hidden_states": cond})
+        if use_cfg:
+            unconditional = runner.step("uncond", i, {"hidden_states": latents, "timestep": timestep, "encoder_hidden_states": uncond})
+            prediction = unconditional + guidance_scale * (prediction - unconditional)
+        latents = latents + np.float32(sigmas[i + 1] - sigmas[i]) * prediction.astype(np.float32)
+    return latents

@@ -1,0 +1,109 @@
+"""ONNX export of a plan: graphs per action set, the onnxruntime driver against the torch runtime, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from defaultmodel import load_default_pipeline
+from planner.cli import main
+from planner.errors import PlannerError
+from planner.onnx_export import EXAMPLE_PROMPT, export_onnx
+from runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan, fingerprint_model, load_plan
+from runtime.onnx_driver import ExportError, OnnxPlanRunner, denoise
+from test_runtime_advanced import random_bases
+
+PROMPT = "a large blue square moves up on a black background"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipeline = load_default_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _torch_and_onnx(pipe, plan: Plan, folder, guidance: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Final latents of one generation through the torch runtime and through the exported graphs."""
+    cond, uncond = pipe.encode_prompt([PROMPT]), pipe.encode_prompt([""])
+    noise = torch.randn(1, 12, 8, 16, 16, generator=torch.Generator().manual_seed(3))
+    with apply_plan(pipe, plan):
+        expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise.clone(), output_type="latent",
+                        num_inference_steps=plan.num_inference_steps, guidance_scale=guidance).frames.numpy()
+    actual = denoise(OnnxPlanRunner(folder), noise.numpy(), cond.numpy(), uncond.numpy(), guidance)
+    return expected, actual
+
+
+def _relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def test_shipped_plan_replays_through_onnxruntime_like_the_torch_runtime(pipe, tmp_path):
+    plan = load_plan("plans/default-auto-2x.plan")
+    manifest = export_onnx(pipe, plan, tmp_path / "export", EXAMPLE_PROMPT)
+    assert len(manifest["graphs"]) == len({tuple(a) for a in plan.actions.T})  # one graph per distinct step column
+    assert len(manifest["steps"]) == plan.num_inference_steps
+    reuse_graph = next(g for g in manifest["graphs"] if set(g["actions"]) == {"reuse"})
+    assert reuse_graph["inputs"][-1].startswith("cache_in.") and reuse_graph["outputs"] == ["output"]
+    expected, actual = _torch_and_onnx(pipe, plan, tmp_path / "export")
+    assert _relative_error(expected, actual) <= 1e-4
+    # the reuse graph really skips the blocks: it holds far fewer nodes than the compute graph
+    import onnx
+
+    sizes = {tuple(g["actions"]): len(onnx.load(str(tmp_path / "export" / g["file"]), load_external_data=False).graph.node)
+             for g in manifest["graphs"]}
+    assert sizes[tuple(["reuse"] * plan.num_blocks)] < sizes[tuple(["compute"] * plan.num_blocks)] / 3
+
+
+def test_per_block_plan_with_pruning_and_dws_blend_matches_the_torch_runtime(pipe, tmp_path):
+    steps = 8
+    actions = np.full((8, steps), COMPUTE, np.uint8)
+    actions[:4, 2] = REUSE
+    actions[2:6, 3] = REUSE
+    actions[6, 3] = PRUNE
+    actions[:, 4] = REUSE
+    actions[1, 5] = PRUNE
+    actions[6, 5] = PRUNE
+    dws = np.ones(actions.shape, np.float32)
+    dws[6, 3], dws[6, 5] = 0.3, 0.6
+    arrays = {**random_bases(pipe.transformer, 16), "dws_weight": dws}
+    plan = Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 1, steps), actions=actions, arrays=arrays)
+    manifest = export_onnx(pipe, plan, tmp_path / "export", EXAMPLE_PROMPT)
+    assert len(manifest["graphs"]) == 5
+    assert manifest["steps"][3]["blend"] == {"blend.6": pytest.approx(0.3)}
+    expected, actual = _torch_and_onnx(pipe, plan, tmp_path / "export")
+    assert _relative_error(expected, actual) <= 1e-4
+    weights = (tmp_path / "export" / "weights.bin").stat().st_size
+    params = sum(p.numel() * 4 for p in pipe.transformer.parameters())
+    assert weights <= 1.1 * params  # five graphs, one copy of the weights (not five)
+
+
+def test_unsupported_op_error_names_module_and_op_and_writes_nothing(pipe, tmp_path):
+    @torch.library.custom_op("dittest::wobble", mutates_args=())
+    def wobble(x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+    wobble.register_fake(lambda x: torch.empty_like(x))
+    handle = pipe.transformer.blocks[3].ffn.register_forward_hook(lambda module, args, output: wobble(output))
+    plan = Plan.all_compute(fingerprint_model(pipe.transformer), np.linspace(999, 1, 4))
+    try:
+        with pytest.raises(PlannerError, match=r"op dittest\.wobble\.default in module 'blocks\.3\.ffn'"):
+            export_onnx(pipe, plan, tmp_path / "export", EXAMPLE_PROMPT)
+    finally:
+        handle.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_adaptive_plans_and_bad_folders_in_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["export-onnx", "plans/default-adacache-2x.plan", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "decides at run time" in result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "out").exists()
+    with pytest.raises(ExportError, match="not found"):
+        OnnxPlanRunner(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "dit-accel-onnx", "version": 9}))
+    with pytest.raises(ExportError, match="version 9"):
+        OnnxPlanRunner(tmp_path)
