@@ -25,29 +25,35 @@ from runtime import apply_plan, save_plan
 from .methods import FitOptions, fit_plan
 from .validate import PipelineRunner, validate_plan
 
+#: Calibration and held-out captions, from the default model's caption grammar (shape colours on the background
+#: colours it was trained on) and never among its training captions' seeds.
 CALIBRATION = [
-    "a large red circle moves right on a blue background",
+    "a large red circle moves right on a teal background",
     "a small yellow square moves down on a black background",
-    "a large white triangle stands still on a green background",
-    "a small green circle moves up on a white background",
-    "a large blue square moves left on a yellow background",
-    "a small red triangle moves right on a black background",
+    "a large white triangle stands still on a gray background",
+    "a small green circle moves up on a brown background",
+    "a large blue square moves left on a black background",
+    "a small purple triangle moves right on a teal background",
 ]
 HELD_OUT = [
-    "a large yellow circle moves left on a green background",
-    "a small white square moves right on a blue background",
+    "a large yellow circle moves left on a gray background",
+    "a small white square moves right on a brown background",
     "a large red triangle moves up on a black background",
 ]
+
+
+def calibration_profile(pipe: Any, path: Path, prompts: int, steps: int, progress: bool = True) -> Path:
+    """Profile the first `prompts` calibration captions at `steps` steps into `path` (resuming what is there)."""
+    specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION[:prompts])]
+    profile_prompts(pipe, specs, path, RecordSettings(num_inference_steps=steps), resume=path.exists(), progress=progress)
+    return path
 
 
 def run_demo(out: Path, calibration: int, held_out: int, steps: int, target_speedup: float, repeats: int, progress: bool = True) -> dict[str, Any]:
     """Profile → fit → validate on the default model; returns the report (also written to `out/report.json`)."""
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(None)
-    settings = RecordSettings(num_inference_steps=steps)
-    profile = out / f"profile_{steps}steps.h5"
-    specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION[:calibration])]
-    profile_prompts(pipe, specs, profile, settings, resume=profile.exists(), progress=progress)
+    profile = calibration_profile(pipe, out / f"profile_{steps}steps.h5", calibration, steps, progress)
     plan = fit_plan([str(profile)], FitOptions(method="auto", target_speedup=target_speedup))
     save_plan(plan, out / "auto.plan")
     report = validate_plan(plan, PipelineRunner(pipe), HELD_OUT[:held_out], steps=steps, repeats=repeats, progress=progress)

@@ -78,6 +78,92 @@ def _block_axis(ax: Axes, block_ids: Sequence[str]) -> None:
     ax.set_ylabel("block")
 
 
+def schedule_spans_axes(ax: Axes, actions: np.ndarray, block_ids: Sequence[str], spans: Sequence[tuple[int, int]]) -> None:
+    """The schedule grid with the plan's spans (blocks cached as one residual) outlined."""
+    schedule_axes(ax, actions, block_ids)
+    for start, stop in spans:
+        ax.axhline(start - 0.5, color="black", linewidth=1.2)
+    ax.axhline(len(block_ids) - 0.5, color="black", linewidth=1.2)
+    ax.set_title(f"{ax.get_title()}; {len(spans)} span(s) outlined")
+
+
+def drift_figure(drift: np.ndarray, branches: Sequence[str], block_ids: Sequence[str]) -> Figure:
+    """Residual drift heatmaps [branch, step, block] (averaged over prompts): one per CFG branch, then their mean."""
+    panels = [(name, drift[i]) for i, name in enumerate(branches)] + [("mean over branches", np.nanmean(drift, axis=0))]
+    figure = Figure(figsize=(10, 2.8 * len(panels)), layout="constrained")
+    for ax, (name, values) in zip(figure.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        drift_axes(ax, values.T, block_ids)
+        ax.set_title(f"residual drift: {name}")
+    return figure
+
+
+def frames_figure(frames: np.ndarray, title: str, cmap: str = "viridis", images: np.ndarray | None = None) -> Figure:
+    """One panel per frame of a [frames, height, width] map (attention, mask), over the video frames if given."""
+    count = frames.shape[0]
+    figure = Figure(figsize=(1.6 * count + 1, 2.2), layout="constrained")
+    axes = figure.subplots(1, count, squeeze=False)[0]
+    vmin, vmax = float(np.nanmin(frames)), float(np.nanmax(frames))
+    for index, ax in enumerate(axes):
+        if images is not None:
+            ax.imshow(images[index], extent=(-0.5, frames.shape[2] - 0.5, frames.shape[1] - 0.5, -0.5))
+        image = ax.imshow(frames[index], cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.55 if images is not None else 1.0,
+                          interpolation="nearest")
+        ax.set_title(f"frame {index}", fontsize=8)
+        ax.set_axis_off()
+    figure.colorbar(image, ax=list(axes), shrink=0.8)
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def cross_attention_figure(cross: np.ndarray, query_index: np.ndarray, grid: tuple[int, int, int], words: Sequence[str]) -> Figure:
+    """Cross-attention of the sampled video queries to each text token, placed on the (height, width) grid.
+
+    `cross` is [query, text_token]; `query_index` the flat (frame, height, width) token index of every query. Each
+    panel shows, per grid cell, the mean attention its sampled queries (over all frames) pay to one word; cells
+    without a sampled query are blank.
+    """
+    frames, height, width = grid
+    cells = np.asarray(query_index) % (height * width)
+    figure = Figure(figsize=(1.7 * len(words) + 1, 2.3), layout="constrained")
+    axes = figure.subplots(1, len(words), squeeze=False)[0]
+    counts = np.bincount(cells, minlength=height * width).astype(np.float64)
+    for token, (ax, word) in enumerate(zip(axes, words)):
+        sums = np.bincount(cells, weights=cross[:, token].astype(np.float64), minlength=height * width)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(counts > 0, sums / counts, np.nan).reshape(height, width)
+        ax.imshow(mean, cmap="magma", interpolation="nearest", vmin=0, vmax=float(np.nanmax(cross[:, : len(words)])))
+        ax.set_title(word, fontsize=8)
+        ax.set_axis_off()
+    return figure
+
+
+def motion_axes(ax: Axes, motion: np.ndarray, branches: Sequence[str]) -> None:
+    """AdaCache's motion score per step ([branch, step], averaged over prompts and blocks), one line per branch."""
+    for index, name in enumerate(branches):
+        ax.plot(motion[index], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("motion score")
+    ax.set_title("motion (MoReg) per step")
+    ax.legend()
+
+
+def prediction_axes(ax: Axes, predicted_error: Sequence[float], psnr: Sequence[float], names: Sequence[str],
+                    offset_db: float | None = None) -> None:
+    """Validated PSNR against the planner's predicted error (log x), with the model PSNR ≈ C − 20·log10(error)."""
+    errors = np.asarray(predicted_error, dtype=np.float64)
+    ax.scatter(errors, psnr, color="#2b6cb0", zorder=3)
+    for x, y, name in zip(errors, psnr, names):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if offset_db is not None and errors.size:
+        line = np.geomspace(errors.min() * 0.8, errors.max() * 1.25, 50)
+        ax.plot(line, offset_db - 20 * np.log10(line), color="#dd6b20", linestyle="--", label=f"{offset_db:.1f} − 20·log10(error)")
+        ax.legend()
+    ax.set_xscale("log")
+    ax.set_xlabel("predicted error")
+    ax.set_ylabel("validated PSNR (dB)")
+    ax.set_title("predicted vs validated")
+
+
 def plan_figure(plan: Plan, drift: np.ndarray | None = None) -> Figure:
     """The inspect figure of a plan; `drift` [blocks, steps] adds the profiled drift heatmap."""
     panels = ["drift"] if drift is not None else []

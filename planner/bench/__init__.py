@@ -11,10 +11,10 @@ Example:
 """
 
 from .errors import BenchError
-from .report import build_report, pareto_png, render_markdown, to_json, write_outputs
+from .report import build_report, pareto_figure, pareto_png, render_markdown, to_json, write_outputs
 from .runner import BenchOptions, BenchRun, run_bench, summarise
 
 __all__ = [
-    "BenchError", "BenchOptions", "BenchRun", "build_report", "pareto_png", "render_markdown", "run_bench", "summarise",
+    "BenchError", "BenchOptions", "BenchRun", "build_report", "pareto_figure", "pareto_png", "render_markdown", "run_bench", "summarise",
     "to_json", "write_outputs",
 ]

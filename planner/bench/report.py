@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 OURS = "auto"
 DEFINITIONS = {
@@ -194,15 +195,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def pareto_png(report: dict[str, Any]) -> bytes:
+def pareto_figure(report: dict[str, Any]) -> Figure:
     """PSNR against FLOP speedup and against wall speedup, one curve per method (points that skipped nothing or
     failed are left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, panels = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    figure = Figure(figsize=(12, 5), layout="constrained")
+    panels = figure.subplots(1, 2, sharey=True)
     for axes, (speed, label) in zip(panels, SPEEDS.items()):
         _plot_curves(axes, report["rows"], speed)
         axes.set_xlabel(label + (" (median of interleaved rounds)" if speed == "wall_speedup" else " (one generation)"))
@@ -210,10 +207,13 @@ def pareto_png(report: dict[str, Any]) -> bytes:
     panels[0].set_ylabel("PSNR vs un-accelerated, dB (global MSE)")
     title = f"{report['model']['name']}, {report['settings']['steps']} steps"
     figure.suptitle(title if report["model"]["fidelity_meaningful"] else f"{title}: random weights, PSNR is meaningless", fontsize=10)
+    return figure
+
+
+def pareto_png(report: dict[str, Any]) -> bytes:
+    """The :func:`pareto_figure` as PNG bytes."""
     buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
+    pareto_figure(report).savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
 
 
