@@ -41,12 +41,36 @@ def build_predictor(profiles: ProfileSet, block_weight: np.ndarray, prune_distor
         raise PlannerError("the profile records no block FLOPs (cost/flops is all zero); re-profile")
     other = max(float(header.model_flops) - float(block_flops.sum()), 0.0)
     prune_error = np.zeros_like(drift) if prune_distortion is None else prune_distortion[:, None] * share
+    weights = step_weights(header.sigmas)
+    measured = profiles.stack_recorded("step_sensitivity")
+    if measured is not None:
+        weights = sensitivity_weights(weights, drift, measured)
     return Predictor(
         drift=drift,
         prune_error=prune_error,
-        step_weight=step_weights(header.sigmas),
+        step_weight=weights,
         block_weight=np.asarray(block_weight, dtype=np.float64),
         block_flops=block_flops,
         pruned_flops=block_flops.copy() if pruned_flops is None else np.asarray(pruned_flops, dtype=np.float64),
         other_flops=other,
     ).rounded()
+
+
+def sensitivity_weights(weights: np.ndarray, drift: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Step weights rescaled so that reusing the whole stack at one step predicts the measured final error.
+
+    `measured` is [prompt, step] (`step_sensitivity`, NaN where not measured). At a measured step s the drift model
+    predicts weight[s] · Σ_b drift[b, s] for that single reuse; the correction factor is measured / predicted. Between
+    measured steps the factor is interpolated in log space (it spans two orders of magnitude), beyond them held at
+    the nearest measured value.
+    """
+    mean = np.full(measured.shape[1], np.nan)
+    seen = np.isfinite(measured).any(axis=0)
+    mean[seen] = np.nanmean(measured[:, seen], axis=0)
+    predicted = weights * drift.sum(axis=0)
+    usable = np.isfinite(mean) & (mean > 0) & (predicted > 0)
+    if not usable.any():
+        return weights
+    steps = np.flatnonzero(usable)
+    log_factor = np.interp(np.arange(len(weights)), steps, np.log(mean[steps] / predicted[steps]))
+    return weights * np.exp(log_factor)

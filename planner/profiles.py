@@ -64,6 +64,15 @@ class ProfileSet:
         if missing:
             raise PlannerError(f"{purpose} needs profile field(s) {', '.join(missing)}, which the profile does not hold for every prompt (re-profile recording them)")
 
+    def stack_recorded(self, field: str) -> np.ndarray | None:
+        """Field `field` of the prompts that recorded it (some fields are recorded for the first prompts only), or None."""
+        arrays = [p.read(info, field) for p in self.profiles for info in p.prompts if p.recorded(info, field)]
+        if not arrays:
+            return None
+        if len({a.shape for a in arrays}) != 1:
+            raise PlannerError(f"profile field {field} has different shapes across prompts")
+        return np.stack(arrays)
+
     def stack(self, field: str) -> np.ndarray:
         """Field `field` of every prompt of every profile, along a leading prompt axis."""
         arrays = [p.stack(field) for p in self.profiles]

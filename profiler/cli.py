@@ -61,6 +61,10 @@ def _render(report: dict[str, Any]) -> str:
 @click.option("--feature-samples", default=256, show_default=True, type=click.IntRange(1), help="Query/key samples per block per prompt for PCA.")
 @click.option("--no-attention", is_flag=True, help="Do not record attention maps.")
 @click.option("--no-features", is_flag=True, help="Do not record PCA feature samples.")
+@click.option("--sensitivity-steps", default=6, show_default=True, type=click.IntRange(0),
+              help="Steps at which to measure what reusing the whole stack does to the final latent (one generation each; 0: off).")
+@click.option("--sensitivity-prompts", default=1, show_default=True, type=click.IntRange(0),
+              help="How many of the first prompts get the step-sensitivity measurement.")
 @click.option("--resume", is_flag=True, help="Complete an interrupted profile (same model and options).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -68,14 +72,14 @@ def _render(report: dict[str, Any]) -> str:
 def run_command(prompts: str, output: str, model: str | None, steps: int, guidance: float, frames: int | None,
                 height: int | None, width: int | None, dtype: str, device: str, attention_every: int,
                 query_samples: int, cross_tokens: int, feature_samples: int, no_attention: bool, no_features: bool,
-                resume: bool, as_json: bool, quiet: bool) -> None:
+                sensitivity_steps: int, sensitivity_prompts: int, resume: bool, as_json: bool, quiet: bool) -> None:
     """Profile the prompts of PROMPTS (.txt: one per line; .jsonl: prompt, negative_prompt, seed)."""
     specs = read_prompts(prompts)
     check_output_location(output)
     settings = RecordSettings(
         num_inference_steps=steps, guidance_scale=guidance, attention_every=attention_every, query_samples=query_samples,
         cross_tokens=cross_tokens, feature_samples=feature_samples, record_attention=not no_attention,
-        record_features=not no_features,
+        record_features=not no_features, sensitivity_steps=sensitivity_steps, sensitivity_prompts=sensitivity_prompts,
     )
     size = {k: v for k, v in {"num_frames": frames, "height": height, "width": width}.items() if v is not None}
     _init_distributed(device)

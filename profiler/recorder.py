@@ -48,6 +48,8 @@ class RecordSettings:
     feature_samples: int = 256
     record_attention: bool = True
     record_features: bool = True
+    sensitivity_steps: int = 6
+    sensitivity_prompts: int = 1
 
     def attention_steps(self) -> list[int]:
         """Steps on which attention maps and features are recorded (every `attention_every`-th, plus the last)."""

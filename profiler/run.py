@@ -26,6 +26,7 @@ from .flops import count_flops
 from .foreground import foreground_mask, latent_to_token_features
 from .recorder import Recorder, RecordSettings
 from .schema import ProfileError, ProfileHeader, ProfileWriter, PromptInfo, iter_prompt_groups, open_profile, prompt_key
+from .sensitivity import measure_sensitivity, sensitivity_steps
 
 MAX_STORED_VIDEO_BYTES = 4 << 20
 COST_STEPS = 3
@@ -232,6 +233,13 @@ def profile_prompts(
     try:
         for index, spec in todo:
             arrays = _profile_one(pipe, recorder, spec, settings, size, adapter)
+            if index < settings.sensitivity_prompts and sensitivity_steps(settings.num_inference_steps, settings.sensitivity_steps):
+                recorder.remove()  # the sensitivity runs replay plans; they must not be recorded
+                bar.set_postfix_str("step sensitivity")
+                arrays["step_sensitivity"] = measure_sensitivity(pipe, spec.prompt, spec.negative_prompt, spec.seed, settings, size)
+                bar.set_postfix_str("")
+                recorder = Recorder(transformer, adapter, settings)
+                recorder.progress = bar
             if writer is None:
                 writer = ProfileWriter(output, _header(pipe, transformer, adapter, settings, run_settings, cost))
             writer.add_prompt(PromptInfo(prompt_key(index), index, spec.prompt, spec.negative_prompt, spec.seed), arrays)

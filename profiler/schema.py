@@ -74,6 +74,7 @@ FIELDS: dict[str, Field] = {
     "feature_queries": Field("features/queries", ("block", "sample", "head", "channel"), "float16"),
     "feature_keys": Field("features/keys", ("block", "sample", "head", "channel"), "float16"),
     "video": Field("video", ("frame", "pixel_height", "pixel_width", "rgb"), "uint8"),
+    "step_sensitivity": Field("sensitivity/final_error", ("step",), "float32"),
 }
 _ROOT_ARRAYS = {
     "timesteps": ("timesteps", ("step",), "float64"),
@@ -260,6 +261,11 @@ class Profile:
         """Whether every prompt recorded field `name`."""
         with self._damage_as_error(), self._open() as f:
             return bool(self.prompts) and all(FIELDS[name].path in f["prompts"][p.key] for p in self.prompts)
+
+    def recorded(self, prompt: PromptInfo, name: str) -> bool:
+        """Whether `prompt` recorded field `name`."""
+        with self._damage_as_error(), self._open() as f:
+            return FIELDS[name].path in f["prompts"][prompt.key]
 
     def read(self, prompt: PromptInfo | int, name: str) -> np.ndarray:
         """Field `name` of one prompt (a `PromptInfo`, or a position in `prompts`)."""

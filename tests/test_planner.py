@@ -262,3 +262,23 @@ def test_plan_files_are_byte_reproducible(profile, tmp_path):
     plan = fit_plan([profile], FitOptions(method="bwcache"))
     assert len({plan_to_bytes(plan) for _ in range(16)}) == 1
     assert save_plan(plan, tmp_path / "a.plan").read_bytes() == plan_to_bytes(plan)
+
+
+def test_sensitivity_weights_reproduce_measured_single_step_errors():
+    from planner.drift import sensitivity_weights
+
+    steps, blocks = 10, 3
+    rng = np.random.default_rng(0)
+    weights = np.full(steps, 0.1)
+    drift = rng.uniform(0.01, 0.05, size=(blocks, steps))
+    measured = np.full((2, steps), np.nan)
+    measured[0, [1, 5, 8]] = [0.4, 0.02, 0.01]
+    measured[1, [1, 5, 8]] = [0.2, 0.04, 0.01]
+    scaled = sensitivity_weights(weights, drift, measured)
+    predicted_single = scaled * drift.sum(axis=0)
+    np.testing.assert_allclose(predicted_single[[1, 5, 8]], [0.3, 0.03, 0.01])
+    factor = scaled / weights
+    assert factor[0] == pytest.approx(factor[1]) and factor[9] == pytest.approx(factor[8])  # held beyond the ends
+    between = np.log(factor[1:6])
+    np.testing.assert_allclose(np.diff(between), np.diff(between)[0])  # log-linear between measured steps
+    assert np.array_equal(sensitivity_weights(weights, drift, np.full((1, steps), np.nan)), weights)

@@ -236,3 +236,26 @@ def test_foreground_mask_matches_the_generated_shape(pipe, tmp_path):
         truth = colour_segmentation(profile.read(index, "video"), profile.header.grid)
         iou = (mask & truth).sum() / max((mask | truth).sum(), 1)
         assert iou >= 0.6, f"prompt {index}: IoU {iou:.2f}"
+
+
+def test_step_sensitivity_is_measured_on_the_first_prompt_and_matches_a_replayed_reuse(pipe, profile_path):
+    from runtime import COMPUTE, REUSE, Plan, apply_plan, fingerprint_model
+
+    profile = open_profile(profile_path)
+    assert [profile.recorded(p, "step_sensitivity") for p in profile.prompts] == [True, False]
+    measured = profile.read(0, "step_sensitivity")
+    steps = np.flatnonzero(np.isfinite(measured)).tolist()
+    assert steps == [1, 2]  # spread over 1 … STEPS − 2
+    assert (measured[steps] > 0).all()
+    # independently: reuse every block at step 1 and compare final latents with the full run
+    spec = PROMPTS[0]
+
+    def latent() -> torch.Tensor:
+        return pipe(prompt=spec.prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(spec.seed), output_type="latent").frames
+
+    full = latent()
+    actions = np.full((8, STEPS), COMPUTE, np.uint8)
+    actions[:, 1] = REUSE
+    with apply_plan(pipe, Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 0, STEPS), actions=actions)):
+        reused = latent()
+    assert measured[1] == pytest.approx(float((reused - full).norm() / full.norm()), rel=1e-5)
