@@ -52,12 +52,8 @@ from diffusers.hooks import HookRegistry
 from onnx.external_data_helper import set_external_data
 
 from runtime.adapters import find_transformer, get_adapter
-from runtime.plan import PRUNE, Plan
-from runtime.replay import (
-    ATTENTION_HOOK, BLOCK_HOOK, AttentionPruneHook, BlockHook, BranchState, BranchStates, PruneSwitch,
-    _pruned_attention, check_plan_matches,
-)
-from runtime.pruning import load_bases
+from runtime.plan import Plan
+from runtime.replay import BranchState, BranchStates, PlanHandle, check_plan_matches, install_block_hooks
 from runtime.schedule import CompiledSchedule, StepTable
 
 from .errors import PlannerError
@@ -168,31 +164,14 @@ class PlannedStep(torch.nn.Module):
 
 @contextlib.contextmanager
 def _planned_hooks(transformer: torch.nn.Module, plan: Plan, schedule: CompiledSchedule) -> Any:
-    """Install the runtime's block (and attention-prune) hooks with an always-on prune switch; remove them after."""
-    adapter = get_adapter(transformer)
-    parameter = next(transformer.parameters())
-    prune_blocks = [b for b in range(plan.num_blocks) if (plan.actions[b] == PRUNE).any()]
-    bases = load_bases(plan.arrays, plan.model.block_ids, prune_blocks, parameter.device, parameter.dtype)
-    branches = BranchStates(BranchState)
-    attention = _pruned_attention(adapter)
-    hooked: list[tuple[torch.nn.Module, str]] = []
-    for index, (_, block, spec) in enumerate(adapter.iter_blocks(transformer)):
-        switch = PruneSwitch(bases[index]) if index in bases else None
-        if switch is not None:
-            target = getattr(block, attention.attr)
-            HookRegistry.check_if_exists_or_initialize(target).register_hook(AttentionPruneHook(switch), ATTENTION_HOOK)
-            hooked.append((target, ATTENTION_HOOK))
-        span_index = schedule.span_of_block[index]
-        hook = BlockHook(branches, index, schedule.spans[span_index], span_index, spec, None, switch)
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
-        hooked.append((block, BLOCK_HOOK))
+    """Install the runtime's block (and attention-prune) hooks without a step hook; remove them after."""
+    handle = PlanHandle(transformer, BranchStates(BranchState))
+    install_block_hooks(handle, get_adapter(transformer), plan, schedule)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
     try:
-        yield branches
+        yield handle.branches
     finally:
-        for module, name in reversed(hooked):
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
-        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+        handle.remove()
 
 
 def _export_graph(step: PlannedStep, example: list[torch.Tensor]) -> onnx.ModelProto:

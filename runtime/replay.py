@@ -332,24 +332,31 @@ def apply_plan(pipe_or_transformer: Any, plan: Plan, *, force: bool = False) -> 
     kind = plan.policy["kind"]
     policy = POLICIES[kind](plan.policy, plan.num_blocks) if kind in POLICIES else None
     schedule = CompiledSchedule(plan, adaptive=policy is not None)
-    blocks = adapter.iter_blocks(transformer)
+    handle = PlanHandle(transformer, BranchStates(BranchState), policy)
+    install_block_hooks(handle, adapter, plan, schedule)
+    scheduler = getattr(pipe_or_transformer, "scheduler", None)
+    _register(handle, transformer, StepHook(handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter), STEP_HOOK)
+    registry.invalidate_child_registries_cache()
+    return handle
+
+
+def install_block_hooks(handle: PlanHandle, adapter: ModelAdapter, plan: Plan, schedule: CompiledSchedule) -> None:
+    """Install every block's hook (and the attention-prune hook of blocks with prune steps) on `handle.transformer`.
+
+    Shared by `apply_plan` and the ONNX exporter, which traces these same hooks with a one-step table.
+    """
+    transformer = handle.transformer
     parameter = next(transformer.parameters())
     prune_blocks = [b for b in range(plan.num_blocks) if (plan.actions[b] == PRUNE).any()]
     bases = load_bases(plan.arrays, plan.model.block_ids, prune_blocks, parameter.device, parameter.dtype)
-    branches = BranchStates(BranchState)
-    handle = PlanHandle(transformer, branches, policy)
     attention = _pruned_attention(adapter)
-    for index, (_, block, spec) in enumerate(blocks):
+    for index, (_, block, spec) in enumerate(adapter.iter_blocks(transformer)):
         switch = PruneSwitch(bases[index]) if index in bases else None
         if switch is not None:
             _register(handle, getattr(block, attention.attr), AttentionPruneHook(switch), ATTENTION_HOOK)
         span_index = schedule.span_of_block[index]
-        hook = BlockHook(branches, index, schedule.spans[span_index], span_index, spec, policy, switch)
+        hook = BlockHook(handle.branches, index, schedule.spans[span_index], span_index, spec, handle.policy, switch)
         _register(handle, block, hook, BLOCK_HOOK)
-    scheduler = getattr(pipe_or_transformer, "scheduler", None)
-    _register(handle, transformer, StepHook(branches, plan.num_inference_steps, scheduler, schedule, policy, adapter), STEP_HOOK)
-    registry.invalidate_child_registries_cache()
-    return handle
 
 
 def _register(handle: PlanHandle, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
