@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from profiler.cli_common import OneLineErrorGroup, emit_report, user_errors
 from runtime.plan import load_plan
+from runtime.schedule import REUSE_MODES
 
 from .errors import PlannerError
 from .labels import RULES
@@ -53,6 +54,7 @@ def main(ctx: click.Context) -> None:
 @click.option("--moreg/--no-moreg", default=True, show_default=True, help="AdaCache motion regularisation.")
 @click.option("--prune", is_flag=True, help="auto: allow PCAS prune steps (unicp always prunes).")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="stack", show_default=True, help="auto: which blocks share one schedule.")
+@click.option("--reuse", type=click.Choice(REUSE_MODES), help="auto: reuse steps add the cached residual as it is (hold) or moved one step along its slope (extrapolate, the default for auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def fit(profiles: tuple[str, ...], output: str, as_json: bool, **options: Any) -> None:

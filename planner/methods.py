@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from runtime.plan import Plan
+from runtime.schedule import REUSE_MODES
 
 from .drift import build_predictor, normalised_drift
 from .errors import PlannerError
@@ -64,6 +65,7 @@ class FitOptions:
     moreg: bool = True
     prune: bool = False
     granularity: str = "stack"
+    reuse: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +128,8 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         raise PlannerError(f"unknown method {options.method!r} (known: {', '.join(METHODS)})")
     if not options.foreground_weight > 0:
         raise PlannerError(f"--foreground-weight must be positive, got {options.foreground_weight}")
+    if options.reuse not in (None, *REUSE_MODES) or (options.reuse == "extrapolate" and options.method != "auto"):
+        raise PlannerError(f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' is for --method auto only (the presets follow their papers), got {options.reuse!r} for {options.method}")
     budget = Budget(options.target_speedup, options.max_error)
     steps = profiles.num_steps
     measured = profiles.stack_recorded("step_sensitivity") is not None
@@ -304,7 +308,8 @@ def fit_auto(context: FitContext) -> MethodResult:
     labels = context.labels.labels if context.labels else ("unlabelled",) * context.blocks
     units = block_units(context.blocks, context.options.granularity, labels)
     actions = greedy_schedule(context.predictor, context.protected, budget, context.max_reuse, context.pca is not None, units, strict=context.budget.given)
-    return MethodResult(actions, {"kind": "static"}, context.predictor.summary(actions), {"budget": budget.to_json()})
+    policy = {"kind": "static", "reuse": context.options.reuse or "extrapolate"}
+    return MethodResult(actions, policy, context.predictor.summary(actions), {"budget": budget.to_json()})
 
 
 METHOD_FITTERS: dict[str, Callable[[FitContext], MethodResult]] = {

@@ -361,6 +361,7 @@ def _manifest(pipe: Any, plan: Plan, example: dict[str, torch.Tensor], schedule:
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "opset": OPSET,
         "plan": {"content_sha256": plan.content_hash(), "policy": plan.policy.get("kind"),
                  "num_inference_steps": plan.num_inference_steps},
+        "reuse": schedule.reuse_mode,
         "model": plan.model.to_json(),
         "inputs": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in example.items()},
         "spans": [list(s) for s in schedule.spans],

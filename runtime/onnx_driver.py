@@ -3,7 +3,9 @@
 The export folder holds one ONNX graph per distinct action set and `manifest.json`, which maps every denoising
 step to its graph and DWS weights. `OnnxPlanRunner.step` runs one transformer call: it feeds the graph the model
 inputs plus the residual caches and blend weights the graph asks for, and keeps the `cache_out.*` tensors it
-returns, per CFG branch, for the steps that reuse them. `denoise` is the flow-matching Euler loop with separate
+returns, per CFG branch, for the steps that reuse them. For plans whose policy says `reuse: extrapolate`, what it
+feeds back is the returned residual moved one step along its slope since the span's previous computed step, exactly
+as the torch runtime caches it. `denoise` is the flow-matching Euler loop with separate
 cond/uncond calls that Wan-style text-to-video pipelines (and the default model) run.
 
 This module imports only json, pathlib, numpy and (lazily) onnxruntime, so it can be copied next to the export.
@@ -61,6 +63,8 @@ class OnnxPlanRunner:
         self.providers = list(providers)
         self._sessions: dict[int, Any] = {}
         self.caches: dict[str, dict[str, np.ndarray]] = {}
+        self.computed: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
+        self.extrapolate = self.manifest.get("reuse", "hold") == "extrapolate"
 
     @property
     def num_steps(self) -> int:
@@ -80,6 +84,7 @@ class OnnxPlanRunner:
     def reset(self) -> None:
         """Forget every branch's caches (a new generation)."""
         self.caches.clear()
+        self.computed.clear()
 
     def step(self, branch: str, step: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The transformer's output at `step` for CFG `branch` (e.g. "cond"), given its model inputs by name."""
@@ -88,8 +93,10 @@ class OnnxPlanRunner:
         entry = self.manifest["steps"][step]
         graph = self.manifest["graphs"][entry["graph"]]
         caches = self.caches.setdefault(branch, {})
+        computed = self.computed.setdefault(branch, {})
         if step == 0:
             caches.clear()
+            computed.clear()
         feeds = {}
         for name in graph["inputs"]:
             if name.startswith(CACHE_IN):
@@ -105,8 +112,20 @@ class OnnxPlanRunner:
                 raise ExportError(f"graph {graph['file']} needs input '{name}'; pass it in `inputs`")
         outputs = self.session(entry["graph"]).run(graph["outputs"], feeds)
         for name, value in zip(graph["outputs"][1:], outputs[1:]):
-            caches[name[len(CACHE_OUT):]] = value
+            key = name[len(CACHE_OUT):]
+            caches[key] = self._cache_value(computed, key, value, step)
         return outputs[0]
+
+    def _cache_value(self, computed: dict[str, tuple[np.ndarray, int]], key: str, residual: np.ndarray, step: int) -> np.ndarray:
+        """The residual itself, or (extrapolating plans) plus one step of its slope since the previous computed step."""
+        if not self.extrapolate:
+            return residual
+        previous = computed.get(key)
+        computed[key] = (residual, step)
+        if previous is None:
+            return residual
+        before, before_step = previous
+        return residual + (residual - before) * np.float32(1.0 / (step - before_step))
 
 
 def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None,

@@ -21,6 +21,9 @@ from .errors import PlanError
 from .plan import COMPUTE, PRUNE, REUSE, Plan
 
 MIN_STEP_RATIO, MAX_STEP_RATIO = 0.5, 2.0
+#: What a reuse step adds (plan policy key `reuse`): the span's last residual as it is, or that residual moved one
+#: step along its slope between the last two computed steps (a first-order hold).
+REUSE_MODES = ("hold", "extrapolate")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class CompiledSchedule:
     def __init__(self, plan: Plan, adaptive: bool) -> None:
         self.plan = plan
         self.adaptive = adaptive
+        self.reuse_mode = plan.policy.get("reuse", "hold")
+        if self.reuse_mode not in REUSE_MODES:
+            raise PlanError(f"plan policy 'reuse' is {self.reuse_mode!r}; this runtime knows {', '.join(REUSE_MODES)}")
         blocks = plan.num_blocks
         self.spans: list[tuple[int, int]] = [(0, blocks)] if adaptive else sorted(set(plan.span_of_block()))
         self.span_of_block = [next(i for i, (a, b) in enumerate(self.spans) if a <= block < b) for block in range(blocks)]
@@ -112,7 +118,12 @@ class CompiledSchedule:
     def _table(self, steps: int) -> StepTable:
         actions = remap_actions(self.plan.actions, steps)
         blend = None if self._blend is None else self._blend[:, _source_steps(self.plan.num_inference_steps, steps)]
-        return build_table(actions, self.spans, blend, store_always=self.adaptive)
+        return build_table(actions, self.spans, blend, store_always=self.adaptive or self.extrapolate)
+
+    @property
+    def extrapolate(self) -> bool:
+        """Whether reuse steps extrapolate the cached residual (which needs a residual at every computed step)."""
+        return self.reuse_mode == "extrapolate"
 
 
 def _source_steps(plan_steps: int, steps: int) -> np.ndarray:

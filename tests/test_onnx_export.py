@@ -39,7 +39,9 @@ def _torch_and_onnx(pipe, plan: Plan, folder, guidance: float = 5.0) -> tuple[np
 
 
 def _relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+    """‖actual − expected‖ / ‖expected‖ over the whole latent (the largest single element is at float32's rounding
+    floor for a 50-step CFG-5 loop: torch float32 itself is 8e-5 from a float64 transformer there; docs/onnx.md)."""
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
 def test_shipped_plan_replays_through_onnxruntime_like_the_torch_runtime(pipe, tmp_path):
@@ -59,7 +61,7 @@ def test_shipped_plan_replays_through_onnxruntime_like_the_torch_runtime(pipe, t
     assert sizes[tuple(["reuse"] * plan.num_blocks)] < sizes[tuple(["compute"] * plan.num_blocks)] / 3
 
 
-def test_per_block_plan_with_pruning_and_dws_blend_matches_the_torch_runtime(pipe, tmp_path):
+def test_per_block_extrapolating_plan_with_pruning_and_dws_blend_matches_the_torch_runtime(pipe, tmp_path):
     steps = 8
     actions = np.full((8, steps), COMPUTE, np.uint8)
     actions[:4, 2] = REUSE
@@ -71,8 +73,10 @@ def test_per_block_plan_with_pruning_and_dws_blend_matches_the_torch_runtime(pip
     dws = np.ones(actions.shape, np.float32)
     dws[6, 3], dws[6, 5] = 0.3, 0.6
     arrays = {**random_bases(pipe.transformer, 16), "dws_weight": dws}
-    plan = Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 1, steps), actions=actions, arrays=arrays)
+    plan = Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 1, steps), actions=actions, arrays=arrays,
+                policy={"kind": "static", "reuse": "extrapolate"})
     manifest = export_onnx(pipe, plan, tmp_path / "export", EXAMPLE_PROMPT)
+    assert manifest["reuse"] == "extrapolate"
     assert len(manifest["graphs"]) == 5
     assert manifest["steps"][3]["blend"] == {"blend.6": pytest.approx(0.3)}
     expected, actual = _torch_and_onnx(pipe, plan, tmp_path / "export")

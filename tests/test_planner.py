@@ -282,3 +282,11 @@ def test_sensitivity_weights_reproduce_measured_single_step_errors():
     between = np.log(factor[1:6])
     np.testing.assert_allclose(np.diff(between), np.diff(between)[0])  # log-linear between measured steps
     assert np.array_equal(sensitivity_weights(weights, drift, np.full((1, steps), np.nan)), weights)
+
+
+def test_auto_extrapolates_reuse_by_default_and_presets_hold(profile):
+    assert fit_plan([profile], FitOptions(method="auto", target_speedup=1.3)).policy == {"kind": "static", "reuse": "extrapolate"}
+    assert fit_plan([profile], FitOptions(method="auto", target_speedup=1.3, reuse="hold")).policy["reuse"] == "hold"
+    assert "reuse" not in fit_plan([profile], FitOptions(method="profilingdit")).policy
+    with pytest.raises(PlannerError, match="'extrapolate' is for --method auto only"):
+        fit_plan([profile], FitOptions(method="profilingdit", reuse="extrapolate"))

@@ -259,3 +259,36 @@ def test_torch_compile_with_a_static_plan_matches_eager():
         out = run_steps(compiled, "wan", STEPS)
     assert counts == (plan.actions != REUSE).sum(axis=1).tolist(), "the compiled model replays the same decisions"
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)  # inductor may reorder float sums, nothing more
+
+
+# --- extrapolating reuse ------------------------------------------------------------------------------------------
+
+def _stack_residuals(model, plan) -> list[torch.Tensor]:
+    """Output minus input of the whole block stack at every step of one run under `plan`."""
+    blocks = model.blocks
+    seen: dict[str, list[torch.Tensor]] = {"in": [], "out": []}
+    handles = [blocks[0].register_forward_pre_hook(lambda m, args: seen["in"].append(args[0].clone())),
+               blocks[-1].register_forward_hook(lambda m, args, out: seen["out"].append(out.clone()))]
+    try:
+        with apply_plan(model, plan):
+            run_steps(model, "wan", STEPS)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [o - i for i, o in zip(seen["in"], seen["out"])]
+
+
+def test_extrapolating_reuse_adds_the_residual_moved_one_step_along_its_slope():
+    model = tiny_wan().eval()
+    actions = np.full((3, len(STEPS)), COMPUTE, np.uint8)
+    actions[:, 3:5] = REUSE
+    hold = static_plan(model, actions, spans=((0, 3),))
+    extrapolate = hold.with_changes(policy={"kind": "static", "reuse": "extrapolate"})
+    held, moved = _stack_residuals(model, hold), _stack_residuals(model, extrapolate)
+    torch.testing.assert_close(held[3], held[2])
+    torch.testing.assert_close(held[4], held[2])
+    expected = moved[2] + (moved[2] - moved[1])
+    torch.testing.assert_close(moved[3], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moved[4], expected, rtol=1e-5, atol=1e-5)  # held over the reuse run
+    with pytest.raises(PlanError, match="reuse"):
+        apply_plan(model, hold.with_changes(policy={"kind": "static", "reuse": "quadratic"}))
