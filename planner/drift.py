@@ -32,8 +32,10 @@ def mean_drift(profiles: ProfileSet) -> tuple[np.ndarray, np.ndarray]:
     return drift.mean(axis=(0, 1)).T, share.mean(axis=(0, 1)).T
 
 
-def build_predictor(profiles: ProfileSet, block_weight: np.ndarray, prune_distortion: np.ndarray | None = None, pruned_flops: np.ndarray | None = None) -> Predictor:
-    """The cost and error model of a profile; pruning enters with each block's relative attention distortion."""
+def build_predictor(profiles: ProfileSet, block_weight: np.ndarray, prune_distortion: np.ndarray | None = None, pruned_flops: np.ndarray | None = None,
+                    sensitivity: np.ndarray | None = None) -> Predictor:
+    """The cost and error model of a profile; pruning enters with each block's relative attention distortion and the
+    measured `step_sensitivity` [prompt, step], when given, rescales the step weights."""
     drift, share = mean_drift(profiles)
     header = profiles.header
     block_flops = header.block_flops.astype(np.float64)
@@ -42,9 +44,8 @@ def build_predictor(profiles: ProfileSet, block_weight: np.ndarray, prune_distor
     other = max(float(header.model_flops) - float(block_flops.sum()), 0.0)
     prune_error = np.zeros_like(drift) if prune_distortion is None else prune_distortion[:, None] * share
     weights = step_weights(header.sigmas)
-    measured = profiles.stack_recorded("step_sensitivity")
-    if measured is not None:
-        weights = sensitivity_weights(weights, drift, measured)
+    if sensitivity is not None:
+        weights = sensitivity_weights(weights, drift, sensitivity)
     return Predictor(
         drift=drift,
         prune_error=prune_error,

@@ -132,12 +132,13 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         raise PlannerError(f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' is for --method auto only (the presets follow their papers), got {options.reuse!r} for {options.method}")
     budget = Budget(options.target_speedup, options.max_error)
     steps = profiles.num_steps
-    measured = profiles.stack_recorded("step_sensitivity") is not None
+    sensitivity = profiles.stack_recorded("step_sensitivity")
+    measured = sensitivity is not None
     warmup, protect_last, max_reuse = _resolve_steps(options, steps, measured)
     labels = _labels(profiles, options)
     pca = _pca(profiles, options)
     weights = np.ones(profiles.num_blocks) if labels is None else np.where(~labels.background, options.foreground_weight, 1.0)
-    predictor = build_predictor(profiles, weights, None if pca is None else pca.distortion, None if pca is None else _pruned_flops(profiles, pca))
+    predictor = build_predictor(profiles, weights, None if pca is None else pca.distortion, None if pca is None else _pruned_flops(profiles, pca), sensitivity)
     return FitContext(profiles, options, budget, warmup, protect_last, max_reuse, labels, pca, predictor, measured)
 
 
