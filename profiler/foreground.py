@@ -11,16 +11,21 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 
-def latent_to_token_features(latent: np.ndarray, layout: str, patch: tuple[int, int, int], grid: tuple[int, int, int]) -> np.ndarray:
+def latent_to_token_features(latent: np.ndarray, layout: str, patch: tuple[int, int, int], grid: tuple[int, int, int],
+                             latent_channels: int | None = None) -> np.ndarray:
     """One sample's latent as (frames, height, width, features) on the token grid.
 
-    `latent` is one batch row in the transformer's input layout (`CFHW`, `FCHW`, or `tokens` = (N, C)).
+    `latent` is one batch row in the transformer's input layout (`CFHW`, `FCHW`, or `tokens` = (N, C)). For
+    channel-first layouts, `latent_channels` keeps only the leading channels: pipelines that append conditioning
+    to the noisy latents (Wan image-to-video's image latents, the default model's position channels) put it after
+    them, and a position ramp or an image would otherwise look like foreground.
     """
     frames, height, width = grid
     if layout == "tokens":
         return latent.reshape(frames, height, width, -1)
     if layout == "BFCHW":
         latent = latent.transpose(1, 0, 2, 3)
+    latent = latent[:latent_channels]
     channels = latent.shape[0]
     pt, ph, pw = patch
     latent = latent[:, : frames * pt, : height * ph, : width * pw]

@@ -261,12 +261,20 @@ def _profile_one(pipe: Any, recorder: Recorder, spec: PromptSpec, settings: Reco
     if recorder.final_latent is not None:
         transformer = recorder.transformer
         patch = _patch(transformer.config, adapter)
-        features = latent_to_token_features(recorder.final_latent, adapter.grid.layout, patch, recorder.grid)
+        features = latent_to_token_features(recorder.final_latent, adapter.grid.layout, patch, recorder.grid,
+                                            _latent_channels(transformer.config))
         arrays["foreground"] = foreground_mask(features, seed=spec.seed)
     frames = np.asarray(video[0]) if isinstance(video, np.ndarray) else None
     if frames is not None and frames.size <= MAX_STORED_VIDEO_BYTES:
         arrays["video"] = np.clip(np.round(frames * 255), 0, 255).astype(np.uint8)
     return arrays
+
+
+def _latent_channels(config: Any) -> int | None:
+    """How many leading input channels are the noisy latent: `out_channels` when the model takes more inputs than it
+    predicts (the rest is conditioning the pipeline appends), else all of them (None)."""
+    inputs, outputs = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+    return outputs if inputs and outputs and inputs > outputs else None
 
 
 def _patch(config: Any, adapter: Any) -> tuple[int, int, int]:

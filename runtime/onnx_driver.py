@@ -129,11 +129,13 @@ class OnnxPlanRunner:
 
 
 def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None,
-            guidance_scale: float = 5.0) -> np.ndarray:
+            guidance_scale: float = 5.0, condition: np.ndarray | None = None) -> np.ndarray:
     """Flow-matching Euler sampling with classifier-free guidance as separate cond/uncond calls (Wan's loop).
 
     `latents` is the initial noise, `cond` / `uncond` the prompt embeddings; timesteps and sigmas come from the
-    manifest (the scheduler the plan was exported with). Returns the final latents in float32.
+    manifest (the scheduler the plan was exported with). `condition`, when given, is appended to the latents along
+    the channel axis for every call, as Wan's image-to-video pipeline appends its image latents (the default model
+    takes its position channels this way). Returns the final latents in float32.
     """
     schedule = runner.manifest.get("scheduler") or {}
     timesteps, sigmas = schedule.get("timesteps"), schedule.get("sigmas")
@@ -144,9 +146,10 @@ def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncon
     use_cfg = guidance_scale > 1.0 and uncond is not None
     for i, t in enumerate(timesteps):
         timestep = np.full((latents.shape[0],), t, dtype=np.float32)
-        prediction = runner.step("cond", i, {"hidden_states": latents, "timestep": timestep, "encoder_hidden_states": cond})
+        model_input = latents if condition is None else np.concatenate([latents, condition.astype(np.float32)], axis=1)
+        prediction = runner.step("cond", i, {"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": cond})
         if use_cfg:
-            unconditional = runner.step("uncond", i, {"hidden_states": latents, "timestep": timestep, "encoder_hidden_states": uncond})
+            unconditional = runner.step("uncond", i, {"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": uncond})
             prediction = unconditional + guidance_scale * (prediction - unconditional)
         latents = latents + np.float32(sigmas[i + 1] - sigmas[i]) * prediction.astype(np.float32)
     return latents

@@ -111,3 +111,27 @@ def test_cli_refuses_adaptive_plans_and_bad_folders_in_one_line(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "dit-accel-onnx", "version": 9}))
     with pytest.raises(ExportError, match="version 9"):
         OnnxPlanRunner(tmp_path)
+
+
+def test_denoise_appends_the_condition_channels_on_every_call():
+    class RecordingRunner:  # stands in for OnnxPlanRunner: the transformer predicts minus its latent channels
+        manifest = {"scheduler": {"timesteps": [999.0, 500.0], "sigmas": [1.0, 0.5, 0.0]}}
+
+        def __init__(self):
+            self.inputs = []
+
+        def reset(self):
+            self.inputs.clear()
+
+        def step(self, branch, index, feeds):
+            self.inputs.append((branch, index, feeds["hidden_states"].copy()))
+            return -feeds["hidden_states"][:, :2]
+
+    noise = np.ones((1, 2, 3, 4, 4), np.float32)
+    condition = np.full((1, 1, 3, 4, 4), 7.0, np.float32)
+    runner = RecordingRunner()
+    latents = denoise(runner, noise, np.zeros((1, 5, 8), np.float32), np.zeros((1, 5, 8), np.float32), 5.0, condition=condition)
+    assert [(b, i) for b, i, _ in runner.inputs] == [("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1)]
+    assert all(h.shape == (1, 3, 3, 4, 4) and np.all(h[:, 2] == 7.0) for _, _, h in runner.inputs)
+    np.testing.assert_allclose(runner.inputs[2][2][:, :2], 1.5)  # Euler step: 1 + (0.5 - 1) * (-1)
+    assert latents.shape == noise.shape and np.allclose(latents, 2.25)

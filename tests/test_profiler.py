@@ -223,6 +223,18 @@ def colour_segmentation(video: np.ndarray, grid: tuple[int, int, int], threshold
     return cells.mean(axis=(1, 3, 5)) >= 0.5
 
 
+def test_token_features_leave_out_the_conditioning_channels_a_pipeline_appends():
+    from profiler.foreground import latent_to_token_features
+
+    latent = np.random.default_rng(0).normal(size=(4, 2, 6, 8)).astype(np.float32)  # C F H W, patch (1, 2, 2)
+    ramp = np.broadcast_to(np.linspace(-1, 1, 8, dtype=np.float32), (2, 6, 8))
+    with_condition = np.concatenate([latent, ramp[None]], axis=0)
+    features = latent_to_token_features(with_condition, "CFHW", (1, 2, 2), (2, 3, 4), latent_channels=4)
+    assert features.shape == (2, 3, 4, 16)
+    assert np.array_equal(features, latent_to_token_features(latent, "CFHW", (1, 2, 2), (2, 3, 4)))
+    assert features[0, 1, 2, 0] == latent[0, 0, 2, 4]  # channel 0, token (row 1, col 2), pixel (0, 0) of its patch
+
+
 def test_foreground_mask_matches_the_generated_shape(pipe, tmp_path):
     prompts = [PromptSpec("a large red circle moves right on a blue background", "", 3),
                PromptSpec("a large yellow square stands still on a black background", "", 4),
