@@ -154,13 +154,13 @@ def _render(objects: list[ShapeSpec], background: str, direction: str, speed: fl
     return video
 
 
-def _phrase(spec: ShapeSpec) -> str:
-    """Noun phrase of one object, e.g. 'a small red circle'."""
-    return f"a {spec.size} {spec.colour} {spec.shape}"
+def _phrase(obj: dict[str, str]) -> str:
+    """Noun phrase of one label object, e.g. 'a small red circle'."""
+    return f"a {obj['size']} {obj['colour']} {obj['shape']}"
 
 
-def _caption(objects: list[ShapeSpec], background: str, direction: str) -> str:
-    """Caption from the grammar; verbs agree with the number of objects."""
+def caption_for(objects: list[dict[str, str]], background: str, direction: str) -> str:
+    """Caption from the grammar for label objects (``{"shape", "colour", "size"}``); verbs agree in number."""
     subject = " and ".join(_phrase(o) for o in objects)
     plural = len(objects) > 1
     if direction == "still":
@@ -186,7 +186,7 @@ def make_sample(seed: int) -> Sample:
         "speed": speed,
         "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size} for o in objects],
     }
-    return Sample(video=video, caption=_caption(objects, background, direction), label=label)
+    return Sample(video=video, caption=caption_for(label["objects"], background, direction), label=label)
 
 
 def make_batch(seeds: list[int]) -> tuple[torch.Tensor, list[str], list[dict[str, Any]]]:

@@ -255,3 +255,30 @@ def test_trainer_checkpoint_restores_data_and_noise_streams() -> None:
     latents, ids = resumed.batch()
     assert torch.equal(latents, expected_latents) and torch.equal(ids, expected_ids)
     assert torch.equal(resumed.sample_sigmas(4), expected_sigmas)
+
+
+def test_changed_captions_change_only_their_category() -> None:
+    from defaultmodel.binding import changed_captions
+
+    tok = WordTokenizer.from_package()
+    for seed in range(60):
+        sample = make_sample(seed)
+        changed = changed_captions(sample.label, seed)
+        assert ("direction" in changed) == (sample.label["direction"] != "still")
+        true_words = sample.caption.split()
+        for category, caption in changed.items():
+            tok(caption)  # every changed caption stays inside the vocabulary
+            words = caption.split()
+            diff = [(a, b) for a, b in zip(true_words, words) if a != b]
+            assert len(words) == len(true_words) and 1 <= len(diff) <= 2, (category, caption)
+            expected = {"colour": "colours", "shape": "shapes", "size": "sizes", "background": "backgrounds",
+                        "direction": "directions"}[category]
+            assert all(b in tok.categories[expected] for _, b in diff), (category, diff)
+
+
+def test_binding_probe_sees_that_the_shipped_model_reads_colour_words(pipe: TinyVideoPipeline) -> None:
+    from defaultmodel.binding import CHANGES, binding_ratios
+
+    ratios = binding_ratios(pipe, n=8, sigmas=(0.9,))
+    assert set(ratios) == set(CHANGES) and all(set(r) == {"0.9"} for r in ratios.values())
+    assert ratios["background"]["0.9"] > 1.5 and ratios["colour"]["0.9"] > 1.05
