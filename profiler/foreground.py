@@ -17,8 +17,8 @@ def latent_to_token_features(latent: np.ndarray, layout: str, patch: tuple[int, 
 
     `latent` is one batch row in the transformer's input layout (`CFHW`, `FCHW`, or `tokens` = (N, C)). For
     channel-first layouts, `latent_channels` keeps only the leading channels: pipelines that append conditioning
-    to the noisy latents (Wan image-to-video's image latents, the default model's position channels) put it after
-    them, and a position ramp or an image would otherwise look like foreground.
+    to the noisy latents (Wan image-to-video's mask and image latents) put it after them, and an image or a
+    mask would otherwise look like foreground.
     """
     frames, height, width = grid
     if layout == "tokens":

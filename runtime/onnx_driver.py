@@ -134,8 +134,7 @@ def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncon
 
     `latents` is the initial noise, `cond` / `uncond` the prompt embeddings; timesteps and sigmas come from the
     manifest (the scheduler the plan was exported with). `condition`, when given, is appended to the latents along
-    the channel axis for every call, as Wan's image-to-video pipeline appends its image latents (the default model
-    takes its position channels this way). Returns the final latents in float32.
+    the channel axis for every call, as Wan's image-to-video pipeline appends its mask and image latents. Returns the final latents in float32.
     """
     schedule = runner.manifest.get("scheduler") or {}
     timesteps, sigmas = schedule.get("timesteps"), schedule.get("sigmas")
