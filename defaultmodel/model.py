@@ -2,8 +2,16 @@
 
 There is no learned autoencoder: the "latent" of a frame is its exact space-to-depth
 rearrangement (32x32x3 -> 16x16x12), which is lossless and invertible, so the diffusion
-model works in pixel space while keeping Wan's 12-channel, (1, 2, 2)-patch token layout:
+model works in pixel space while keeping Wan's (1, 2, 2)-patch token layout:
 8 frames x 8 x 8 = 512 tokens.
+
+The transformer sees three more input channels than it predicts: the frame index, row and
+column of every latent pixel (:func:`with_positions`). Wan's only position signal is RoPE,
+which is relative, so a model that sees nothing but noise cannot put an object at the left
+of the first frame; caption words about motion could then act only through relations
+between frames, and 6,000 training steps without these channels taught it none (its loss
+was the same with the opposite direction word). The pipeline concatenates them the way
+Wan's image-to-video pipeline concatenates its image condition to the noisy latents.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ WAN_CONFIG: dict[str, Any] = {
     "patch_size": (1, 2, 2),
     "num_attention_heads": 4,
     "attention_head_dim": 32,
-    "in_channels": 12,
+    "in_channels": 12 + 3,  # latents + position channels
     "out_channels": 12,
     "text_dim": 128,
     "freq_dim": 256,
@@ -34,6 +42,10 @@ WAN_CONFIG: dict[str, Any] = {
 
 #: Side of the space-to-depth block.
 PACK = 2
+#: Channels of the space-to-depth latents (what the transformer predicts).
+LATENT_CHANNELS = 3 * PACK * PACK
+#: Conditioning channels appended to the latents: frame index, row, column.
+POSITION_CHANNELS = WAN_CONFIG["in_channels"] - LATENT_CHANNELS
 
 
 def build_transformer() -> WanTransformer3DModel:
@@ -71,3 +83,16 @@ def latents_to_pixels(latents: torch.Tensor) -> torch.Tensor:
     x = latents.reshape(b, c, PACK, PACK, f, h, w)
     x = x.permute(0, 1, 4, 5, 2, 6, 3)
     return x.reshape(b, c, f, h * PACK, w * PACK)
+
+
+def position_channels(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, F, H, W]`` frame index, row and column of each latent pixel, each spanning [-1, 1]."""
+    b, _, f, h, w = latents.shape
+    axes = [torch.linspace(-1.0, 1.0, n, device=latents.device, dtype=latents.dtype) for n in (f, h, w)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return grid.unsqueeze(0).expand(b, -1, -1, -1, -1)
+
+
+def with_positions(latents: torch.Tensor) -> torch.Tensor:
+    """The transformer's input: ``latents`` with :func:`position_channels` appended."""
+    return torch.cat([latents, position_channels(latents)], dim=1)

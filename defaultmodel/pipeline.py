@@ -3,7 +3,10 @@
 The denoising loop mirrors diffusers' ``WanPipeline``: the conditional and unconditional
 branches are separate transformer calls, each inside
 ``transformer.cache_context("cond" | "uncond", step_index=..., sigma=..., num_inference_steps=...)``
-so diffusers' cache hooks and this project's runtime can keep per-branch state.
+so diffusers' cache hooks and this project's runtime can keep per-branch state. As in Wan's
+image-to-video pipeline, the transformer's input is the noisy latents with conditioning
+channels appended (here the position channels of :func:`defaultmodel.model.with_positions`);
+it predicts the latents' channels only.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 
 from .data import HEIGHT, NUM_FRAMES, WIDTH
-from .model import PACK, build_scheduler, build_text_encoder, build_transformer, latents_to_pixels
+from .model import (
+    PACK,
+    POSITION_CHANNELS,
+    build_scheduler,
+    build_text_encoder,
+    build_transformer,
+    latents_to_pixels,
+    with_positions,
+)
 from .text import TinyTextEncoder, WordTokenizer
 
 OUTPUT_TYPES = ("np", "pt", "latent")
@@ -64,6 +75,13 @@ class TinyVideoPipeline(DiffusionPipeline):
         tokenizer: WordTokenizer,
     ) -> None:
         super().__init__()
+        in_channels, out_channels = transformer.config.in_channels, transformer.config.out_channels
+        if in_channels != out_channels + POSITION_CHANNELS:
+            raise ValueError(
+                f"transformer takes {in_channels} input channels for {out_channels} output channels; "
+                f"this pipeline appends {POSITION_CHANNELS} position channels, so it needs "
+                f"in_channels = out_channels + {POSITION_CHANNELS}"
+            )
         self.register_modules(
             transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
@@ -175,13 +193,13 @@ class TinyVideoPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         self.scheduler.set_begin_index(0)
         if latents is None:
-            shape = (cond.shape[0], self.transformer.config.in_channels, num_frames, height // PACK, width // PACK)
+            shape = (cond.shape[0], self.transformer.config.out_channels, num_frames, height // PACK, width // PACK)
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device, torch.float32)
 
         for i, t in enumerate(self.progress_bar(timesteps)):
             context = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
-            model_input, timestep = latents.to(dtype), t.expand(latents.shape[0])
+            model_input, timestep = with_positions(latents).to(dtype), t.expand(latents.shape[0])
             with self.transformer.cache_context("cond", **context):
                 noise_pred = self.transformer(model_input, timestep, cond, return_dict=False)[0]
             if use_cfg:

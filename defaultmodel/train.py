@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .data import TRAIN_SEED_MIN, make_batch
-from .model import build_text_encoder, build_transformer, pixels_to_latents
+from .model import build_text_encoder, build_transformer, pixels_to_latents, with_positions
 from .text import WordTokenizer
 
 CHECKPOINT_NAME = "latest.pt"
@@ -88,10 +88,11 @@ class Trainer:
         self.noise_rng = torch.Generator().manual_seed(args.seed)
         self.seed_rng = random.Random(args.seed)
         self.step_count = 0
+        self.warmup_from = 0  # step at which the current optimizer state started
 
     def lr_at(self, step: int) -> float:
         """Linear warmup, then constant (EMA does the averaging)."""
-        return self.args.lr * min(1.0, (step + 1) / self.args.warmup)
+        return self.args.lr * min(1.0, (step - self.warmup_from + 1) / self.args.warmup)
 
     def sample_sigmas(self, n: int) -> torch.Tensor:
         """Noise levels: logit-normal, mixed with uniform so the extremes are trained too."""
@@ -118,7 +119,7 @@ class Trainer:
             group["lr"] = self.lr_at(self.step_count)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             text = self.model["text_encoder"](ids)
-            pred = self.model["transformer"](x_t, sigma * 1000, text, return_dict=False)[0]
+            pred = self.model["transformer"](with_positions(x_t), sigma * 1000, text, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,20 +143,45 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_count,
+            "warmup_from": self.warmup_from,
             "noise_rng": self.noise_rng.get_state(),
             "seed_rng": self.seed_rng.getstate(),
             "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
+        """Restore a :meth:`state_dict`; a checkpoint from before the position channels is widened."""
+        widened = _widen_patch_embedding(state["model"], self.model) | _widen_patch_embedding(state["ema"], self.ema)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if widened:  # Adam's moments no longer match the weight's shape: restart them (warmup runs again)
+            print("checkpoint predates the position channels: they start at zero weight", flush=True)
+            self.warmup_from = state["step"]
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.warmup_from = state.get("warmup_from", 0)
         self.step_count = state["step"]
         self.noise_rng.set_state(state["noise_rng"])
         self.seed_rng.setstate(state["seed_rng"])
         torch.set_rng_state(state["torch_rng"])
+
+
+def _widen_patch_embedding(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    """Zero-pad a saved patch-embedding weight that has fewer input channels than ``model``'s.
+
+    Lets training continue from a checkpoint written before the position channels existed:
+    with zero weights on the new channels the widened model computes exactly what the old
+    one did, and learns to use them from there. Returns whether anything was padded.
+    """
+    key = "transformer.patch_embedding.weight"
+    target = model.state_dict()[key]
+    saved = state[key]
+    if saved.shape == target.shape:
+        return False
+    padded = torch.zeros_like(target)
+    padded[:, : saved.shape[1]] = saved
+    state[key] = padded
+    return True
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

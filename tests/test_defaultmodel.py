@@ -16,7 +16,7 @@ from defaultmodel import TinyVideoPipeline, WordTokenizer, load_default_pipeline
 from defaultmodel.demo import main as demo_main
 from defaultmodel.data import SPEEDS, TRAIN_SEED_MIN, make_batch, make_sample
 from defaultmodel.evaluate import analyse_video, score
-from defaultmodel.model import WAN_CONFIG, latents_to_pixels, pixels_to_latents
+from defaultmodel.model import POSITION_CHANNELS, WAN_CONFIG, latents_to_pixels, pixels_to_latents, with_positions
 from defaultmodel.train import Trainer, parse_args
 from defaultmodel.video_io import save_gif, save_png_grid
 
@@ -114,7 +114,30 @@ def test_shipped_model_has_the_documented_architecture(pipe: TinyVideoPipeline) 
     config = pipe.transformer.config
     assert type(pipe.transformer).__name__ == "WanTransformer3DModel"
     assert config.num_layers == WAN_CONFIG["num_layers"] >= 8
-    assert tuple(config.patch_size) == (1, 2, 2) and config.in_channels == 12
+    assert tuple(config.patch_size) == (1, 2, 2) and config.out_channels == 12
+    assert config.in_channels == 12 + POSITION_CHANNELS
+
+
+def test_position_channels_span_each_axis_and_leave_the_latents_alone() -> None:
+    latents = torch.randn(2, 12, 8, 16, 16)
+    model_input = with_positions(latents)
+    assert model_input.shape == (2, 12 + POSITION_CHANNELS, 8, 16, 16)
+    assert torch.equal(model_input[:, :12], latents)
+    frame, row, column = model_input[0, 12:]
+    assert torch.equal(frame[:, 0, 0], torch.linspace(-1, 1, 8))
+    assert torch.equal(row[3, :, 5], torch.linspace(-1, 1, 16)) and torch.equal(column[3, 5], torch.linspace(-1, 1, 16))
+    assert torch.equal(model_input[0, 12:], model_input[1, 12:])
+
+
+def test_pipeline_rejects_a_transformer_without_room_for_the_position_channels() -> None:
+    from diffusers import WanTransformer3DModel
+    from defaultmodel.model import build_scheduler, build_text_encoder
+
+    tokenizer = WordTokenizer.from_package()
+    transformer = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=12, out_channels=12,
+                                        text_dim=128, ffn_dim=16, num_layers=1)
+    with pytest.raises(ValueError, match="in_channels = out_channels \\+ 3"):
+        TinyVideoPipeline(transformer, build_scheduler(), build_text_encoder(tokenizer), tokenizer)
 
 
 def test_default_pipeline_generates_finite_videos_in_every_output_type(pipe: TinyVideoPipeline) -> None:
@@ -282,3 +305,18 @@ def test_binding_probe_sees_that_the_shipped_model_reads_colour_words(pipe: Tiny
     ratios = binding_ratios(pipe, n=8, sigmas=(0.9,))
     assert set(ratios) == set(CHANGES) and all(set(r) == {"0.9"} for r in ratios.values())
     assert ratios["background"]["0.9"] > 1.5 and ratios["colour"]["0.9"] > 1.05
+
+
+def test_checkpoint_from_before_the_position_channels_resumes_with_the_same_predictions() -> None:
+    args = parse_args(["--batch-size", "2"])
+    trainer = Trainer(args)
+    state = trainer.state_dict()
+    key = "transformer.patch_embedding.weight"
+    for weights in (state["model"], state["ema"]):
+        weights[key] = weights[key][:, :12].clone()  # what a 12-input-channel checkpoint held
+    old = trainer.model["transformer"].patch_embedding.weight.detach()[:, :12].clone()
+    resumed = Trainer(argparse.Namespace(**vars(args)))
+    resumed.load_state_dict(state)
+    widened = resumed.model["transformer"].patch_embedding.weight.detach()
+    assert torch.equal(widened[:, :12], old) and not widened[:, 12:].any()
+    assert resumed.warmup_from == state["step"] and resumed.lr_at(state["step"]) < args.lr

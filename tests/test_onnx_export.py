@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from defaultmodel import load_default_pipeline
+from defaultmodel.model import position_channels
 from planner.cli import main
 from planner.errors import PlannerError
 from planner.onnx_export import EXAMPLE_PROMPT, export_onnx
@@ -34,7 +35,8 @@ def _torch_and_onnx(pipe, plan: Plan, folder, guidance: float = 5.0) -> tuple[np
     with apply_plan(pipe, plan):
         expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise.clone(), output_type="latent",
                         num_inference_steps=plan.num_inference_steps, guidance_scale=guidance).frames.numpy()
-    actual = denoise(OnnxPlanRunner(folder), noise.numpy(), cond.numpy(), uncond.numpy(), guidance)
+    positions = position_channels(noise).numpy()
+    actual = denoise(OnnxPlanRunner(folder), noise.numpy(), cond.numpy(), uncond.numpy(), guidance, condition=positions)
     return expected, actual
 
 

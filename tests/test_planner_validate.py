@@ -30,7 +30,7 @@ def pipeline_dir(tmp_path_factory):
     torch.manual_seed(0)
     tokenizer = WordTokenizer.from_package()
     encoder = TinyTextEncoder(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length, width=16, num_layers=1, num_heads=2, pad_id=tokenizer.pad_id)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12, out_channels=12,
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=15, out_channels=12,
                                         text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=64)
     folder = tmp_path_factory.mktemp("pipeline")
     TinyVideoPipeline(transformer.eval(), build_scheduler(), encoder.eval(), tokenizer).save_pretrained(folder)
