@@ -155,7 +155,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         if widened:  # Adam's moments no longer match the weight's shape: restart them (warmup runs again)
-            print("checkpoint predates the position channels: they start at zero weight", flush=True)
+            print("checkpoint predates the position channels: their weights start from a fresh init", flush=True)
             self.warmup_from = state["step"]
         else:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -167,18 +167,21 @@ class Trainer:
 
 
 def _widen_patch_embedding(state: dict[str, torch.Tensor], model: nn.Module) -> bool:
-    """Zero-pad a saved patch-embedding weight that has fewer input channels than ``model``'s.
+    """Widen a saved patch-embedding weight that has fewer input channels than ``model``'s.
 
     Lets training continue from a checkpoint written before the position channels existed:
-    with zero weights on the new channels the widened model computes exactly what the old
-    one did, and learns to use them from there. Returns whether anything was padded.
+    the saved channels keep their weights, the new ones take ``model``'s fresh initialisation.
+    Zero weights would keep the old function exactly, but were measured to stay unused: after
+    1,000 steps they had grown to 1 % of the other weights and the loss still did not depend
+    on the direction word, because using positions pays only once the caption's direction
+    is read too (and vice versa). Returns whether anything was widened.
     """
     key = "transformer.patch_embedding.weight"
     target = model.state_dict()[key]
     saved = state[key]
     if saved.shape == target.shape:
         return False
-    padded = torch.zeros_like(target)
+    padded = target.clone()
     padded[:, : saved.shape[1]] = saved
     state[key] = padded
     return True
@@ -261,7 +264,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.998)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--uniform-frac", type=float, default=0.3)
+    p.add_argument("--uniform-frac", type=float, default=0.5,
+                   help="share of noise levels drawn uniformly (0.3 until step 6,180; more high-noise samples "
+                        "since, where only the caption can say which way things move)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--threads-every", type=int, default=3, help="steps between thread-count checks")

@@ -307,7 +307,7 @@ def test_binding_probe_sees_that_the_shipped_model_reads_colour_words(pipe: Tiny
     assert ratios["background"]["0.9"] > 1.5 and ratios["colour"]["0.9"] > 1.05
 
 
-def test_checkpoint_from_before_the_position_channels_resumes_with_the_same_predictions() -> None:
+def test_checkpoint_from_before_the_position_channels_keeps_its_weights_and_initialises_the_new_ones() -> None:
     args = parse_args(["--batch-size", "2"])
     trainer = Trainer(args)
     state = trainer.state_dict()
@@ -316,7 +316,9 @@ def test_checkpoint_from_before_the_position_channels_resumes_with_the_same_pred
         weights[key] = weights[key][:, :12].clone()  # what a 12-input-channel checkpoint held
     old = trainer.model["transformer"].patch_embedding.weight.detach()[:, :12].clone()
     resumed = Trainer(argparse.Namespace(**vars(args)))
+    fresh = resumed.model["transformer"].patch_embedding.weight.detach()[:, 12:].clone()
     resumed.load_state_dict(state)
-    widened = resumed.model["transformer"].patch_embedding.weight.detach()
-    assert torch.equal(widened[:, :12], old) and not widened[:, 12:].any()
+    for model in (resumed.model, resumed.ema):
+        widened = model["transformer"].patch_embedding.weight.detach()
+        assert torch.equal(widened[:, :12], old) and torch.equal(widened[:, 12:], fresh) and fresh.abs().min() > 0
     assert resumed.warmup_from == state["step"] and resumed.lr_at(state["step"]) < args.lr
