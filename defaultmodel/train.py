@@ -97,7 +97,7 @@ class Trainer:
     def sample_sigmas(self, n: int) -> torch.Tensor:
         """Noise levels: logit-normal, mixed with uniform so the extremes are trained too."""
         logit_normal = torch.sigmoid(torch.randn(n, generator=self.noise_rng))
-        uniform = torch.rand(n, generator=self.noise_rng)
+        uniform = self.args.uniform_min + (1 - self.args.uniform_min) * torch.rand(n, generator=self.noise_rng)
         pick_uniform = torch.rand(n, generator=self.noise_rng) < self.args.uniform_frac
         return torch.where(pick_uniform, uniform, logit_normal).clamp(1e-3, 1.0)
 
@@ -264,9 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.998)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--uniform-frac", type=float, default=0.5,
-                   help="share of noise levels drawn uniformly (0.3 until step 6,180; more high-noise samples "
-                        "since, where only the caption can say which way things move)")
+    p.add_argument("--uniform-frac", type=float, default=0.3, help="share of noise levels drawn uniformly")
+    p.add_argument("--uniform-min", type=float, default=0.0,
+                   help="lower end of the uniform noise levels; raise it to train more at high noise, where "
+                        "only the caption can say which way things move")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--threads-every", type=int, default=3, help="steps between thread-count checks")
