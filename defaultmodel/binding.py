@@ -85,10 +85,9 @@ def changed_captions(label: dict[str, Any], seed: int = 0) -> dict[str, str]:
 @torch.no_grad()
 def _loss(pipe: Any, x_t: torch.Tensor, sigma: float, target: torch.Tensor, captions: list[str]) -> float:
     """Flow-matching loss of the transformer's prediction for ``captions``."""
-    transformer = pipe.transformer
     embeds = pipe.encode_prompt(captions)
     timestep = torch.full((x_t.shape[0],), sigma * 1000.0)
-    prediction = transformer(x_t.to(transformer.dtype), timestep, embeds, return_dict=False)[0]
+    prediction = pipe.transformer(pipe.model_input(x_t), timestep, embeds, return_dict=False)[0]
     return float(((prediction.float() - target) ** 2).mean())
 
 

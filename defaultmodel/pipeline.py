@@ -152,6 +152,10 @@ class TinyVideoPipeline(DiffusionPipeline):
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, 0)
         return prompt_embeds, negative_prompt_embeds if need_negative else None
 
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the transformer is called with for noisy ``latents``: the position channels appended, its dtype."""
+        return with_positions(latents).to(self.transformer.dtype)
+
     def _decode(self, latents: torch.Tensor, output_type: str) -> np.ndarray | torch.Tensor:
         """Turn final latents into the requested output type."""
         if output_type == "latent":
@@ -199,7 +203,7 @@ class TinyVideoPipeline(DiffusionPipeline):
 
         for i, t in enumerate(self.progress_bar(timesteps)):
             context = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
-            model_input, timestep = with_positions(latents).to(dtype), t.expand(latents.shape[0])
+            model_input, timestep = self.model_input(latents), t.expand(latents.shape[0])
             with self.transformer.cache_context("cond", **context):
                 noise_pred = self.transformer(model_input, timestep, cond, return_dict=False)[0]
             if use_cfg:
