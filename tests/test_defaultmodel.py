@@ -271,12 +271,13 @@ def test_trainer_checkpoint_restores_data_and_noise_streams() -> None:
     trainer = Trainer(args)
     trainer.batch()
     state = trainer.state_dict()
-    expected_latents, expected_ids = trainer.batch()
+    expected_latents, expected_ids, expected_directions = trainer.batch()
     expected_sigmas = trainer.sample_sigmas(4)
     resumed = Trainer(argparse.Namespace(**vars(args)))
     resumed.load_state_dict(state)
-    latents, ids = resumed.batch()
+    latents, ids, directions = resumed.batch()
     assert torch.equal(latents, expected_latents) and torch.equal(ids, expected_ids)
+    assert torch.equal(directions, expected_directions)
     assert torch.equal(resumed.sample_sigmas(4), expected_sigmas)
 
 
@@ -322,3 +323,24 @@ def test_checkpoint_from_before_the_position_channels_keeps_its_weights_and_init
         widened = model["transformer"].patch_embedding.weight.detach()
         assert torch.equal(widened[:, :12], old) and torch.equal(widened[:, 12:], fresh) and fresh.abs().min() > 0
     assert resumed.warmup_from == state["step"] and resumed.lr_at(state["step"]) < args.lr
+
+
+def test_direction_head_labels_follow_the_captions_and_skip_dropped_ones() -> None:
+    from defaultmodel.data import DIRECTIONS
+    from defaultmodel.train import DIRECTION_INDEX
+
+    trainer = Trainer(parse_args(["--batch-size", "12", "--caption-dropout", "0.5"]))
+    _, ids, directions = trainer.batch()
+    tok = trainer.tokenizer
+    for row, direction in zip(ids.tolist(), directions.tolist()):
+        words = tok.decode(row).split()
+        if direction == -1:
+            assert words == []  # dropped caption
+        else:
+            name = list(DIRECTIONS)[direction]
+            assert DIRECTION_INDEX[name] == direction
+            expected = ["still"] if name == "still" else name.split("-")
+            assert words[-4 - len(expected):-4] == expected  # "... <direction words> on a <bg> background"
+    assert (directions == -1).any() and (directions >= 0).any()
+    loss = trainer.step()
+    assert np.isfinite(loss) and trainer.direction_head.linear.weight.grad is not None
