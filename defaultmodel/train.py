@@ -5,6 +5,17 @@ budget and stops by itself; rerunning the same command resumes from ``<out>/late
 (weights, EMA weights, optimizer, step and every RNG state, written atomically every few
 minutes and at the end). ``--export-only`` writes the latest checkpoint's EMA weights as a
 pipeline folder (default: the package's ``weights/``) for :func:`defaultmodel.load_default_pipeline`.
+
+How the current checkpoint was trained (batch 16, lr 5e-4 throughout; each phase resumed the last):
+
+1. steps 0-6,180: no position channels, no direction head, ``--uniform-frac 0.3``. Colours,
+   shapes, sizes and backgrounds were bound; direction words were not (loss ratio 1.000).
+2. steps 6,180-6,900: position channels added (:func:`_widen_patch_embedding`),
+   ``--uniform-frac 0.5``; 6,900-7,880: ``--uniform-min 0.7``. Still ratio 1.000.
+3. from step 7,880: ``--direction-weight 0.1`` (:class:`DirectionHead`); the first direction
+   signal appeared within 200 steps.
+
+Training from scratch with today's defaults takes a different, untested path to a similar model.
 """
 
 from __future__ import annotations
