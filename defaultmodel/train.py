@@ -149,15 +149,8 @@ class Trainer:
         directions = [-1 if drop else DIRECTION_INDEX[lab["direction"]] for lab, drop in zip(labels, dropped)]
         return pixels_to_latents(videos), self.tokenizer(captions), torch.tensor(directions)
 
-    def step(self) -> float:
-        """One optimisation step of the flow-matching loss (+ the direction head's); returns the flow loss."""
-        x0, ids, directions = self.batch()
-        noise = torch.randn(x0.shape, generator=self.noise_rng)
-        sigma = self.sample_sigmas(x0.shape[0])
-        s = sigma.view(-1, 1, 1, 1, 1)
-        x_t = (1 - s) * x0 + s * noise
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step_count)
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoiser's velocity prediction and the tokens leaving block :data:`DIRECTION_HEAD_BLOCK` (bf16)."""
         transformer = self.model["transformer"]
         features: list[torch.Tensor] = []
         handle = transformer.blocks[DIRECTION_HEAD_BLOCK].register_forward_hook(lambda m, a, out: features.append(out))
@@ -167,9 +160,21 @@ class Trainer:
                 pred = transformer(with_positions(x_t), sigma * 1000, text, return_dict=False)[0]
         finally:
             handle.remove()
+        return pred, features[0]
+
+    def step(self) -> float:
+        """One optimisation step of the flow-matching loss (+ the direction head's); returns the flow loss."""
+        x0, ids, directions = self.batch()
+        noise = torch.randn(x0.shape, generator=self.noise_rng)
+        sigma = self.sample_sigmas(x0.shape[0])
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step_count)
+        pred, features = self.predict(x_t, sigma, ids)
         loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
         captioned = directions >= 0
-        logits = self.direction_head(features[0].float().mean(dim=1)[captioned])
+        logits = self.direction_head(features.float().mean(dim=1)[captioned])
         head_loss = torch.nn.functional.cross_entropy(logits, directions[captioned]) if captioned.any() else 0.0
         self.optimizer.zero_grad(set_to_none=True)
         self.head_optimizer.zero_grad(set_to_none=True)
