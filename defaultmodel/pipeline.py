@@ -192,7 +192,7 @@ class TinyVideoPipeline(DiffusionPipeline):
         cond, uncond = self._embeddings(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_videos_per_prompt, use_cfg
         )
-        device, dtype = self._execution_device, self.transformer.dtype
+        device = self._execution_device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self.scheduler.set_begin_index(0)
