@@ -31,27 +31,17 @@ def _other(options: list[str], exclude: set[str], rng: random.Random) -> str:
     return rng.choice([o for o in options if o not in exclude])
 
 
-def _first_object_with(label: dict[str, Any], key: str, value: str) -> list[dict[str, str]]:
-    """The label's objects with the first one's ``key`` set to ``value``."""
-    objects = [dict(o) for o in label["objects"]]
-    objects[0][key] = value
-    return objects
+def _change_first_object(key: str, options: list[str], avoid_every_object: bool) -> Callable[[dict[str, Any], random.Random], str]:
+    """A change that gives the first object another ``key`` from ``options``: not its own value, nor (when
+    ``avoid_every_object``) any other object's, so a colour is never renamed into the other shape's."""
 
+    def change(label: dict[str, Any], rng: random.Random) -> str:
+        objects = [dict(o) for o in label["objects"]]
+        avoid = {o[key] for o in (objects if avoid_every_object else objects[:1])}
+        objects[0][key] = _other(options, avoid, rng)
+        return caption_for(objects, label["background"], label["direction"])
 
-def _change_colour(label: dict[str, Any], rng: random.Random) -> str:
-    used = {o["colour"] for o in label["objects"]}
-    objects = _first_object_with(label, "colour", _other(sorted(SHAPE_COLOURS), used, rng))
-    return caption_for(objects, label["background"], label["direction"])
-
-
-def _change_shape(label: dict[str, Any], rng: random.Random) -> str:
-    objects = _first_object_with(label, "shape", _other(list(SHAPES), {label["objects"][0]["shape"]}, rng))
-    return caption_for(objects, label["background"], label["direction"])
-
-
-def _change_size(label: dict[str, Any], rng: random.Random) -> str:
-    objects = _first_object_with(label, "size", _other(sorted(SIZES), {label["objects"][0]["size"]}, rng))
-    return caption_for(objects, label["background"], label["direction"])
+    return change
 
 
 def _change_background(label: dict[str, Any], rng: random.Random) -> str:
@@ -67,9 +57,9 @@ def _reverse_direction(label: dict[str, Any], _: random.Random) -> str:
 
 #: Category -> how to change a caption's words of that category (direction: moving captions only).
 CHANGES: dict[str, Callable[[dict[str, Any], random.Random], str]] = {
-    "colour": _change_colour,
-    "shape": _change_shape,
-    "size": _change_size,
+    "colour": _change_first_object("colour", sorted(SHAPE_COLOURS), avoid_every_object=True),
+    "shape": _change_first_object("shape", list(SHAPES), avoid_every_object=False),
+    "size": _change_first_object("size", sorted(SIZES), avoid_every_object=False),
     "background": _change_background,
     "direction": _reverse_direction,
 }
@@ -105,11 +95,13 @@ def binding_ratios(pipe: Any, n: int = 32, sigmas: tuple[float, ...] = DEFAULT_S
     for sigma in sigmas:
         noise = torch.randn(x0.shape, generator=generator)
         x_t, target = (1 - sigma) * x0 + sigma * noise, noise - x0
+        true_loss: dict[tuple[int, ...], float] = {}  # categories measured on the same videos share it
         for category in CHANGES:
             rows = [i for i, c in enumerate(changed) if category in c]
-            true = _loss(pipe, x_t[rows], sigma, target[rows], [samples[i].caption for i in rows])
+            if tuple(rows) not in true_loss:
+                true_loss[tuple(rows)] = _loss(pipe, x_t[rows], sigma, target[rows], [samples[i].caption for i in rows])
             wrong = _loss(pipe, x_t[rows], sigma, target[rows], [changed[i][category] for i in rows])
-            result[category][f"{sigma:g}"] = wrong / true
+            result[category][f"{sigma:g}"] = wrong / true_loss[tuple(rows)]
     return result
 
 
@@ -120,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="noise levels in (0, 1]")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be at least 1")
     if not all(0.0 < s <= 1.0 for s in args.sigmas):
         p.error("--sigmas must lie in (0, 1]")
 

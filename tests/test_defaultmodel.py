@@ -308,6 +308,15 @@ def test_binding_probe_sees_that_the_shipped_model_reads_colour_words(pipe: Tiny
     assert ratios["background"]["0.9"] > 1.5 and ratios["colour"]["0.9"] > 1.05
 
 
+@pytest.mark.parametrize("argv", [["--n", "0"], ["--sigmas", "0.5", "1.5"]])
+def test_binding_cli_rejects_bad_arguments_before_loading_anything(argv, capsys) -> None:
+    from defaultmodel.binding import main as binding_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        binding_main(argv)
+    assert exit_info.value.code == 2 and "error: --" in capsys.readouterr().err
+
+
 def test_checkpoint_from_before_the_position_channels_keeps_its_weights_and_initialises_the_new_ones() -> None:
     args = parse_args(["--batch-size", "2"])
     trainer = Trainer(args)
