@@ -12,8 +12,9 @@ How the current checkpoint was trained (batch 16, lr 5e-4 throughout; each phase
    shapes, sizes and backgrounds were bound; direction words were not (loss ratio 1.000).
 2. steps 6,180-6,900: position channels added (:func:`_widen_patch_embedding`),
    ``--uniform-frac 0.5``; 6,900-7,880: ``--uniform-min 0.7``. Still ratio 1.000.
-3. from step 7,880: ``--direction-weight 0.1`` (:class:`DirectionHead`); the first direction
-   signal appeared within 200 steps.
+3. steps 7,880-11,644: ``--direction-weight 0.1`` (:class:`DirectionHead`); the first direction
+   signal appeared within 200 steps. The shipped weights are the EMA of step 11,644
+   (evaluation on 64 held-out captions: foreground, background and direction all 100 %).
 
 Training from scratch with today's defaults takes a different, untested path to a similar model.
 """
@@ -326,8 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--ema-decay", type=float, default=0.998)
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--uniform-frac", type=float, default=0.3, help="share of noise levels drawn uniformly")
-    p.add_argument("--uniform-min", type=float, default=0.0,
+    p.add_argument("--uniform-frac", type=float, default=0.5, help="share of noise levels drawn uniformly")
+    p.add_argument("--uniform-min", type=float, default=0.7,
                    help="lower end of the uniform noise levels; raise it to train more at high noise, where "
                         "only the caption can say which way things move")
     p.add_argument("--direction-weight", type=float, default=0.1,
