@@ -288,3 +288,35 @@ def test_bad_input_found_after_loading_the_model(tmp_path, inputs):
     common = ("--out", out, "--quiet", "--peers", "fbc", "--steps", 2, *SIZE)
     assert_one_line_error(run(*common, "--plan", other), out, "other.plan", "config_hash")
     assert_one_line_error(run(*common, "--prompts", unknown_words), out, "refused prompt", "unknown word")
+
+
+def test_seacache_reads_the_noisy_latent_of_a_wan_with_conditioning_channels():
+    """Without the callback diffusers' SeaCache fails open on the default model (15 input channels, 12 noisy)."""
+    from defaultmodel import load_default_pipeline
+
+    pipe = load_default_pipeline()
+    transformer = pipe.transformer
+    settings = peer_settings("seacache", 100.0, transformer, steps=6)
+    assert settings["noisy_channels"] == transformer.config.out_channels < transformer.config.in_channels
+    json.dumps(settings)
+    counter = CallCounter(transformer)
+
+    def blocks_computed(peer: dict) -> int:
+        counter.take()
+        with peer_enabled(transformer, peer):
+            pipe(prompt=PROMPT, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np")
+        return counter.take()["blocks"]
+
+    fails_open = blocks_computed({k: v for k, v in settings.items() if k != "noisy_channels"})
+    skipping = blocks_computed(settings)
+    assert fails_open == 6 * 2 * BLOCKS and skipping < fails_open
+
+
+def test_noisy_latent_reader_drops_the_conditioning_channels():
+    from planner.bench.peers import noisy_latent_reader
+
+    hidden = torch.arange(2 * 15 * 8, dtype=torch.float32).reshape(2, 15, 2, 2, 2)
+    read = noisy_latent_reader(12)
+    items = read(None, (), {"hidden_states": hidden})
+    assert len(items) == 2 and all(torch.equal(item, hidden[i, :12]) for i, item in enumerate(items))
+    assert read(None, (hidden[0, 0],), {}) is None  # not a 5-D video latent: SeaCache fails open as diffusers does

@@ -17,7 +17,11 @@ How each peer is configured:
 * `magcache` — `MagCacheConfig(threshold, max_skip_steps=3, retention_ratio=0.2, mag_ratios)`. The ratios come from
   diffusers' own calibration mode (`calibrate=True`, which prints one list per CFG branch and generation) on the
   calibration prompts; the bench averages the printed lists, since diffusers applies one list to both branches.
-* `seacache` — `SeaCacheConfig(threshold)`, with diffusers' built-in Wan adapter for its spectral indicator.
+* `seacache` — `SeaCacheConfig(threshold)`. Its spectral indicator reads the transformer's noisy latent input;
+  diffusers finds it by itself only for Wan T2V (input channels = output channels) and otherwise fails open,
+  skipping nothing. A Wan transformer with conditioning channels appended to its input (Wan I2V; the default
+  model's position channels) gets `noisy_channels` in its settings, and the callback handed to SeaCache passes
+  it the first that many input channels, the noisy latent in Wan's layout.
 * `pab` — `PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=N, timestep range (100, 800))`; the
   current timestep is read from the transformer's `timestep` argument by a read-only pre-hook. PAB keeps one cache
   per attention module, shared by both CFG branches: on a pipeline with separate cond/uncond calls, a skipped call
@@ -111,6 +115,10 @@ def peer_settings(name: str, value: float, transformer: torch.nn.Module, steps: 
         settings.update(num_inference_steps=steps, mag_ratios=[float(r) for r in mag_ratios])
     elif name == "fastercache":
         settings["tensor_format"] = get_adapter(transformer).grid.layout
+    elif name == "seacache":
+        config = transformer.config
+        if type(transformer).__name__ == "WanTransformer3DModel" and config.in_channels > config.out_channels:
+            settings["noisy_channels"] = int(config.out_channels)
     return settings
 
 
@@ -138,7 +146,24 @@ def make_config(settings: dict[str, Any], current_timestep: Callable[[], float])
         params["taylor_factors_dtype"] = DTYPES[params["taylor_factors_dtype"]]
     if spec.name in TIMESTEP_PEERS:
         params["current_timestep_callback"] = current_timestep
+    if "noisy_channels" in params:
+        params["raw_vision_callback"] = noisy_latent_reader(params.pop("noisy_channels"))
     return getattr(hooks, spec.config_class)(**params)
+
+
+def noisy_latent_reader(channels: int) -> Callable[[torch.nn.Module, tuple, dict], list[torch.Tensor] | None]:
+    """SeaCache's `raw_vision_callback` for a Wan transformer with conditioning channels after the noisy latent.
+
+    Returns, per batch item, the first `channels` channels of the 5-D `hidden_states` argument (None when the call
+    has none), which is what diffusers reads on Wan T2V where there is nothing to drop.
+    """
+    def read(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
+            return None
+        return list(hidden[:, :channels].unbind(0))
+
+    return read
 
 
 class TimestepProbe:
