@@ -320,3 +320,12 @@ def test_noisy_latent_reader_drops_the_conditioning_channels():
     items = read(None, (), {"hidden_states": hidden})
     assert len(items) == 2 and all(torch.equal(item, hidden[i, :12]) for i, item in enumerate(items))
     assert read(None, (hidden[0, 0],), {}) is None  # not a 5-D video latent: SeaCache fails open as diffusers does
+
+
+def test_row_psnr_pools_the_mse_so_one_untouched_prompt_does_not_make_it_infinite():
+    from planner.bench.runner import _mean_fidelity
+
+    pooled = _mean_fidelity([{"psnr": math.inf, "ssim": 1.0}, {"psnr": 20.0, "ssim": 0.5}])
+    assert pooled["psnr"] == pytest.approx(20.0 + 10 * math.log10(2)) and pooled["psnr_min"] == 20.0
+    assert pooled["ssim"] == 0.75 and pooled["lpips"] is None
+    assert _mean_fidelity([{"psnr": math.inf, "ssim": 1.0}])["psnr"] == math.inf

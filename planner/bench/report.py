@@ -20,7 +20,8 @@ from matplotlib.figure import Figure
 OURS = "auto"
 DEFINITIONS = {
     "psnr": "10·log10(1 / MSE) in dB, the MSE taken over the whole video at once (every frame, pixel and RGB channel in [0, 1]) "
-            "against the un-accelerated video of the same prompt and seed; the table shows the mean over prompts",
+            "against the un-accelerated video of the same prompt and seed; the table shows the PSNR of the MSE averaged over prompts "
+            "(so a prompt left unchanged does not make the row ∞)",
     "ssim": "Gaussian-window SSIM (11 px, sigma 1.5) per frame and channel, averaged; mean over prompts",
     "lpips": "mean over frames of the user-supplied TorchScript LPIPS model, images scaled to [-1, 1]",
     "wall_speedup": "median over interleaved rounds of (un-accelerated time / the variant's time), both summed over prompts, the "

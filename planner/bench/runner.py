@@ -14,6 +14,8 @@ bracketing times over the sum of its own; its wall speedup is the median over ro
 
 from __future__ import annotations
 
+import math
+
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,9 +423,15 @@ def _row(variant: Variant, result: Measured, baseline: Measured, prompts: Sequen
 
 
 def _mean_fidelity(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over prompts (and the worst prompt's PSNR); LPIPS is None when no weights were given."""
-    mean = {key: float(np.mean([p[key] for p in per_prompt])) if key in per_prompt[0] else None for key in ("psnr", "ssim", "lpips")}
-    return {**mean, "psnr_min": min(p["psnr"] for p in per_prompt)}
+    """Fidelity over all prompts (and the worst prompt's PSNR); LPIPS is None when no weights were given.
+
+    PSNR comes from the MSE averaged over prompts, not from averaged decibels: one prompt a method left untouched
+    (PSNR ∞) would otherwise make the whole row ∞ however much the other prompts changed.
+    """
+    mean = {key: float(np.mean([p[key] for p in per_prompt])) if key in per_prompt[0] else None for key in ("ssim", "lpips")}
+    mse = float(np.mean([10.0 ** (-p["psnr"] / 10.0) for p in per_prompt]))
+    pooled = math.inf if mse == 0 else -10.0 * math.log10(mse)
+    return {"psnr": pooled, **mean, "psnr_min": min(p["psnr"] for p in per_prompt)}
 
 
 def _fidelity(video: np.ndarray, reference: np.ndarray, spec: PromptSpec, lpips: Lpips | None) -> dict[str, Any]:
