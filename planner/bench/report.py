@@ -93,7 +93,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _section("Not fitted", [f"{k}: {v}" for k, v in report["not_fitted"].items()])
     for speed, label in SPEEDS.items():
         entries = report["standing"][speed]
-        lines += _section(f"Where `{OURS}` stands against each peer ({label}, mean PSNR)", [_standing_line(e, label) for e in entries])
+        lines += _section(f"Where `{OURS}` stands against each peer ({label}, pooled PSNR)", [_standing_line(e, label) for e in entries])
     lines += _section("Definitions", [f"**{k}**: {v}" for k, v in report["definitions"].items()] + [f"**rho** (this run): {report['rho']:.4f}"])
     return "\n".join(lines).rstrip() + "\n"
 
