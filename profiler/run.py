@@ -262,7 +262,7 @@ def _profile_one(pipe: Any, recorder: Recorder, spec: PromptSpec, settings: Reco
         transformer = recorder.transformer
         patch = _patch(transformer.config, adapter)
         features = latent_to_token_features(recorder.final_latent, adapter.grid.layout, patch, recorder.grid,
-                                            _latent_channels(transformer.config))
+                                            noisy_latent_channels(transformer.config))
         arrays["foreground"] = foreground_mask(features, seed=spec.seed)
     frames = np.asarray(video[0]) if isinstance(video, np.ndarray) else None
     if frames is not None and frames.size <= MAX_STORED_VIDEO_BYTES:
@@ -270,7 +270,7 @@ def _profile_one(pipe: Any, recorder: Recorder, spec: PromptSpec, settings: Reco
     return arrays
 
 
-def _latent_channels(config: Any) -> int | None:
+def noisy_latent_channels(config: Any) -> int | None:
     """How many leading input channels are the noisy latent: `out_channels` when the model takes more inputs than it
     predicts (the rest is conditioning the pipeline appends), else all of them (None)."""
     inputs, outputs = getattr(config, "in_channels", None), getattr(config, "out_channels", None)

@@ -134,7 +134,8 @@ def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncon
 
     `latents` is the initial noise, `cond` / `uncond` the prompt embeddings; timesteps and sigmas come from the
     manifest (the scheduler the plan was exported with). `condition`, when given, is appended to the latents along
-    the channel axis for every call, as Wan's image-to-video pipeline appends its mask and image latents. Returns the final latents in float32.
+    the channel axis for every call, as Wan's image-to-video pipeline appends its mask and image latents. Returns
+    the final latents in float32.
     """
     schedule = runner.manifest.get("scheduler") or {}
     timesteps, sigmas = schedule.get("timesteps"), schedule.get("sigmas")
@@ -143,9 +144,10 @@ def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncon
     runner.reset()
     latents = latents.astype(np.float32)
     use_cfg = guidance_scale > 1.0 and uncond is not None
+    condition = None if condition is None else condition.astype(np.float32)
     for i, t in enumerate(timesteps):
         timestep = np.full((latents.shape[0],), t, dtype=np.float32)
-        model_input = latents if condition is None else np.concatenate([latents, condition.astype(np.float32)], axis=1)
+        model_input = latents if condition is None else np.concatenate([latents, condition], axis=1)
         prediction = runner.step("cond", i, {"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": cond})
         if use_cfg:
             unconditional = runner.step("uncond", i, {"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": uncond})

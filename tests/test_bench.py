@@ -323,9 +323,9 @@ def test_noisy_latent_reader_drops_the_conditioning_channels():
 
 
 def test_row_psnr_pools_the_mse_so_one_untouched_prompt_does_not_make_it_infinite():
-    from planner.bench.runner import _mean_fidelity
+    from planner.bench.runner import _pooled_fidelity
 
-    pooled = _mean_fidelity([{"psnr": math.inf, "ssim": 1.0}, {"psnr": 20.0, "ssim": 0.5}])
+    pooled = _pooled_fidelity([{"psnr": math.inf, "ssim": 1.0}, {"psnr": 20.0, "ssim": 0.5}])
     assert pooled["psnr"] == pytest.approx(20.0 + 10 * math.log10(2)) and pooled["psnr_min"] == 20.0
     assert pooled["ssim"] == 0.75 and pooled["lpips"] is None
-    assert _mean_fidelity([{"psnr": math.inf, "ssim": 1.0}])["psnr"] == math.inf
+    assert _pooled_fidelity([{"psnr": math.inf, "ssim": 1.0}])["psnr"] == math.inf

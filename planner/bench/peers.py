@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from profiler.run import PromptSpec
+from profiler.run import PromptSpec, noisy_latent_channels
 from runtime.adapters import ModelAdapter, get_adapter
 
 from .errors import BenchError
@@ -116,9 +116,11 @@ def peer_settings(name: str, value: float, transformer: torch.nn.Module, steps: 
     elif name == "fastercache":
         settings["tensor_format"] = get_adapter(transformer).grid.layout
     elif name == "seacache":
-        config = transformer.config
-        if type(transformer).__name__ == "WanTransformer3DModel" and config.in_channels > config.out_channels:
-            settings["noisy_channels"] = int(config.out_channels)
+        from diffusers import WanTransformer3DModel
+
+        channels = noisy_latent_channels(transformer.config)
+        if channels is not None and isinstance(transformer, WanTransformer3DModel):  # the class diffusers' own gate checks
+            settings["noisy_channels"] = int(channels)
     return settings
 
 

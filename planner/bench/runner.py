@@ -15,7 +15,6 @@ bracketing times over the sum of its own; its wall speedup is the median over ro
 from __future__ import annotations
 
 import math
-
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,7 +411,7 @@ def _row(variant: Variant, result: Measured, baseline: Measured, prompts: Sequen
         "wall_speedup": wall_speedup, "wall_speedup_rounds": speedups,
         "flops": result.flops, "flop_speedup": flop_speedup,
         "transformer_flop_speedup": baseline.per_module.get(root, 0) / max(result.per_module.get(root, 0), 1),
-        **_mean_fidelity(per_prompt), "per_prompt": per_prompt,
+        **_pooled_fidelity(per_prompt), "per_prompt": per_prompt,
         "block_calls": {"computed": computed, "total": total, "fraction": computed / total},
         "attention_calls": {k.removeprefix("attention_"): {"computed": result.counts.get(k, 0), "total": n}
                             for k, n in baseline.counts.items() if k.startswith("attention_")},
@@ -422,7 +421,7 @@ def _row(variant: Variant, result: Measured, baseline: Measured, prompts: Sequen
     return row
 
 
-def _mean_fidelity(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
+def _pooled_fidelity(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
     """Fidelity over all prompts (and the worst prompt's PSNR); LPIPS is None when no weights were given.
 
     PSNR comes from the MSE averaged over prompts, not from averaged decibels: one prompt a method left untouched
