@@ -1,6 +1,6 @@
 """dit-plan: fit plans from profiles, inspect them, validate (and tighten) them on held-out prompts.
 
-Thin wrappers over the library (`planner.methods`, `planner.summary`, `planner.validate`); every command that reports
+Thin wrappers over the library (`dit_accel.planner.methods`, `dit_accel.planner.summary`, `dit_accel.planner.validate`); every command that reports
 numbers takes `--json` and then prints one JSON object. Errors are one line on stderr with exit code 2, and no output
 file is left behind (plans are written atomically, last).
 """
@@ -12,21 +12,22 @@ from typing import Any
 import click
 from tqdm.auto import tqdm
 
-from profiler.cli_common import OneLineErrorGroup, emit_report, user_errors
-from runtime.plan import load_plan
-from runtime.schedule import REUSE_MODES
+from dit_accel.harness.cli import OneLineErrorGroup, emit_report, printable, user_errors
+from dit_accel.runtime.plan import load_plan, read_key_file
+from dit_accel.runtime.replay_table import REUSE_MODES
 
 from .errors import PlannerError
 from .labels import RULES
 from .methods import METHODS, FitOptions, fit_plan
-from .onnx_export import EXAMPLE_PROMPT, check_exportable, export_onnx
-from runtime.plan import save_plan
+from dit_accel.export.exporter import EXAMPLE_PROMPT, check_export_destination, check_exportable, export_onnx
+from dit_accel.runtime.plan import save_plan
 from .plots import plan_figure, save_figure
 from .solver import GRANULARITIES
 from .summary import plan_report, provenance_drift, render_report
-from profiler.run import load_pipeline
+from dit_accel.harness.pipelines import load_pipeline
 
-from .validate import PipelineRunner, profiled_generation, read_prompts, render_validation, tighten_plan, validate_plan
+from .validate import PipelineRunner, profiled_generation, render_validation, tighten_plan, validate_plan
+from dit_accel.harness.prompts import read_prompt_file
 
 
 @click.group(cls=OneLineErrorGroup, invoke_without_command=True)
@@ -55,12 +56,14 @@ def main(ctx: click.Context) -> None:
 @click.option("--prune", is_flag=True, help="auto: allow PCAS prune steps (unicp always prunes).")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="stack", show_default=True, help="auto: which blocks share one schedule.")
 @click.option("--reuse", type=click.Choice(REUSE_MODES), help="auto: reuse steps add the cached residual as it is (hold) or moved one step along its slope (extrapolate, the default for auto).")
+@click.option("--sign-key-file", help="Sign the plan with the secret key in this file (HMAC-SHA256).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def fit(profiles: tuple[str, ...], output: str, as_json: bool, **options: Any) -> None:
+def fit(profiles: tuple[str, ...], output: str, sign_key_file: str | None, as_json: bool, **options: Any) -> None:
     """Fit a plan from one or more profiles of the same model."""
+    key = read_key_file(sign_key_file) if sign_key_file else None
     plan = fit_plan(list(profiles), FitOptions(**options))
-    save_plan(plan, output)
+    save_plan(plan, output, key=key)
     report = {"output": output, "method": options["method"], "policy": plan.policy, "predicted": plan.predicted,
               "labels": list(plan.labels), "spans": [list(s) for s in plan.spans]}
     emit_report(report, as_json, _render_fit)
@@ -75,12 +78,15 @@ def _render_fit(report: dict[str, Any]) -> str:
 @main.command()
 @click.argument("plan_path")
 @click.option("--plot", help="Write the plan's figures (drift, schedule, labels, PCA) to this image file.")
+@click.option("--key-file", help="Refuse the plan unless it is signed with the secret key in this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def inspect(plan_path: str, plot: str | None, as_json: bool) -> None:
+def inspect(plan_path: str, plot: str | None, key_file: str | None, as_json: bool) -> None:
     """Show a plan: schedule grid, labels, spans, prediction and provenance."""
-    plan = load_plan(plan_path)
+    plan = load_plan(plan_path, key=read_key_file(key_file) if key_file else None)
     report = plan_report(plan)
+    if key_file:
+        report["signature"] = "verified"
     if plot:
         drift, note = provenance_drift(plan)
         report["plot"] = str(save_figure(plan_figure(plan, drift), plot))
@@ -90,8 +96,11 @@ def inspect(plan_path: str, plot: str | None, as_json: bool) -> None:
 
 def _render_inspect(report: dict[str, Any]) -> str:
     text = render_report(report)
+    if "signature" in report:
+        text += "\nsignature: verified with the key file"
     if "plot" in report:
-        text += f"\nfigure written to {report['plot']}" + (f" ({report['plot_note']})" if report["plot_note"] else "")
+        note = f" ({printable(report['plot_note'])})" if report["plot_note"] else ""
+        text += f"\nfigure written to {printable(report['plot'])}{note}"
     return text
 
 
@@ -106,15 +115,18 @@ def _render_inspect(report: dict[str, Any]) -> str:
 @click.option("--flops/--no-flops", default=True, show_default=True, help="Count FLOPs of the first prompt (two extra runs).")
 @click.option("--min-psnr", type=float, help="Tighten the plan until every prompt reaches this PSNR (dB).")
 @click.option("-o", "--output", help="Where to write the tightened plan (with --min-psnr).")
+@click.option("--key-file", help="Refuse the plan unless signed with the key in this file; sign the tightened plan.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def validate(plan_path: str, prompts_path: str, model_path: str | None, steps: int | None, repeats: int, seed: int,
-             guidance_scale: float | None, flops: bool, min_psnr: float | None, output: str | None, as_json: bool) -> None:
+             guidance_scale: float | None, flops: bool, min_psnr: float | None, output: str | None,
+             key_file: str | None, as_json: bool) -> None:
     """Measure a plan against the full model on held-out prompts; with --min-psnr, tighten it and write it."""
     if (min_psnr is None) != (output is None):
         raise PlannerError("--min-psnr and -o go together: the tightened plan needs a file to go to")
-    plan = load_plan(plan_path)
-    prompts = read_prompts(prompts_path)
+    key = read_key_file(key_file) if key_file else None
+    plan = load_plan(plan_path, key=key)
+    prompts = [spec.prompt for spec in read_prompt_file(prompts_path)]
     profiled_scale, size = profiled_generation(plan)
     scale = profiled_scale if guidance_scale is None else guidance_scale
     runner = PipelineRunner(load_pipeline(model_path), guidance_scale=scale, size=size)
@@ -123,7 +135,7 @@ def validate(plan_path: str, prompts_path: str, model_path: str | None, steps: i
         emit_report(validate_plan(plan, runner, prompts, **settings).to_json(), as_json, render_validation)
         return
     tightened, reports = tighten_plan(plan, runner, prompts, min_psnr, **settings)
-    save_plan(tightened, output)
+    save_plan(tightened, output, key=key)
     report = {**reports[-1].to_json(), "output": output, "rounds": len(reports), "predicted": tightened.predicted,
               "history": [{"min_psnr": r.to_json()["min_psnr"], "wall_speedup": r.wall_speedup, "predicted_error": r.predicted_error} for r in reports]}
     emit_report(report, as_json, render_validation)
@@ -141,8 +153,10 @@ def export_onnx_command(plan_path: str, model_path: str | None, output: str, pro
     """Export the transformer with a static plan folded in: one ONNX graph per distinct per-step action set.
 
     Residual caches are explicit graph inputs/outputs; manifest.json maps steps to graphs. Replay it with
-    runtime.onnx_driver (onnxruntime, no PyTorch) or build TensorRT engines from the graphs.
+    dit_accel.export.driver (onnxruntime, no PyTorch) or build TensorRT engines from the graphs. OUTPUT must be a
+    new or empty folder, or an earlier export, which is replaced only once the new one is complete.
     """
+    check_export_destination(output)
     plan = load_plan(plan_path)
     check_exportable(plan)
     _, size = profiled_generation(plan)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
-from runtime.plan import COMPUTE, PRUNE, REUSE, Plan
+from dit_accel.harness.cli import printable
+from dit_accel.runtime.plan import COMPUTE, PRUNE, REUSE, Plan
 
 ACTION_CHARS = {COMPUTE: "C", REUSE: ".", PRUNE: "P"}
 LABEL_CHARS = {"foreground": "F", "background": "B", "unlabelled": "-"}
@@ -34,6 +36,7 @@ def plan_report(plan: Plan) -> dict[str, Any]:
         }
         if f"pca.{index}" in plan.arrays:
             entry["pca_rank"] = int(plan.arrays[f"pca.{index}"].shape[-1])
+        if f"pca_explained.{index}" in plan.arrays:
             entry["pca_explained"] = [float(v) for v in plan.arrays[f"pca_explained.{index}"]]
         if "expected_compute" in plan.arrays:
             entry["expected_compute"] = expected_string(plan.arrays["expected_compute"][index])
@@ -53,7 +56,8 @@ def plan_report(plan: Plan) -> dict[str, Any]:
 
 
 def render_report(report: dict[str, Any]) -> str:
-    """The text form of `plan_report`."""
+    """The text form of `plan_report`; every string from the plan is escaped (`printable`) before it is laid out."""
+    report = _escaped(report)
     model, predicted, steps = report["model"], report["predicted"], report["num_inference_steps"]
     lines = [
         f"plan: {model['transformer_class']} ({model['blocks']} blocks, config {model['config_hash'][:12]}…), {steps} steps",
@@ -71,6 +75,17 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append("pca ranks: " + " ".join(ranks))
     lines += ["", *_provenance_lines(report["provenance"])]
     return "\n".join(lines)
+
+
+def _escaped(value: Any) -> Any:
+    """A JSON value with every string in it (keys included) passed through `printable`."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): _escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v) for v in value]
+    return value
 
 
 def _grid(blocks: list[dict[str, Any]], steps: int, key: str) -> list[str]:
@@ -111,7 +126,7 @@ def _number(value: Any) -> str:
 
 def provenance_drift(plan: Plan) -> tuple[np.ndarray | None, str | None]:
     """The mean residual drift [blocks, steps] of the plan's first profile, or (None, why it is unavailable)."""
-    from runtime.errors import DitAccelError
+    from dit_accel.harness.errors import DitAccelError
 
     from .profiles import mean_residual_drift
 
@@ -119,6 +134,8 @@ def provenance_drift(plan: Plan) -> tuple[np.ndarray | None, str | None]:
     if not sources:
         return None, "drift heatmap skipped: the plan names no profile"
     path = sources[0].get("path", "")
+    if not os.path.isfile(path):
+        return None, f"drift heatmap skipped: profile {path} is missing or not a regular file"
     try:
         drift = mean_residual_drift(path)
     except (DitAccelError, OSError, KeyError) as exc:

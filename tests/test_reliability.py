@@ -18,9 +18,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from profiler.schema import FIELDS, ProfileError, ProfileHeader, ProfileWriter, PromptInfo, open_profile
-from runtime import ModelFingerprint, Plan, PlanError
-from runtime.plan import plan_from_bytes, plan_to_bytes
+from dit_accel.profiler.schema import FIELDS, ProfileError, ProfileHeader, ProfileWriter, PromptInfo, open_profile
+from dit_accel.runtime import ModelFingerprint, Plan, PlanError
+from dit_accel.runtime.plan import plan_from_bytes, plan_to_bytes
 
 FUZZ_CASES = 1000
 PER_CASE_SECONDS = 2.0
@@ -183,7 +183,7 @@ def test_profile_fuzz_never_crashes_or_hangs(tmp_path):
 # --- long runs and concurrency -------------------------------------------------------------------------------------
 
 def _reuse_plan(pipe, steps: int = 4) -> Plan:
-    from runtime import fingerprint_model
+    from dit_accel.runtime import fingerprint_model
 
     actions = np.zeros((3, steps), np.uint8)
     actions[1:, 2] = 1
@@ -198,7 +198,7 @@ def test_two_hundred_generations_same_output_no_growth():
     import tracemalloc
 
     from conftest import PIPELINES, run_pipeline
-    from runtime import apply_plan
+    from dit_accel.runtime import apply_plan
 
     pipe = PIPELINES["wan"]()
     with apply_plan(pipe, _reuse_plan(pipe)) as handle:
@@ -218,7 +218,7 @@ def test_two_hundred_generations_same_output_no_growth():
 
 def test_apply_and_remove_hundred_times_leaves_the_pipeline_as_fresh():
     from conftest import PIPELINES, run_pipeline
-    from runtime import apply_plan
+    from dit_accel.runtime import apply_plan
 
     pipe = PIPELINES["wan"]()
     fresh = run_pipeline(pipe)
@@ -237,7 +237,7 @@ def test_two_pipelines_with_different_plans_in_two_threads():
     import threading
 
     from conftest import PIPELINES, run_pipeline
-    from runtime import apply_plan
+    from dit_accel.runtime import apply_plan
 
     pipes = [PIPELINES["wan"](), PIPELINES["wan"]()]
     plans = [_reuse_plan(pipes[0]), _reuse_plan(pipes[1]).with_changes(actions=np.zeros((3, 4), np.uint8), spans=())]
@@ -272,30 +272,204 @@ def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_
     import subprocess
     import sys
 
-    from profiler.recorder import RecordSettings
-    from profiler.run import load_pipeline, profile_prompts, read_prompts
+    from dit_accel.profiler.recorder import RecordSettings
+    from dit_accel.profiler.run import profile_prompts
+    from dit_accel.harness.pipelines import load_pipeline
+    from dit_accel.harness.prompts import read_prompt_file
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a large red circle moves left on a blue background\na small green square moves up on a black background\n")
     settings = RecordSettings(num_inference_steps=3, record_attention=False)
     pipe = load_pipeline(None)
     reference = tmp_path / "reference.h5"
-    profile_prompts(pipe, read_prompts(prompts), reference, settings, progress=False)
+    profile_prompts(pipe, read_prompt_file(prompts), reference, settings, progress=False)
     expected = open_profile(reference)
     rng = random.Random(7)
     states = []
     for trial in range(KILL_TRIALS):
         output = tmp_path / f"trial{trial}.h5"
-        args = [sys.executable, "-m", "profiler", str(prompts), "-o", str(output), "--steps", "3", "--no-attention", "--quiet"]
+        args = [sys.executable, "-m", "dit_accel.profiler", str(prompts), "-o", str(output), "--steps", "3", "--no-attention", "--quiet"]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.5, 6.0))
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         states.append(len(open_profile(output).prompts) if output.exists() else -1)
-        profile_prompts(pipe, read_prompts(prompts), output, settings, resume=output.exists(), progress=False)
+        profile_prompts(pipe, read_prompt_file(prompts), output, settings, resume=output.exists(), progress=False)
         resumed = open_profile(output)
         assert [p.index for p in resumed.prompts] == [0, 1]
         for name in ("residual_rel_l1", "motion", "feature_queries", "foreground", "model_output_rel_l1"):
             np.testing.assert_array_equal(resumed.stack(name), expected.stack(name))
         assert not list(tmp_path.glob(f".trial{trial}.h5.*.tmp"))
     print(f"prompts complete when killed (-1: no file yet): {states}")
+
+
+# --- plans from untrusted places: special files, hostile policies, terminal text, signatures ------------------------
+
+def _within(seconds: float, call):
+    """Run `call`, failing the test instead of hanging if it blocks (SIGALRM interrupts the blocking read)."""
+    import signal
+
+    def expire(signum, frame):
+        pytest.fail(f"blocked for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return call()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero_link", "directory"])
+def test_special_files_are_refused_without_reading(tmp_path, kind):
+    import os
+
+    from dit_accel.runtime import load_plan
+
+    path = tmp_path / "x.plan"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev_zero_link":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    start = time.perf_counter()
+    with pytest.raises(PlanError, match="is not a regular file") as info:
+        _within(5.0, lambda: load_plan(path))
+    assert "\n" not in str(info.value) and time.perf_counter() - start < 1.0
+
+
+HOSTILE_POLICIES = [
+    {"codebook": [["a", 1]]},
+    {"codebook": [[0.1, "2"]]},
+    {"probe_block": 1.5},
+    {"probe_block": "1"},
+    {"moreg": {"enabled": True, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.0, 1.0]}},
+    {"moreg": {"enabled": True, "norm": 0.0, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.0, 1.0]}},
+    {"moreg": {"enabled": True, "norm": 0.3, "exponent": -2.0, "gradient_scale": 10.0, "active": [0.0, 1.0]}},
+    {"moreg": {"enabled": True, "norm": 0.3, "exponent": 8.0, "gradient_scale": 10.0, "active": "01"}},
+    {"kind": "bwcache", "threshold": 0.3, "reuse_steps": 2, "indicator_blocks": [0, 2], "refresh_every": 0},
+    {"kind": "bwcache", "threshold": 0.3, "reuse_steps": 2, "indicator_blocks": [0, 2], "refresh_every": "4"},
+    {"kind": "bwcache", "threshold": "low", "reuse_steps": 2, "indicator_blocks": [0, 2], "refresh_every": 4},
+    {"kind": "bwcache", "threshold": 0.3, "reuse_steps": 2, "indicator_blocks": [9], "refresh_every": 4},
+]
+
+
+def _adaptive_plan(model, **policy) -> Plan:
+    from dit_accel.runtime import fingerprint_model
+
+    base = {"kind": "adacache", "probe_block": 1, "codebook": [[0.5, 2], [1e9, 0]], "protect_first": 1,
+            "protect_last": 1,
+            "moreg": {"enabled": True, "norm": 0.3, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.0, 1.0]}}
+    if policy.get("kind") == "bwcache":
+        base = {"protect_first": 1, "protect_last": 1}
+    fingerprint = fingerprint_model(model)
+    return Plan(model=fingerprint, timesteps=np.linspace(999, 1, 6), actions=np.zeros((3, 6), np.uint8),
+                policy={**base, **policy})
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_POLICIES, ids=range(len(HOSTILE_POLICIES)))
+def test_hostile_policy_parameters_are_refused_before_any_hook(hostile):
+    from diffusers.hooks import HookRegistry
+    from tiny_models import run_steps, tiny_wan
+
+    from dit_accel.runtime import apply_plan
+
+    model = tiny_wan().eval()
+    with apply_plan(model, _adaptive_plan(model)):  # the valid policy replays: the refusals below are the checks'
+        run_steps(model, "wan", [950.0, 800.0, 600.0, 400.0, 200.0, 50.0])
+    with pytest.raises(PlanError) as info:
+        apply_plan(model, _adaptive_plan(model, **hostile))
+    assert "\n" not in str(info.value)
+    modules = [model, *model.blocks]
+    assert all(not HookRegistry.check_if_exists_or_initialize(m).hooks for m in modules), "a hook was left installed"
+    with pytest.raises(TypeError, match="read-only"):
+        _adaptive_plan(model).policy["moreg"]["norm"] = 0.0
+
+
+def _rewrite_plan_file(data: bytes, edit) -> bytes:
+    """A forger's edit: change the metadata and tensors of a plan file, then recompute its checksum."""
+    from safetensors.numpy import load, save
+
+    from dit_accel.runtime.plan import _checksum
+
+    length = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8 : 8 + length])["__metadata__"]["dit_plan"])
+    tensors = dict(load(data))
+    edit(meta, tensors)
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    return save(tensors, metadata={"dit_plan": text, "content_sha256": _checksum(text, tensors)})
+
+
+def test_reschedule_with_recomputed_checksum_keeping_the_claims_is_refused():
+    from pathlib import Path
+
+    data = (Path(__file__).parent.parent / "plans" / "default-auto-2x.plan").read_bytes()
+
+    def reuse_everything_after_warmup(meta, tensors):
+        actions = tensors["actions"].copy()
+        actions[:, 2:-1] = 1
+        tensors["actions"] = actions
+
+    with pytest.raises(PlanError, match="claims compute fraction 0.48 but its schedule computes 0.06.*refit"):
+        plan_from_bytes(_rewrite_plan_file(data, reuse_everything_after_warmup))
+
+
+@pytest.fixture(scope="module")
+def synthetic_profile(tmp_path_factory) -> str:
+    from dit_accel.planner.synthetic import write_synthetic_profile
+
+    return write_synthetic_profile(tmp_path_factory.mktemp("reliability") / "synthetic.h5")
+
+
+def _dit_plan(*args):
+    from click.testing import CliRunner
+
+    from dit_accel.planner.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_inspect_escapes_control_characters_from_the_plan(synthetic_profile, tmp_path):
+    from dit_accel.runtime import load_plan, save_plan
+
+    fitted = tmp_path / "fitted.plan"
+    assert _dit_plan("fit", synthetic_profile, "-o", fitted).exit_code == 0
+    plan = load_plan(fitted)
+    hostile = plan.with_changes(
+        model=ModelFingerprint(plan.model.transformer_class, plan.model.config_hash,
+                               ("blocks.0\x1b]0;owned\x07", *plan.model.block_ids[1:])),
+        provenance={**plan.provenance, "method": "auto\x1b[2J\r", "tightened": {"note": "\u202eevil"}},
+    )
+    path = save_plan(hostile, tmp_path / "hostile.plan")
+    result = _dit_plan("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert not any(c in result.stdout for c in "\x1b\x07\r\u202e")
+    assert "blocks.0\\x1b]0;owned\\x07" in result.stdout and "auto\\x1b[2J\\r" in result.stdout
+    spoofed = _rewrite_plan_file(path.read_bytes(), lambda meta, _: meta["model"]["block_ids"].append("x\x1b[31m"))
+    (tmp_path / "spoofed.plan").write_bytes(spoofed)
+    result = _dit_plan("inspect", tmp_path / "spoofed.plan")
+    assert result.exit_code == 2 and "\x1b" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_signing_key_options(synthetic_profile, tmp_path):
+    key, other = tmp_path / "key", tmp_path / "other"
+    key.write_bytes(b"0123456789abcdef0123456789abcdef\n")
+    other.write_bytes(b"fedcba9876543210fedcba9876543210\n")
+    signed, unsigned = tmp_path / "signed.plan", tmp_path / "unsigned.plan"
+    assert _dit_plan("fit", synthetic_profile, "-o", signed, "--sign-key-file", key).exit_code == 0
+    assert _dit_plan("fit", synthetic_profile, "-o", unsigned).exit_code == 0
+    result = _dit_plan("inspect", signed, "--key-file", key, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["signature"] == "verified"
+    assert _dit_plan("inspect", signed).exit_code == 0 and _dit_plan("inspect", unsigned).exit_code == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left on a black background\n")
+    for plan, key_file, words in [(unsigned, key, "not signed"), (signed, other, "does not match the key")]:
+        for command in (("inspect", plan), ("validate", plan, "--prompts", prompts, "--model", tmp_path / "no-model")):
+            result = _dit_plan(*command, "--key-file", key_file)
+            assert result.exit_code == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    short = tmp_path / "short"
+    short.write_bytes(b"abc")
+    result = _dit_plan("fit", synthetic_profile, "-o", tmp_path / "never.plan", "--sign-key-file", short)
+    assert result.exit_code == 2 and "at least 16" in result.stderr and not (tmp_path / "never.plan").exists()
