@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from diffusers.utils.torch_utils import unwrap_module
 
 from .errors import AdapterError
 from .plan import ModelFingerprint
@@ -169,12 +170,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def find_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
-    """The denoiser of a pipeline (its `transformer`), or the argument itself when it is already a module."""
+    """The denoiser of a pipeline (its `transformer`), or the argument itself when it is already a module.
+
+    A `torch.compile`d transformer is unwrapped to the module it compiles: hooks belong on that module (the
+    compiled wrapper calls it), and adapters are registered for its class.
+    """
     transformer = getattr(pipe_or_transformer, "transformer", None)
     if isinstance(transformer, torch.nn.Module):
-        return transformer
+        return unwrap_module(transformer)
     if isinstance(pipe_or_transformer, torch.nn.Module):
-        return pipe_or_transformer
+        return unwrap_module(pipe_or_transformer)
     raise AdapterError(
         f"expected a diffusers pipeline with a .transformer or a transformer module, got {type(pipe_or_transformer).__name__}"
     )
@@ -238,3 +243,40 @@ def fingerprint_model(transformer: torch.nn.Module) -> ModelFingerprint:
     """The identity a plan records for `transformer`: class name, config hash and ordered block ids."""
     adapter = get_adapter(transformer)
     return ModelFingerprint(type(transformer).__name__, config_hash(transformer.config), tuple(adapter.block_ids(transformer)))
+
+
+def noisy_latent_channels(config: Any) -> int | None:
+    """How many leading input channels are the noisy latent: `out_channels` when the model takes more inputs than it
+    predicts (the rest is conditioning the pipeline appends), else all of them (None)."""
+    inputs, outputs = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
+    return outputs if inputs and outputs and inputs > outputs else None
+
+
+def block_inputs(spec: BlockList, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, encoder hidden states) a block was called with, by keyword or position."""
+    hidden_name, hidden_pos = spec.hidden_arg
+    hidden = kwargs[hidden_name] if hidden_name in kwargs else args[hidden_pos]
+    if spec.encoder_index is None:
+        return hidden, None
+    encoder_name, encoder_pos = spec.encoder_arg
+    encoder = kwargs.get(encoder_name) if encoder_name in kwargs else (args[encoder_pos] if len(args) > encoder_pos else None)
+    return hidden, encoder
+
+
+def block_outputs(spec: BlockList, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, encoder hidden states) a block returned, by the adapter's output indices."""
+    if spec.hidden_index is None:
+        return output, None
+    encoder = output[spec.encoder_index] if spec.encoder_index is not None else None
+    return output[spec.hidden_index], encoder
+
+
+def pack_block_outputs(spec: BlockList, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+    """What a block of this kind returns, built from its hidden (and encoder) states: the inverse of `block_outputs`."""
+    if spec.hidden_index is None:
+        return hidden
+    packed: list[Any] = [None] * (max(spec.hidden_index, spec.encoder_index or 0) + 1)
+    packed[spec.hidden_index] = hidden
+    if spec.encoder_index is not None:
+        packed[spec.encoder_index] = encoder
+    return tuple(packed)

@@ -12,11 +12,16 @@ Hooks installed:
   residual cached at the span's last computed step (plans with policy `reuse: extrapolate`: that residual moved one
   step along its slope since the span's previous computed step). A span of contiguous blocks is cached as one tensor: its first
   block adds the residual, the others pass their input through;
-* an *attention hook* on the self-attention of blocks that have prune steps (see `runtime.pruning`).
+* an *attention hook* on the self-attention of blocks that have prune steps (see `dit_accel.runtime.pruning`).
 
 All decisions of a static plan are plain Python tuples prepared at apply time, so the hot path never synchronises
-with the device; adaptive policies read one scalar per computed step (see `runtime.policies`). Cache state is kept per CFG branch (diffusers' cache context name); pipelines that batch cond and
+with the device; adaptive policies read one scalar per computed step (see `dit_accel.runtime.adaptive`). Cache state is kept per CFG branch (diffusers' cache context name); pipelines that batch cond and
 uncond into one call keep one cache per batch row, so the halves never mix either.
+
+Under `torch.compile`, every per-call decision (step, run length, step table, adaptive policy, extrapolation slopes)
+is taken by code wrapped in `torch.compiler.disable`, as diffusers' own cache hooks do. What the compiled graph
+reads is the call's `StepActions` value, which Dynamo guards by value: one graph per distinct action set of the
+plan, never one per step, and no recompilation from one generation to the next.
 
 Example:
     >>> handle = apply_plan(pipe, load_plan("model.plan"))
@@ -31,59 +36,83 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 
-from .adapters import AttentionModule, BlockList, ModelAdapter, config_hash, find_transformer, get_adapter
+from .adapters import (
+    AttentionModule, BlockList, ModelAdapter, block_inputs, block_outputs, config_hash, find_transformer, get_adapter,
+    pack_block_outputs,
+)
 from .errors import PlanError
 from .plan import PRUNE, Plan
-from .policies import POLICIES, AdaptivePolicy
+from .adaptive import POLICIES, AdaptivePolicy
+from .branches import BranchStates, StepState
 from .pruning import ProjectedAttention, load_bases
-from .schedule import CompiledSchedule, StepTable
+from .replay_table import CompiledSchedule, StepActions, StepTable
 
 STEP_HOOK = "dit_plan_step"
 BLOCK_HOOK = "dit_plan_block"
 ATTENTION_HOOK = "dit_plan_attention"
-DEFAULT_BRANCH = "default"
 SUPPORTED_POLICIES = ("static", *POLICIES)
+#: A span's residual slot before its first store: (hidden, encoder) both absent.
+EMPTY: tuple[None, None] = (None, None)
 
 
-class BranchState(BaseState):
-    """Per-CFG-branch replay state: current step and table, span inputs in flight and cached residuals."""
+class BranchState(StepState):
+    """Per-CFG-branch replay state: current step, table and actions, span inputs in flight and cached residuals."""
 
     def __init__(self) -> None:
-        self.step = 0
-        self.calls = 0
-        self.branch = DEFAULT_BRANCH
+        super().__init__()
         self.table: StepTable | None = None
-        self.adaptive_reuse = False
+        #: This call's actions, set by the step hook outside any compiled graph.
+        self.actions: StepActions | None = None
         self.tokens_per_frame = 1
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.residuals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        #: Per span, the raw residual of its last computed step and that step (extrapolating plans only).
-        self.computed: dict[int, tuple[tuple[torch.Tensor, torch.Tensor | None], int]] = {}
+        #: Per span, the raw residual of its last computed step (extrapolating plans only).
+        self.computed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: Per span, the step its last residual was stored at (host-side bookkeeping for extrapolation slopes).
+        self.stored_at: dict[int, int] = {}
         #: DWS weights given as tensors per block (ONNX export feeds them as graph inputs); else the table's floats.
         self.blend_inputs: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.__init__()
 
+    def prepare(self, spans: int) -> None:
+        """Give every span its (empty) residual slots, so the state has the same structure at every step.
+
+        Compiled graphs guard on the keys of the dicts they write to; slots present from the first step on keep a
+        store step's graph valid for every later store step.
+        """
+        for span in range(spans):
+            self.residuals.setdefault(span, EMPTY)
+            self.computed.setdefault(span, EMPTY)
+
+    def current_actions(self) -> StepActions:
+        """This call's actions: the step hook's, else (block hooks driven without one, as the ONNX exporter does)
+        the table's at the current step."""
+        return self.actions if self.actions is not None else self.table.at(self.step)
+
     def cache_bytes(self) -> int:
-        pairs = [*self.residuals.values(), *(pair for pair, _ in self.computed.values())]
+        """Bytes held by this branch's cached residuals."""
+        pairs = [*self.residuals.values(), *self.computed.values()]
         return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
 
 
-class BranchStates(StateManager):
-    """diffusers' `StateManager` that falls back to one default branch when no cache context is set."""
+class CurrentBranch:
+    """The state of the CFG branch whose transformer call is under way, pinned by the step hook for the block hooks.
+
+    Looking the state up by the cache context's name inside a compiled graph would guard on that name and compile
+    every graph once per branch; through the pin, cond and uncond (states of the same structure) share graphs.
+    Without a step hook (the ONNX exporter drives the block hooks itself) the state is looked up by name.
+    """
+
+    def __init__(self, branches: BranchStates) -> None:
+        self.branches = branches
+        self.state: BranchState | None = None
 
     def get_state(self) -> BranchState:
-        name = self._context.name if self._context is not None else DEFAULT_BRANCH
-        state = self._state_cache.get(name)
-        if state is None:
-            state = self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs)
-        return state
-
-    def branches(self) -> dict[str, BranchState]:
-        return dict(self._state_cache)
+        """The pinned state, else the current context's."""
+        return self.state if self.state is not None else self.branches.get_state()
 
 
 class StepHook(ModelHook):
@@ -92,16 +121,20 @@ class StepHook(ModelHook):
     Shared by replay and the profiler: both need to know, in every block, which CFG branch and step is running.
     The step comes from diffusers' cache context (`step_index`) when the pipeline passes it, else from counting
     calls; the run length from the context (`num_inference_steps`), else from the pipeline's scheduler, else the
-    plan's own step count.
+    plan's own step count. With a schedule, it also sets the call's `StepActions` on the branch state.
+
+    Everything here runs outside `torch.compile`'s graphs (`torch.compiler.disable`): it reads Python integers that
+    change every step, which a graph would guard on and recompile for.
     """
 
     _is_stateful = True
 
     def __init__(self, branches: BranchStates, num_steps: int, scheduler: Any = None, schedule: CompiledSchedule | None = None,
-                 policy: AdaptivePolicy | None = None, adapter: ModelAdapter | None = None) -> None:
+                 policy: AdaptivePolicy | None = None, adapter: ModelAdapter | None = None,
+                 current: CurrentBranch | None = None) -> None:
         super().__init__()
         self.branches, self.num_steps, self.scheduler = branches, num_steps, scheduler
-        self.schedule, self.policy, self.adapter = schedule, policy, adapter
+        self.schedule, self.policy, self.adapter, self.current = schedule, policy, adapter, current
 
     def _run_length(self, context: Any) -> int:
         if context is not None and context.num_inference_steps:
@@ -109,32 +142,49 @@ class StepHook(ModelHook):
         timesteps = getattr(self.scheduler, "timesteps", None)
         return len(timesteps) if timesteps is not None and len(timesteps) else self.num_steps
 
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         state = self.branches.get_state()
-        context = self.branches._context
+        context = self.branches.current_context()
         steps = self._run_length(context)
         step = int(context.step_index) if context is not None and context.step_index is not None else state.calls % steps
         if step == 0:
             state.reset()
         state.step, state.calls = step, state.calls + 1
-        state.branch = context.name if context is not None else DEFAULT_BRANCH
-        if self.schedule is not None:
-            state.table = self.schedule.table(steps)
+        state.branch = self.branches.branch_name()
+        if self.current is not None:
+            self.current.state = state
+        if self.schedule is None:
+            return args, kwargs
+        state.prepare(len(self.schedule.spans))
+        state.table = self.schedule.table(steps)
+        actions = state.table.at(step)
         if self.policy is not None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             grid = self.adapter.token_grid(module.config, hidden, kwargs)
             state.tokens_per_frame = grid[1] * grid[2]
-            state.adaptive_reuse = self.policy.begin_step(state.branch, step, steps)
+            if self.policy.begin_step(state.branch, step, steps):
+                actions = actions.reusing_all()
+        if self.schedule.extrapolate:
+            actions = actions.with_slopes(step, state.stored_at)
+        state.actions = actions
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
         if self.policy is not None:
-            state = self.branches.get_state()
-            self.policy.end_step(state.branch, state.step, state.table.steps)
+            self._end_step()
         return output
+
+    @torch.compiler.disable
+    def _end_step(self) -> None:
+        """Let the adaptive policy decide from what it observed, outside compiled graphs (it reads the host)."""
+        state = self.branches.get_state()
+        self.policy.end_step(state.branch, state.step, state.table.steps)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.branches.reset()
+        if self.current is not None:
+            self.current.state = None
         if self.policy is not None:
             self.policy.reset()
         return module
@@ -165,54 +215,62 @@ class AttentionPruneHook(ModelHook):
 class BlockHook(ModelHook):
     """Computes, prunes or reuses one block according to the step table and the adaptive policy."""
 
-    def __init__(self, branches: BranchStates, block: int, span: tuple[int, int], span_index: int, spec: BlockList,
+    def __init__(self, current: CurrentBranch, block: int, span: tuple[int, int], span_index: int, spec: BlockList,
                  policy: AdaptivePolicy | None, switch: PruneSwitch | None, extrapolate: bool = False) -> None:
         super().__init__()
-        self.branches, self.block, self.span_index, self.spec = branches, block, span_index, spec
+        self.current, self.block, self.span_index, self.spec = current, block, span_index, spec
         self.extrapolate = extrapolate
         self.is_first, self.is_last = block == span[0], block == span[1] - 1
         self.policy = policy if policy is not None and block in policy.observed_blocks() else None
         self.switch = switch
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state = self.branches.get_state()
-        step, table, span = state.step, state.table, self.span_index
-        if table.reuse[span][step] or state.adaptive_reuse:
-            return self._reuse(state, *_block_inputs(self.spec, args, kwargs))
-        store = table.store[span][step]
-        pruned = self.switch is not None and table.prune[self.block][step]
+        state = self.current.get_state()
+        actions, span = state.current_actions(), self.span_index
+        if actions.reuse[span]:
+            return self._reuse(state, *block_inputs(self.spec, args, kwargs))
+        store = actions.store[span]
+        pruned = self.switch is not None and actions.prune[self.block]
         observe = self.policy is not None
-        inputs = _block_inputs(self.spec, args, kwargs) if (store and self.is_first) or pruned or observe else None
+        inputs = block_inputs(self.spec, args, kwargs) if (store and self.is_first) or pruned or observe else None
         if store and self.is_first:
             state.inputs[span] = inputs
         output = self._forward(args, kwargs, pruned)
-        if pruned and table.blend[self.block][step] < 1.0 and span in state.residuals:
-            weight = state.blend_inputs.get(self.block, table.blend[self.block][step])
+        blended = pruned and actions.blend[self.block] < 1.0
+        if blended and state.residuals.get(span, EMPTY)[0] is not None:
+            weight = state.blend_inputs.get(self.block, actions.blend[self.block])
             output = self._blend(state, inputs, output, weight)
         if observe:
-            self.policy.observe(state.branch, self.block, inputs[0], _block_outputs(self.spec, output)[0], step, state.tokens_per_frame)
+            self._observe(state, inputs[0], block_outputs(self.spec, output)[0])
         if store and self.is_last:
             hidden_in, encoder_in = state.inputs.pop(span)
-            hidden_out, encoder_out = _block_outputs(self.spec, output)
+            hidden_out, encoder_out = block_outputs(self.spec, output)
             encoder_residual = None if encoder_in is None or encoder_out is None else encoder_out - encoder_in
-            state.residuals[span] = self._cache_value(state, step, (hidden_out - hidden_in, encoder_residual))
+            residual = (hidden_out - hidden_in, encoder_residual)
+            state.residuals[span] = self._cache_value(state, actions.slope[span], residual)
         return output
 
-    def _cache_value(self, state: BranchState, step: int, residual: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @torch.compiler.disable
+    def _observe(self, state: BranchState, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        """Hand the block's input and output to the adaptive policy, outside compiled graphs (it keys on the step)."""
+        self.policy.observe(state.branch, self.block, hidden_in, hidden_out, state.step, state.tokens_per_frame)
+
+    def _cache_value(self, state: BranchState, scale: float | None,
+                     residual: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What later reuse steps add: the residual, or (extrapolating plans) the residual plus one step of its slope.
 
-        The slope is taken between this computed step and the span's previous one; holding the one-step prediction
-        over a whole reuse run (rather than following the line) measured best on the default model (auto 1.5x:
-        36.3 → 43.4 dB; 2x: 29.5 → 32.2 dB; following the full line over runs of 4 steps overshoots).
+        The slope is taken between this computed step and the span's previous one (`scale` is one over the steps
+        between them, `None` when there is no previous one); holding the one-step prediction over a whole reuse run
+        (rather than following the line) measured best on the default model (auto 1.5x: 36.3 → 43.4 dB; 2x:
+        29.5 → 32.2 dB; following the full line over runs of 4 steps overshoots).
         """
         if not self.extrapolate:
             return residual
-        previous = state.computed.get(self.span_index)
-        state.computed[self.span_index] = (residual, step)
-        if previous is None:
+        previous = state.computed.get(self.span_index, EMPTY)
+        state.computed[self.span_index] = residual
+        if scale is None:
             return residual
-        (hidden_before, encoder_before), before = previous
-        scale = 1.0 / (step - before)
+        hidden_before, encoder_before = previous
         hidden = residual[0] + (residual[0] - hidden_before) * scale
         encoder = residual[1]
         if encoder is not None and encoder_before is not None:
@@ -232,11 +290,11 @@ class BlockHook(ModelHook):
         """DWS: weight·pruned + (1 − weight)·cached, for the hidden (and encoder) states."""
         hidden_in, encoder_in = inputs
         hidden_residual, encoder_residual = state.residuals[self.span_index]
-        hidden_out, encoder_out = _block_outputs(self.spec, output)
+        hidden_out, encoder_out = block_outputs(self.spec, output)
         hidden = torch.lerp(hidden_in + hidden_residual, hidden_out, weight)
         if encoder_residual is not None and encoder_out is not None:
             encoder_out = torch.lerp(encoder_in + encoder_residual, encoder_out, weight)
-        return _pack_outputs(self.spec, hidden, encoder_out)
+        return pack_block_outputs(self.spec, hidden, encoder_out)
 
     def _reuse(self, state: BranchState, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         if self.is_first:
@@ -244,35 +302,7 @@ class BlockHook(ModelHook):
             hidden = hidden + hidden_residual
             if encoder_residual is not None:
                 encoder = encoder + encoder_residual
-        return _pack_outputs(self.spec, hidden, encoder)
-
-
-def _block_inputs(spec: BlockList, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden states, encoder hidden states) a block was called with, by keyword or position."""
-    hidden_name, hidden_pos = spec.hidden_arg
-    hidden = kwargs[hidden_name] if hidden_name in kwargs else args[hidden_pos]
-    if spec.encoder_index is None:
-        return hidden, None
-    encoder_name, encoder_pos = spec.encoder_arg
-    encoder = kwargs.get(encoder_name) if encoder_name in kwargs else (args[encoder_pos] if len(args) > encoder_pos else None)
-    return hidden, encoder
-
-
-def _block_outputs(spec: BlockList, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if spec.hidden_index is None:
-        return output, None
-    encoder = output[spec.encoder_index] if spec.encoder_index is not None else None
-    return output[spec.hidden_index], encoder
-
-
-def _pack_outputs(spec: BlockList, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
-    if spec.hidden_index is None:
-        return hidden
-    packed: list[Any] = [None] * (max(spec.hidden_index, spec.encoder_index or 0) + 1)
-    packed[spec.hidden_index] = hidden
-    if spec.encoder_index is not None:
-        packed[spec.encoder_index] = encoder
-    return tuple(packed)
+        return pack_block_outputs(self.spec, hidden, encoder)
 
 
 @dataclass
@@ -284,6 +314,10 @@ class PlanHandle:
     policy: AdaptivePolicy | None = None
     hooked: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
     active: bool = True
+    current: CurrentBranch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.current = CurrentBranch(self.branches)
 
     def remove(self) -> None:
         """Remove every hook the plan installed; the transformer then behaves exactly as before."""
@@ -293,6 +327,7 @@ class PlanHandle:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
         HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
         self.branches.reset()
+        self.current.state = None
         self.active = False
 
     def cache_bytes(self) -> dict[str, int]:
@@ -361,7 +396,9 @@ def apply_plan(pipe_or_transformer: Any, plan: Plan, *, force: bool = False) -> 
     handle = PlanHandle(transformer, BranchStates(BranchState), policy)
     install_block_hooks(handle, adapter, plan, schedule)
     scheduler = getattr(pipe_or_transformer, "scheduler", None)
-    _register(handle, transformer, StepHook(handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter), STEP_HOOK)
+    step_hook = StepHook(handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter,
+                         handle.current)
+    _register(handle, transformer, step_hook, STEP_HOOK)
     registry.invalidate_child_registries_cache()
     return handle
 
@@ -381,7 +418,8 @@ def install_block_hooks(handle: PlanHandle, adapter: ModelAdapter, plan: Plan, s
         if switch is not None:
             _register(handle, getattr(block, attention.attr), AttentionPruneHook(switch), ATTENTION_HOOK)
         span_index = schedule.span_of_block[index]
-        hook = BlockHook(handle.branches, index, schedule.spans[span_index], span_index, spec, handle.policy, switch, schedule.extrapolate)
+        hook = BlockHook(handle.current, index, schedule.spans[span_index], span_index, spec, handle.policy, switch,
+                         schedule.extrapolate)
         _register(handle, block, hook, BLOCK_HOOK)
 
 

@@ -1,0 +1,192 @@
+"""A plan compiled for replay: per-span reuse/store and per-block prune/blend decisions as plain Python tuples.
+
+Decisions are prepared once per run length (number of inference steps) so the hooks only index tuples: no tensor
+is read on the host during replay of a static plan. `StepTable.at(step)` gives one step's decisions as a
+`StepActions` value: the hooks inside the model read only that value, never the step, so under `torch.compile`
+every step with the same actions replays the same graph.
+
+**Step remapping.** A plan fitted at N steps replays a run of M steps by mapping every run step j to the plan step
+round(j·(N−1)/(M−1)) on the normalised step grid (for one scheduler and shift, sigma grids of different lengths are
+reparametrisations of that position). The plan's leading warm-up steps and trailing computed steps keep their
+share of the run (at least one step each). M must lie within [N/2, 2N]: beyond it, reuse windows stretch or shrink
+too far from what was measured, and the plan is refused with a message asking to refit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import PlanError
+from .plan import COMPUTE, PRUNE, REUSE, Plan
+
+MIN_STEP_RATIO, MAX_STEP_RATIO = 0.5, 2.0
+#: What a reuse step adds (plan policy key `reuse`): the span's last residual as it is, or that residual moved one
+#: step along its slope between the last two computed steps (a first-order hold).
+REUSE_MODES = ("hold", "extrapolate")
+
+
+@dataclass(frozen=True)
+class StepActions:
+    """What the block hooks do at one transformer call: the plan's action set at that step.
+
+    Per span: `reuse` (add the cached residual), `store` (cache the residual after computing) and `slope`, the
+    extrapolation factor 1 / (steps since the span's previous stored residual), `None` when there is none or the
+    plan holds its residuals. Per block: `prune` and `blend` (DWS weight). The values are plain Python constants
+    compared by value, which is what `torch.compile` guards on: steps with equal actions share one graph.
+    """
+
+    reuse: tuple[bool, ...]
+    store: tuple[bool, ...]
+    prune: tuple[bool, ...]
+    blend: tuple[float, ...]
+    slope: tuple[float | None, ...]
+
+    def reusing_all(self) -> StepActions:
+        """These actions with every span reusing and nothing stored (an adaptive policy's whole-stack reuse)."""
+        spans = len(self.reuse)
+        return replace(self, reuse=(True,) * spans, store=(False,) * spans, slope=(None,) * spans)
+
+    def with_slopes(self, step: int, stored_at: dict[int, int]) -> StepActions:
+        """These actions with extrapolation slopes for `step`, given each span's last store step (updated here).
+
+        A span that stores at `step` after an earlier store gets 1 / (steps since that store); the bookkeeping stays
+        on the host so compiled graphs see one float per span, never step numbers.
+        """
+        slopes: list[float | None] = []
+        for span, store in enumerate(self.store):
+            before = stored_at.get(span) if store else None
+            slopes.append(None if before is None else 1.0 / (step - before))
+            if store:
+                stored_at[span] = step
+        return replace(self, slope=tuple(slopes))
+
+
+@dataclass(frozen=True)
+class StepTable:
+    """Static decisions for one run length: per span `reuse`/`store`, per block `prune`/`blend` (DWS weight)."""
+
+    steps: int
+    reuse: tuple[tuple[bool, ...], ...]
+    store: tuple[tuple[bool, ...], ...]
+    prune: tuple[tuple[bool, ...], ...]
+    blend: tuple[tuple[float, ...], ...]
+    _actions: tuple[StepActions, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Precompute every step's `StepActions`; a reuse step stores nothing (tables that store always mark it)."""
+        actions = []
+        for step in range(self.steps):
+            reuse = tuple(row[step] for row in self.reuse)
+            store = tuple(row[step] and not r for row, r in zip(self.store, reuse, strict=True))
+            prune = tuple(row[step] for row in self.prune)
+            blend = tuple(row[step] for row in self.blend)
+            actions.append(StepActions(reuse, store, prune, blend, (None,) * len(reuse)))
+        object.__setattr__(self, "_actions", tuple(actions))
+
+    def at(self, step: int) -> StepActions:
+        """The actions of `step` (no extrapolation slopes: those depend on the branch's history, see replay)."""
+        return self._actions[step]
+
+
+def _edge_runs(actions: np.ndarray) -> tuple[int, int]:
+    """(leading, trailing) number of steps at which every block computes."""
+    all_compute = np.all(actions == COMPUTE, axis=0)
+    lead = int(np.argmin(all_compute)) if not all_compute.all() else all_compute.size
+    trail = int(np.argmin(all_compute[::-1])) if not all_compute.all() else all_compute.size
+    return lead, trail
+
+
+def remap_actions(actions: np.ndarray, steps: int) -> np.ndarray:
+    """Actions [blocks, N] of a plan mapped onto a run of `steps` steps (see module docstring)."""
+    plan_steps = actions.shape[1]
+    if steps == plan_steps:
+        return actions
+    ratio = steps / plan_steps
+    if not MIN_STEP_RATIO <= ratio <= MAX_STEP_RATIO:
+        raise PlanError(
+            f"the plan was fitted for {plan_steps} inference steps and cannot be remapped to {steps} "
+            f"(supported: {int(np.ceil(plan_steps * MIN_STEP_RATIO))} to {int(plan_steps * MAX_STEP_RATIO)}); refit the plan at {steps} steps"
+        )
+    remapped = actions[:, _source_steps(plan_steps, steps)].copy()
+    lead, trail = _edge_runs(actions)
+    if lead:
+        remapped[:, : max(1, round(lead * ratio))] = COMPUTE
+    if trail:
+        remapped[:, steps - max(1, round(trail * ratio)):] = COMPUTE
+    return remapped
+
+
+def build_table(actions: np.ndarray, spans: list[tuple[int, int]], blend: np.ndarray | None, store_always: bool) -> StepTable:
+    """Decisions for one run length from (possibly remapped) actions.
+
+    A span stores its residual after a computed step when the next step reuses it or prunes with a blend (DWS needs
+    the cached output); `store_always` (adaptive policies, which decide online) stores after every computed step.
+    """
+    steps = actions.shape[1]
+    prune = tuple(tuple(bool(a == PRUNE) for a in row) for row in actions)
+    weights = blend if blend is not None else np.ones(actions.shape, np.float32)
+    blend_rows = tuple(tuple(float(w) for w in row) for row in weights)
+    reuse_rows, store_rows = [], []
+    for start, stop in spans:
+        reuse = tuple(bool(a == REUSE) for a in actions[start])
+        needs_cache = [reuse[s] or any(prune[b][s] and blend_rows[b][s] < 1.0 for b in range(start, stop)) for s in range(steps)]
+        store = tuple(store_always or (not reuse[s] and s + 1 < steps and needs_cache[s + 1]) for s in range(steps))
+        reuse_rows.append(reuse)
+        store_rows.append(store)
+    return StepTable(steps, tuple(reuse_rows), tuple(store_rows), prune, blend_rows)
+
+
+class CompiledSchedule:
+    """A plan's spans and its step tables, built lazily per run length."""
+
+    def __init__(self, plan: Plan, adaptive: bool) -> None:
+        self.plan = plan
+        self.adaptive = adaptive
+        self.reuse_mode = plan.policy.get("reuse", "hold")
+        if self.reuse_mode not in REUSE_MODES:
+            raise PlanError(f"plan policy 'reuse' is {self.reuse_mode!r}; this runtime knows {', '.join(REUSE_MODES)}")
+        blocks = plan.num_blocks
+        self.spans: list[tuple[int, int]] = [(0, blocks)] if adaptive else sorted(set(plan.span_of_block()))
+        self.span_of_block = [next(i for i, (a, b) in enumerate(self.spans) if a <= block < b) for block in range(blocks)]
+        blend = plan.arrays.get("dws_weight")
+        self._blend = None if blend is None else np.asarray(blend, np.float32)
+        self._check_blend()
+        self.table = lru_cache(maxsize=8)(self._table)
+
+    def _check_blend(self) -> None:
+        if self._blend is None:
+            return
+        if self._blend.shape != self.plan.actions.shape:
+            raise PlanError(f"plan array 'dws_weight' has shape {self._blend.shape}, expected {self.plan.actions.shape}")
+        if np.any((self._blend < 0) | (self._blend > 1)):
+            raise PlanError("plan array 'dws_weight' must hold weights in [0, 1]")
+        for block, row in enumerate(self.plan.actions):
+            blended = np.any((row == PRUNE) & (self._blend[block] < 1.0))
+            start, stop = self.spans[self.span_of_block[block]]
+            if blended and stop - start > 1:
+                raise PlanError(f"block {self.plan.model.block_ids[block]} blends pruned and cached outputs (DWS) but shares span [{start}, {stop}); DWS blocks must be cached alone")
+
+    def action_sets(self, steps: int) -> set[StepActions]:
+        """The distinct actions of a static plan over a run of `steps` steps (`torch.compile` builds one graph each)."""
+        table, stored_at = self.table(steps), {}
+        actions = [table.at(step) for step in range(steps)]
+        if self.extrapolate:
+            actions = [a.with_slopes(step, stored_at) for step, a in enumerate(actions)]
+        return set(actions)
+
+    def _table(self, steps: int) -> StepTable:
+        actions = remap_actions(self.plan.actions, steps)
+        blend = None if self._blend is None else self._blend[:, _source_steps(self.plan.num_inference_steps, steps)]
+        return build_table(actions, self.spans, blend, store_always=self.adaptive or self.extrapolate)
+
+    @property
+    def extrapolate(self) -> bool:
+        """Whether reuse steps extrapolate the cached residual (which needs a residual at every computed step)."""
+        return self.reuse_mode == "extrapolate"
+
+
+def _source_steps(plan_steps: int, steps: int) -> np.ndarray:
+    return np.rint(np.arange(steps) * (plan_steps - 1) / max(steps - 1, 1)).astype(int)
