@@ -419,10 +419,11 @@ def _check_adacache(policy: dict[str, Any], blocks: int) -> None:
     )
     moreg = _policy_value(policy, "moreg")
     _expect(isinstance(moreg, dict), "plan policy 'adacache' needs 'moreg' as an object")
-    for key in ("enabled", "norm", "exponent", "gradient_scale", "active"):
-        _expect(key in moreg, f"plan policy 'adacache' is missing 'moreg.{key}'")
-    norm, exponent, active = moreg["norm"], moreg["exponent"], moreg["active"]
-    _expect(isinstance(moreg["enabled"], bool), "plan policy 'adacache' needs 'moreg.enabled' as true or false")
+    enabled = moreg.get("enabled", False)
+    _expect(isinstance(enabled, bool), "plan policy 'adacache' needs 'moreg.enabled' as true or false")
+    for key in ("norm", "exponent", "gradient_scale"):
+        _expect(not enabled or key in moreg, f"plan policy 'adacache' enables MoReg but is missing 'moreg.{key}'")
+    norm, exponent = moreg.get("norm", 1.0), moreg.get("exponent", 0.0)
     _expect(
         _is_number(norm) and norm > 0,
         f"plan policy 'adacache' needs 'moreg.norm' as a positive number, got {_show(norm)}",
@@ -436,9 +437,10 @@ def _check_adacache(policy: dict[str, Any], blocks: int) -> None:
         "plan policy 'adacache' has a 'moreg.norm' so small that (motion / norm)^exponent overflows",
     )
     _expect(
-        _is_number(moreg["gradient_scale"]),
-        f"plan policy 'adacache' needs 'moreg.gradient_scale' as a number, got {_show(moreg['gradient_scale'])}",
+        _is_number(moreg.get("gradient_scale", 0.0)),
+        f"plan policy 'adacache' needs 'moreg.gradient_scale' as a number, got {_show(moreg.get('gradient_scale'))}",
     )
+    active = moreg.get("active", (0.0, 1.0))
     _expect(
         isinstance(active, (list, tuple))
         and len(active) == 2

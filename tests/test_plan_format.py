@@ -274,6 +274,12 @@ def test_policy_parameters_are_type_checked(policy, message):
         make_plan(actions=np.zeros((4, 6), np.uint8), spans=(), policy=policy)
 
 
+def test_moreg_fields_the_runtime_defaults_may_be_omitted():
+    for moreg in ({"enabled": False}, {k: v for k, v in ADACACHE["moreg"].items() if k != "active"}):
+        plan = make_plan(actions=np.zeros((4, 6), np.uint8), spans=(), policy={**ADACACHE, "moreg": moreg})
+        assert plan_from_bytes(plan_to_bytes(plan)) == plan
+
+
 def test_unknown_policy_kinds_load_for_inspection():
     plan = make_plan(policy={"kind": "teacache", "rel_l1_threshold": 0.1})
     assert plan_from_bytes(plan_to_bytes(plan)).policy["kind"] == "teacache"
