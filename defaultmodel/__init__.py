@@ -31,6 +31,6 @@ def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype
     if not (WEIGHTS_DIR / TinyVideoPipeline.config_name).is_file():
         raise FileNotFoundError(
             f"default model weights not found in {WEIGHTS_DIR}; reinstall the package or export them "
-            "with `python -m defaultmodel.train --out artifacts/train --export-only`"
+            "with `python -m dit_accel.defaultmodel.train --out artifacts/train --export-only`"
         )
     return TinyVideoPipeline.from_pretrained(WEIGHTS_DIR, torch_dtype=dtype).to(device)

@@ -1,12 +1,12 @@
 """Which kinds of caption words does the model use? A probe that needs no sampling.
 
-``python -m defaultmodel.binding --n 32`` takes held-out videos, noises them to a few fixed
+``python -m dit_accel.defaultmodel.binding --n 32`` takes held-out videos, noises them to a few fixed
 levels and measures the denoising loss twice: with the true caption and with one category of
 words changed (the first object's colour, shape or size; the background; the direction of
 motion, reversed). A model that reads a category predicts worse with the wrong word, so the
 ratio ``changed / true`` is above 1; a ratio of 1.000 means the words of that category are
 ignored. It costs a few transformer calls per video instead of a whole sampling run
-(:mod:`defaultmodel.evaluate`), and shows whether training binds a category long before
+(:mod:`dit_accel.defaultmodel.evaluate`), and shows whether training binds a category long before
 generated videos get it right.
 """
 
@@ -106,7 +106,7 @@ def binding_ratios(pipe: Any, n: int = 32, sigmas: tuple[float, ...] = DEFAULT_S
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m defaultmodel.binding``."""
+    """Entry point of ``python -m dit_accel.defaultmodel.binding``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=32, help="number of held-out videos (seeds 0..n-1)")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(DEFAULT_SIGMAS), help="noise levels in (0, 1]")

@@ -1,6 +1,6 @@
 """Check that the default model draws what the caption says, on held-out captions.
 
-``python -m defaultmodel.evaluate --n 64`` generates one video for each evaluation seed
+``python -m dit_accel.defaultmodel.evaluate --n 64`` generates one video for each evaluation seed
 ``0..n-1`` (seeds training never uses) at the default settings and measures, per video:
 
 * background colour: the most common named colour over all pixels equals the caption's;
@@ -113,7 +113,7 @@ def evaluate(pipe: Any, n: int = 64, steps: int = 50, guidance: float = 5.0, bat
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m defaultmodel.evaluate``."""
+    """Entry point of ``python -m dit_accel.defaultmodel.evaluate``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=64, help="number of held-out captions (seeds 0..n-1)")
     p.add_argument("--steps", type=int, default=50)

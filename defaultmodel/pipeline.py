@@ -5,7 +5,7 @@ branches are separate transformer calls, each inside
 ``transformer.cache_context("cond" | "uncond", step_index=..., sigma=..., num_inference_steps=...)``
 so diffusers' cache hooks and this project's runtime can keep per-branch state. As in Wan's
 image-to-video pipeline, the transformer's input is the noisy latents with conditioning
-channels appended (here the position channels of :func:`defaultmodel.model.with_positions`);
+channels appended (here the position channels of :func:`dit_accel.defaultmodel.model.with_positions`);
 it predicts the latents' channels only.
 """
 

@@ -1,10 +1,10 @@
 """Train the default model with flow matching on procedurally generated videos.
 
-``python -m defaultmodel.train --out artifacts/train --minutes 70`` trains for a wall-clock
+``python -m dit_accel.defaultmodel.train --out artifacts/train --minutes 70`` trains for a wall-clock
 budget and stops by itself; rerunning the same command resumes from ``<out>/latest.pt``
 (weights, EMA weights, optimizer, step and every RNG state, written atomically every few
 minutes and at the end). ``--export-only`` writes the latest checkpoint's EMA weights as a
-pipeline folder (default: the package's ``weights/``) for :func:`defaultmodel.load_default_pipeline`.
+pipeline folder (default: the package's ``weights/``) for :func:`dit_accel.defaultmodel.load_default_pipeline`.
 
 How the current checkpoint was trained (batch 16, lr 5e-4 throughout; each phase resumed the last):
 
@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dit_accel.harness.files import atomic_path
 
 from .data import DIRECTIONS, TRAIN_SEED_MIN, make_batch
 from .model import WAN_CONFIG, build_text_encoder, build_transformer, pixels_to_latents, with_positions
@@ -252,9 +254,8 @@ def _widen_patch_embedding(state: dict[str, torch.Tensor], model: nn.Module) -> 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` via a temporary file so a crash never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(out: Path) -> dict[str, Any] | None:
@@ -343,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m defaultmodel.train``."""
+    """Entry point of ``python -m dit_accel.defaultmodel.train``."""
     args = parse_args(argv)
     if args.export_only:
         export(Path(args.out), Path(args.export_to))

@@ -1,4 +1,4 @@
-"""Write generated videos to disk: animated GIF, PNG frame grid, MP4 when an encoder exists.
+"""Write generated videos to disk: animated GIF and PNG frame grid.
 
 Frames are float arrays ``[F, H, W, 3]`` in [0, 1] (one video of the pipeline's "np" output).
 The tiny 32x32 frames are enlarged with nearest-neighbour scaling so they stay crisp.
@@ -6,7 +6,6 @@ The tiny 32x32 frames are enlarged with nearest-neighbour scaling so they stay c
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -44,21 +43,4 @@ def save_png_grid(videos: np.ndarray, path: str | os.PathLike, scale: int = 4) -
     grid = pixels.transpose(0, 2, 1, 3, 4).reshape(b * h, f * w, 3)
     path = Path(path)
     Image.fromarray(grid).save(path)
-    return path
-
-
-def mp4_available() -> bool:
-    """True when ``imageio`` with its ffmpeg plugin is installed (never downloaded here)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("imageio", "imageio_ffmpeg"))
-
-
-def save_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = 8, scale: int = 8) -> Path:
-    """Write one video as MP4; raises RuntimeError when no encoder is installed."""
-    _check_video(frames)
-    if not mp4_available():
-        raise RuntimeError("MP4 needs `imageio` and `imageio-ffmpeg`; write a GIF instead")
-    import imageio
-
-    path = Path(path)
-    imageio.mimwrite(path, list(_to_uint8(frames, scale)), fps=fps)
     return path

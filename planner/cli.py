@@ -12,13 +12,16 @@ from typing import Any
 import click
 from tqdm.auto import tqdm
 
-from dit_accel.harness.cli import OneLineErrorGroup, emit_report, printable, user_errors
+from dit_accel.harness.cli import DEVICE, DTYPE, MODEL, OneLineErrorGroup, emit_report, printable, user_errors
 from dit_accel.runtime.plan import load_plan, read_key_file
 from dit_accel.runtime.replay_table import REUSE_MODES
 
 from .errors import PlannerError
 from .labels import RULES
-from .methods import METHODS, FitOptions, fit_plan
+from .closed_loop import load_closed_loop
+from .methods import METHODS, FitOptions, fit_profiles
+from .profiles import load_profiles
+from .reuse_costs import REUSE_COST_FIELDS
 from dit_accel.export.exporter import EXAMPLE_PROMPT, check_export_destination, check_exportable, export_onnx
 from dit_accel.runtime.plan import save_plan
 from .plots import plan_figure, save_figure
@@ -55,14 +58,31 @@ def main(ctx: click.Context) -> None:
 @click.option("--moreg/--no-moreg", default=True, show_default=True, help="AdaCache motion regularisation.")
 @click.option("--prune", is_flag=True, help="auto: allow PCAS prune steps (unicp always prunes).")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="stack", show_default=True, help="auto: which blocks share one schedule.")
-@click.option("--reuse", type=click.Choice(REUSE_MODES), help="auto: reuse steps add the cached residual as it is (hold) or moved one step along its slope (extrapolate, the default for auto).")
+@click.option("--reuse", type=click.Choice(REUSE_MODES), help="auto: reuse steps add the cached residual as it is (hold), moved along its slope by amounts fitted per run position (slope), or one step along it (extrapolate: the v1 solver). Default: the best measured of hold and slope.")
 @click.option("--sign-key-file", help="Sign the plan with the secret key in this file (HMAC-SHA256).")
+@click.option("--closed-loop/--no-closed-loop", default=True, show_default=True,
+              help="auto: replay the candidate schedules on the calibration prompts and keep the one that measures best "
+                   "(needs the profiled model: --model, or the embedded default model).")
+@MODEL
+@DEVICE
+@DTYPE
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def fit(profiles: tuple[str, ...], output: str, sign_key_file: str | None, as_json: bool, **options: Any) -> None:
-    """Fit a plan from one or more profiles of the same model."""
+def fit(profiles: tuple[str, ...], output: str, sign_key_file: str | None, closed_loop: bool, model: str | None,
+        device: str, dtype: str, as_json: bool, **options: Any) -> None:
+    """Fit a plan from one or more profiles of the same model.
+
+    `auto` on profiles with measured reuse costs searches the exact least-cost schedule and, with the closed loop
+    (default), measures its candidates on the calibration prompts: it refuses a plan that measures more than 3 dB
+    worse than predicted, naming the speedup that passes.
+    """
     key = read_key_file(sign_key_file) if sign_key_file else None
-    plan = fit_plan(list(profiles), FitOptions(**options))
+    fit_options = FitOptions(**options)
+    profile_set = load_profiles(list(profiles))
+    loop = None
+    if closed_loop and fit_options.method == "auto" and profile_set.has(*REUSE_COST_FIELDS):
+        loop = load_closed_loop(profile_set, model, device, dtype)
+    plan = fit_profiles(profile_set, fit_options, loop)
     save_plan(plan, output, key=key)
     report = {"output": output, "method": options["method"], "policy": plan.policy, "predicted": plan.predicted,
               "labels": list(plan.labels), "spans": [list(s) for s in plan.spans]}
@@ -71,8 +91,13 @@ def fit(profiles: tuple[str, ...], output: str, sign_key_file: str | None, as_js
 
 def _render_fit(report: dict[str, Any]) -> str:
     predicted = report["predicted"]
-    return (f"wrote {report['output']}: method {report['method']}, policy {report['policy']['kind']}, predicted speedup "
+    line = (f"wrote {report['output']}: method {report['method']}, policy {report['policy']['kind']}, predicted speedup "
             f"{predicted['speedup']:.2f}x, compute fraction {predicted['compute_fraction']:.2f}, error {predicted['error']:.4g}")
+    loop = predicted.get("closed_loop")
+    if loop:
+        line += (f"\nclosed loop on {loop['prompts']} calibration prompt(s), {len(loop['candidates'])} candidate(s): "
+                 f"measured error worst {loop['measured_worst']:.4g}, mean {loop['measured_mean']:.4g}")
+    return line
 
 
 @main.command()

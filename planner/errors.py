@@ -1,6 +1,6 @@
 """The planner's error type: every user mistake (bad profile, impossible budget, bad prompts file) is one of these."""
 
-from runtime.errors import DitAccelError
+from dit_accel.harness.errors import DitAccelError
 
 
 class PlannerError(DitAccelError):

@@ -5,9 +5,12 @@
 * `adacache` — adaptive codebook policy on a probe block's residual distance, MoReg on. Budget knob: codebook scale.
 * `bwcache` — adaptive similarity-indicator policy. Budget knob: the indicator quantile used as threshold.
 * `unicp` — EDCW windows per block and step, PCAS prune steps, DWS blend weights. Budget knob: the window threshold.
-* `auto` — greedy budget solver over compute / reuse (/ prune with --prune) per unit and step, foreground errors
-  weighted up. Units default to the whole stack: one synchronised schedule, as AdaCache found per-layer schedules
-  unstable and `validate` measures staggered per-block schedules far below their prediction (docs/planner.md).
+* `auto` — on profiles with measured reuse costs (whole stack, no pruning): the exact least-cost schedule from
+  dynamic programming on measured per-step reuse errors, for a plain hold and a calibrated slope, robust over prompts
+  (`search.py`, `reuse_costs.py`); with a closed loop, the candidate that measures best on the calibration prompts
+  (`closed_loop.py`). Otherwise: greedy budget solver over compute / reuse (/ prune with --prune) per unit and step,
+  foreground errors weighted up. Units default to the whole stack: one synchronised schedule, as AdaCache found
+  per-layer schedules unstable and `validate` measures staggered per-block schedules far below their prediction.
 
 Every preset with a budget keeps the least-error setting that meets it (see `solver.py`); without one it uses the
 paper's defaults (`auto`: target speedup 2, or the most reachable below that). The same profiles and options always give the same plan bytes.
@@ -21,26 +24,32 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from runtime.plan import Plan
-from runtime.schedule import REUSE_MODES
+from dit_accel.runtime.plan import COMPUTE, REUSE, Plan
+from dit_accel.runtime.replay_table import REUSE_MODES
 
-from .drift import build_predictor, normalised_drift
+from .drift import build_predictor, normalised_drift, sensitivity_weights
 from .errors import PlannerError
 from .labels import BlockLabels, fit_labels
 from .pca import PcaBases, fit_pca_bases, pruned_block_flops
-from .policies import (
+from .closed_loop import FAIL_RATIO, ClosedLoop
+from .adaptive_fit import (
     adacache_policy, adjacent_distances, bwcache_policy, choose_probe_block, indicator_blocks, moreg_settings, simulate,
     simulate_adacache, simulate_bwcache, unprotected,
 )
-from .predict import Predictor
+from .predict import Predictor, step_weights
 from .profiles import ProfileSet, load_profiles
-from .schedules import blending_blocks, edcw_actions, group_spans, interval_row, protected_steps
+from .reuse_costs import REUSE_COST_FIELDS, ReuseCosts, reuse_costs
+from .search import cell_costs, search, walk_cost
+from .shapes import blending_blocks, edcw_actions, group_spans, interval_row, protected_steps
 from .solver import Budget, Candidate, block_units, choose_candidate, greedy_schedule
 
 PLANNER_VERSION = "0.1.0"
 #: Names of the error model recorded in `predicted`: drift only, or drift with measured step sensitivity.
 ERROR_MODEL = "stale-drift-v1"
 ERROR_MODEL_SENSITIVITY = "stale-drift-v1+step-sensitivity"
+ERROR_MODEL_MEASURED = "measured-reuse-v2"
+#: The schedules `auto` searches on measured reuse costs: (reuse mode, robust aggregate over prompts).
+MEASURED_CANDIDATES = (("slope", "max"), ("slope", "mean"), ("hold", "max"), ("hold", "mean"))
 METHODS = ("profilingdit", "adacache", "bwcache", "unicp", "auto")
 LABEL_FIELDS = ("attention_received", "foreground")
 FEATURE_FIELDS = ("feature_queries", "feature_keys")
@@ -110,15 +119,31 @@ class MethodResult:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def fit_plan(profile_paths: Sequence[str], options: FitOptions) -> Plan:
-    """Fit a plan from one or more profile files of the same model."""
-    return fit_profiles(load_profiles(profile_paths), options)
+def fit_plan(profile_paths: Sequence[str], options: FitOptions, closed_loop: ClosedLoop | None = None) -> Plan:
+    """Fit a plan from one or more profile files of the same model.
+
+    Args:
+        profile_paths: HDF5 profiles written by `dit-profile` for one model and one set of settings.
+        options: the method and its parameters.
+        closed_loop: the model and calibration prompts to measure `auto`'s candidates on (None: choose by the
+            error model alone).
+
+    Raises:
+        PlannerError: the profiles do not support the request (missing fields, impossible budget, failed closed loop).
+    """
+    return fit_profiles(load_profiles(profile_paths), options, closed_loop)
 
 
-def fit_profiles(profiles: ProfileSet, options: FitOptions) -> Plan:
-    """Fit a plan from already opened profiles."""
+def fit_profiles(profiles: ProfileSet, options: FitOptions, closed_loop: ClosedLoop | None = None) -> Plan:
+    """Fit a plan from already opened profiles (see `fit_plan`)."""
     context = build_context(profiles, options)
-    result = METHOD_FITTERS[options.method](context)
+    if options.method == "auto" and measured_search_applies(context):
+        result = fit_auto_measured(context, closed_loop)
+    elif options.reuse == "slope":
+        raise PlannerError("--reuse slope needs a profile with measured reuse costs (dit-profile --reuse-lags) and a "
+                           "whole-stack schedule (no --prune, --granularity stack)")
+    else:
+        result = METHOD_FITTERS[options.method](context)
     return assemble_plan(context, result)
 
 
@@ -128,8 +153,8 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         raise PlannerError(f"unknown method {options.method!r} (known: {', '.join(METHODS)})")
     if not options.foreground_weight > 0:
         raise PlannerError(f"--foreground-weight must be positive, got {options.foreground_weight}")
-    if options.reuse not in (None, *REUSE_MODES) or (options.reuse == "extrapolate" and options.method != "auto"):
-        raise PlannerError(f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' is for --method auto only (the presets follow their papers), got {options.reuse!r} for {options.method}")
+    if options.reuse not in (None, *REUSE_MODES) or (options.reuse in ("extrapolate", "slope") and options.method != "auto"):
+        raise PlannerError(f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' / 'slope' are for --method auto only (the presets follow their papers), got {options.reuse!r} for {options.method}")
     budget = Budget(options.target_speedup, options.max_error)
     steps = profiles.num_steps
     sensitivity = profiles.stack_recorded("step_sensitivity")
@@ -146,8 +171,7 @@ def _resolve_steps(options: FitOptions, steps: int, sensitivity_measured: bool) 
     """(warm-up, protected last steps, longest reuse run): the method's defaults unless given.
 
     The longest reuse run defaults to steps/6, or steps/5 when the profile measured step sensitivity: then the error
-    model knows which steps are cheap to reuse (default model, 20 steps, auto 2.21x: runs of 4 late steps instead of
-    3 raised the worst held-out PSNR from 22.8 to 29.3 dB).
+    model knows which steps are cheap to reuse (docs/planner.md has the measurement behind this default).
     """
     defaults = {"profilingdit": (round(0.12 * steps), round(0.04 * steps)), "adacache": (1, 2)}
     warmup_default, last_default = defaults.get(options.method, (round(0.1 * steps), round(0.04 * steps)))
@@ -313,6 +337,166 @@ def fit_auto(context: FitContext) -> MethodResult:
     return MethodResult(actions, policy, context.predictor.summary(actions), {"budget": budget.to_json()})
 
 
+def measured_search_applies(context: FitContext) -> bool:
+    """Whether `auto` can search on measured reuse costs: the profile has them and the schedule is whole-stack."""
+    options = context.options
+    return (context.profiles.has(*REUSE_COST_FIELDS) and options.granularity == "stack" and not options.prune
+            and options.reuse in (None, "hold", "slope"))
+
+
+def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> MethodResult:
+    """`auto` on measured reuse costs: exact search per reuse mode and robust aggregate, then the closed loop.
+
+    Without a budget it aims at a 2x FLOP speedup. Only step 0 (nothing cached) and the steps the user forces with
+    --warmup / --protect-last always compute.
+    """
+    options = context.options
+    budget = context.budget if context.budget.given else Budget(target_speedup=AUTO_DEFAULT_SPEEDUP)
+    costs = _measured_costs(context)
+    weights = _measured_weights(context, costs)
+    forced = np.zeros(context.steps, dtype=bool)
+    forced[: options.warmup or 0] = True
+    if options.protect_last:
+        forced[context.steps - options.protect_last:] = True
+    modes = [(m, r) for m, r in MEASURED_CANDIDATES if options.reuse in (None, m)]
+    candidates = _measured_candidates(context, costs, weights, forced, budget, modes)
+    if closed_loop is not None:
+        for candidate in candidates:
+            candidate["measured"] = closed_loop.measure(_candidate_plan(context, candidate))
+        best = min(candidates, key=lambda c: (float(c["measured"].max()), -c["speedup"]))
+        _check_closed_loop(context, best, costs, weights, forced, modes, closed_loop)
+    else:
+        best = candidates[0]
+    policy = {"kind": "static", "reuse": best["mode"]}
+    if best["mode"] == "slope":
+        policy["slope_scale"] = [float(b) for b in costs.beta]
+    predicted = {**context.predictor.summary(best["actions"]), "error": best["error"], "error_model": ERROR_MODEL_MEASURED}
+    if closed_loop is not None:
+        predicted["closed_loop"] = _closed_loop_summary(candidates, best)
+    chosen = {"budget": budget.to_json(), "reuse": best["mode"], "objective": best["robust"], "max_run": costs.max_run}
+    return MethodResult(best["actions"], policy, predicted, chosen)
+
+
+def _measured_costs(context: FitContext) -> ReuseCosts:
+    profiles = context.profiles
+    lags = profiles.stack("reuse_gram").shape[-1]
+    runs = min((lags - 1) // 2, context.options.max_reuse or lags)
+    return reuse_costs(profiles.stack("reuse_gram"), profiles.stack("stack_output_sq"), max_run=runs)
+
+
+def _measured_weights(context: FitContext, costs: ReuseCosts) -> np.ndarray:
+    """Per step, the final-latent error of a unit stack-output error there: |σ_s − σ_{s+1}|, rescaled where the
+    profile measured step sensitivity so that a single reused step predicts exactly the final error measured."""
+    weights = step_weights(context.profiles.header.sigmas)
+    measured = context.profiles.stack_recorded("step_sensitivity")
+    if measured is None:
+        return weights
+    single = np.nan_to_num(costs.hold[: len(measured), :, 0]).mean(axis=0)
+    return sensitivity_weights(weights, single[None, :], measured)
+
+
+def _measured_candidates(context: FitContext, costs: ReuseCosts, weights: np.ndarray, forced: np.ndarray,
+                         budget: Budget, modes: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """One least-cost schedule per (reuse mode, robust aggregate) under the budget, duplicates dropped."""
+    candidates, seen = [], set()
+    for mode, robust in modes:
+        result = search(cell_costs(costs, mode, robust), weights, forced)
+        computed = _computed_steps(context, result.cost, result.reachable(), budget, costs.max_run)
+        candidate = _candidate(context, costs, weights, (mode, robust), result.schedule(computed))
+        key = (mode, candidate["reuse"].tobytes())
+        if key not in seen:
+            seen.add(key)
+            candidates.append(candidate)
+    return candidates
+
+
+def _schedule_with(context: FitContext, costs: ReuseCosts, weights: np.ndarray, forced: np.ndarray,
+                   mode: tuple[str, str], computed: int) -> dict[str, Any] | None:
+    """The least-cost candidate of one (reuse mode, aggregate) with exactly `computed` computed steps, if any."""
+    result = search(cell_costs(costs, *mode), weights, forced)
+    if not np.isfinite(result.cost[computed]):
+        return None
+    return _candidate(context, costs, weights, mode, result.schedule(computed))
+
+
+def _candidate(context: FitContext, costs: ReuseCosts, weights: np.ndarray, mode: tuple[str, str],
+               reuse: np.ndarray) -> dict[str, Any]:
+    """A schedule as a candidate: whole-stack actions, predicted worst-prompt error and FLOP speedup."""
+    predictor = context.predictor
+    actions = np.where(reuse[None, :], REUSE, COMPUTE).astype(np.uint8).repeat(context.blocks, axis=0)
+    worst = walk_cost(reuse, cell_costs(costs, mode[0], "max"), weights)
+    return {"mode": mode[0], "robust": mode[1], "actions": actions, "reuse": reuse, "error": worst,
+            "speedup": predictor.speedup(actions), "beta": costs.beta}
+
+
+def _closed_loop_summary(candidates: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
+    """What the plan records of its closed loop: every candidate's prediction next to its measurement."""
+    return {
+        "prompts": int(best["measured"].size),
+        "measured_worst": float(best["measured"].max()),
+        "measured_mean": float(best["measured"].mean()),
+        "candidates": [{"reuse": c["mode"], "objective": c["robust"], "speedup": float(c["speedup"]),
+                        "predicted": float(c["error"]), "measured_worst": float(c["measured"].max()),
+                        "measured_mean": float(c["measured"].mean())} for c in candidates],
+    }
+
+
+def _computed_steps(context: FitContext, cost: np.ndarray, reachable: np.ndarray, budget: Budget, max_run: int) -> int:
+    """How many steps compute: the fewest within the error cap, or the least-cost count meeting the target speedup."""
+    predictor, steps = context.predictor, context.steps
+    speedups = {int(n): _stack_speedup(predictor, steps, int(n)) for n in reachable}
+    if budget.max_error is not None:
+        within = [n for n in speedups if cost[n] <= budget.max_error]
+        if not within:
+            raise PlannerError(f"max error {budget.max_error:g} is impossible: the least predicted error is {cost[max(speedups)]:.4g}")
+        return min(within)
+    fast = [n for n, s in speedups.items() if s >= budget.target_speedup - 1e-9]
+    if not fast:
+        best = max(speedups.values())
+        raise PlannerError(f"target speedup {budget.target_speedup:g}x is impossible: at most {best:.3f}x with reuse runs of at most {max_run} steps")
+    return min(fast, key=lambda n: (cost[n], n))
+
+
+def _stack_speedup(predictor: Predictor, steps: int, computed: int) -> float:
+    full = float(predictor.block_flops.sum())
+    return (full + predictor.other_flops) * steps / (full * computed + predictor.other_flops * steps)
+
+
+def _candidate_plan(context: FitContext, candidate: dict[str, Any]) -> Plan:
+    policy = {"kind": "static", "reuse": candidate["mode"]}
+    if candidate["mode"] == "slope":
+        policy["slope_scale"] = [float(b) for b in candidate["beta"]]
+    header = context.profiles.header
+    spans = ((0, context.blocks),) if context.blocks > 1 else ()
+    return Plan(model=header.fingerprint, timesteps=header.timesteps, sigmas=header.sigmas, actions=candidate["actions"],
+                spans=spans, policy=policy)
+
+
+def _check_closed_loop(context: FitContext, best: dict[str, Any], costs: ReuseCosts, weights: np.ndarray,
+                       forced: np.ndarray, modes: Sequence[tuple[str, str]], closed_loop: ClosedLoop) -> None:
+    """Refuse a plan whose measured worst-prompt error exceeds its prediction by more than 3 dB.
+
+    The refusal names the fastest speedup whose best schedule passes (found by bisection on the computed steps).
+    """
+    worst = float(best["measured"].max())
+    if worst <= best["error"] * FAIL_RATIO:
+        return
+    low, high = int((~best["reuse"]).sum()) + 1, context.steps
+    passing = context.steps
+    while low <= high:
+        middle = (low + high) // 2
+        trial = _schedule_with(context, costs, weights, forced, modes[0], middle)
+        if trial is not None and float(closed_loop.measure(_candidate_plan(context, trial)).max()) <= trial["error"] * FAIL_RATIO:
+            passing, high = middle, middle - 1
+        else:
+            low = middle + 1
+    reachable = _stack_speedup(context.predictor, context.steps, passing)
+    raise PlannerError(
+        f"the {best['speedup']:.2f}x plan fails its closed loop: worst calibration prompt measured error {worst:.4g}, "
+        f"{20 * np.log10(worst / max(best['error'], 1e-12)):.1f} dB worse than predicted ({best['error']:.4g}); "
+        f"at most {reachable:.2f}x passes at {context.steps} steps (more steps, or a lower --target-speedup)")
+
+
 METHOD_FITTERS: dict[str, Callable[[FitContext], MethodResult]] = {
     "profilingdit": fit_profilingdit, "adacache": fit_adacache, "bwcache": fit_bwcache, "unicp": fit_unicp, "auto": fit_auto,
 }
@@ -339,7 +523,7 @@ def assemble_plan(context: FitContext, result: MethodResult) -> Plan:
         spans=spans,
         policy=result.policy,
         provenance=_provenance(context, result),
-        predicted={**_finite(result.predicted), "error_model": ERROR_MODEL_SENSITIVITY if context.sensitivity_measured else ERROR_MODEL},
+        predicted={"error_model": ERROR_MODEL_SENSITIVITY if context.sensitivity_measured else ERROR_MODEL, **_finite(result.predicted)},
         arrays=arrays,
     )
 

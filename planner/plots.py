@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from runtime.plan import Plan
+from dit_accel.runtime.plan import Plan
 
 ACTION_COLOURS = ListedColormap(["#2b6cb0", "#e2e8f0", "#dd6b20"])
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.plan import PRUNE, REUSE, Plan
+from dit_accel.runtime.plan import PRUNE, REUSE, Plan
 
 from .errors import PlannerError
 

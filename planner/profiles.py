@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from profiler.schema import Profile, ProfileHeader, open_profile
+from dit_accel.profiler.schema import Profile, ProfileHeader, open_profile
 
 from .errors import PlannerError
 
@@ -49,10 +49,6 @@ class ProfileSet:
     @property
     def num_steps(self) -> int:
         return int(self.header.timesteps.shape[0])
-
-    @property
-    def num_prompts(self) -> int:
-        return sum(len(p.prompts) for p in self.profiles)
 
     def has(self, *fields: str) -> bool:
         """Whether every prompt of every profile recorded all `fields`."""

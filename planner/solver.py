@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.plan import COMPUTE, PRUNE, REUSE
+from dit_accel.runtime.plan import COMPUTE, PRUNE, REUSE
 
 from .errors import PlannerError
 from .predict import Predictor
-from .schedules import longest_reuse_run
+from .shapes import longest_reuse_run
 
 GRANULARITIES = ("block", "label", "stack")
 FORWARD = ((COMPUTE, REUSE), (COMPUTE, PRUNE), (PRUNE, REUSE))

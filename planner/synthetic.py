@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from profiler.schema import ProfileHeader, ProfileWriter, PromptInfo, prompt_key
-from runtime.plan import ModelFingerprint
+from dit_accel.profiler.schema import ProfileHeader, ProfileWriter, PromptInfo, prompt_key
+from dit_accel.runtime.plan import ModelFingerprint
 
 GRID = (2, 4, 4)
 HEADS, HEAD_DIM, SAMPLES = 2, 8, 24

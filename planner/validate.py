@@ -17,22 +17,22 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from profiler.flops import count_flops
-from profiler.metrics import psnr, ssim
-from runtime.plan import COMPUTE, Plan
-from runtime.adapters import find_transformer
-from runtime.replay import apply_plan
-from runtime.schedule import remap_actions
+from dit_accel.profiler.flops import count_flops
+from dit_accel.harness.metrics import psnr, ssim
+from dit_accel.harness.pipelines import first_video, generate
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.runtime.plan import COMPUTE, Plan
+from dit_accel.runtime.adapters import find_transformer
+from dit_accel.runtime.replay import apply_plan
+from dit_accel.runtime.replay_table import remap_actions
 
 from .errors import PlannerError
 from .predict import Predictor, predictor_from_plan
-from .schedules import blending_blocks, group_spans
+from .shapes import blending_blocks, group_spans
 from .solver import restore_schedule
 
 MARGIN_DB = 0.5
@@ -50,11 +50,7 @@ class PipelineRunner:
 
     def generate(self, prompt: str, seed: int, steps: int) -> np.ndarray:
         """Video [frames, height, width, rgb] in [0, 1]."""
-        frames = self.pipe(
-            prompt=prompt, num_inference_steps=steps, guidance_scale=self.guidance_scale,
-            generator=torch.Generator().manual_seed(seed), output_type="np", **self.size,
-        ).frames
-        return np.asarray(frames[0], dtype=np.float32)
+        return first_video(generate(self.pipe, PromptSpec(prompt, "", seed), steps, self.guidance_scale, self.size))
 
 
 @dataclass(frozen=True)
@@ -117,20 +113,6 @@ def profiled_generation(plan: Plan) -> tuple[float, dict[str, int]]:
     settings = plan.provenance.get("profile_settings", {})
     size = {key[len("size_"):]: int(value) for key, value in settings.items() if key.startswith("size_")}
     return float(settings.get("guidance_scale", 5.0)), size
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Held-out prompts, one per line; blank lines and lines starting with '#' are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise PlannerError(f"prompts file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise PlannerError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise PlannerError(f"prompts file {path} holds no prompt (one per line)")
-    return prompts
 
 
 def validate_plan(plan: Plan, runner: PipelineRunner, prompts: Sequence[str], *, steps: int | None = None, repeats: int = 3, seed: int = 0,

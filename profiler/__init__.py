@@ -1,1 +1,1 @@
-"""profiler package."""
+"""dit_accel.profiler package."""

@@ -1,4 +1,4 @@
-"""`python -m profiler` is `dit-profile`."""
+"""`python -m dit_accel.profiler` is `dit-profile`."""
 
 from .cli import main
 

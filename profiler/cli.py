@@ -1,6 +1,6 @@
 """`dit-profile`: record per-block, per-timestep behaviour of a video DiT into an HDF5 profile.
 
-A thin click wrapper over `profiler.run`; every user mistake ends as one `error: …` line and exit code 2.
+A thin click wrapper over `dit_accel.profiler.run`; every user mistake ends as one `error: …` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ from typing import Any
 
 import click
 
-from .cli_common import OneLineErrorGroup, emit_report, user_errors
+from dit_accel.harness.cli import (
+    DEVICE, DTYPE, FRAMES, HEIGHT, JSON, MODEL, QUIET, WIDTH, OneLineErrorGroup, emit_report, user_errors, video_size,
+)
 from .recorder import RecordSettings
-from .run import check_output_location, load_pipeline, merge_profiles, profile_distributed, read_prompts
+from .run import check_output_location, merge_profiles, profile_distributed
+from dit_accel.harness.pipelines import load_pipeline
+from dit_accel.harness.prompts import read_prompt_file
 
 
 class _DefaultToRun(OneLineErrorGroup):
@@ -47,14 +51,14 @@ def _render(report: dict[str, Any]) -> str:
 @main.command("run")
 @click.argument("prompts", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HDF5 profile to write.")
-@click.option("--model", default=None, type=click.Path(), help="Local diffusers pipeline folder (default: the embedded model).")
+@MODEL
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(2, 1000), help="Denoising steps.")
 @click.option("--guidance", default=5.0, show_default=True, type=float, help="Classifier-free guidance scale (<= 1 records the cond branch only).")
-@click.option("--frames", default=None, type=click.IntRange(1), help="Video frames (default: the pipeline's).")
-@click.option("--height", default=None, type=click.IntRange(8), help="Video height in pixels (default: the pipeline's).")
-@click.option("--width", default=None, type=click.IntRange(8), help="Video width in pixels (default: the pipeline's).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@FRAMES
+@HEIGHT
+@WIDTH
+@DTYPE
+@DEVICE
 @click.option("--attention-every", default=2, show_default=True, type=click.IntRange(1), help="Record attention maps and PCA features every N steps.")
 @click.option("--query-samples", default=64, show_default=True, type=click.IntRange(1), help="Queries sampled per attention map.")
 @click.option("--cross-tokens", default=32, show_default=True, type=click.IntRange(1), help="Text tokens kept in cross-attention maps.")
@@ -65,23 +69,27 @@ def _render(report: dict[str, Any]) -> str:
               help="Steps at which to measure what reusing the whole stack does to the final latent (one generation each; 0: off).")
 @click.option("--sensitivity-prompts", default=1, show_default=True, type=click.IntRange(0),
               help="How many of the first prompts get the step-sensitivity measurement.")
+@click.option("--reuse-lags", default=8, show_default=True, type=click.IntRange(0, 32),
+              help="Longest reuse run whose measured cost is recorded (whole stack; 0: off). dit-plan's auto needs it.")
 @click.option("--resume", is_flag=True, help="Complete an interrupted profile (same model and options).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@JSON
+@QUIET
 @user_errors
 def run_command(prompts: str, output: str, model: str | None, steps: int, guidance: float, frames: int | None,
                 height: int | None, width: int | None, dtype: str, device: str, attention_every: int,
                 query_samples: int, cross_tokens: int, feature_samples: int, no_attention: bool, no_features: bool,
-                sensitivity_steps: int, sensitivity_prompts: int, resume: bool, as_json: bool, quiet: bool) -> None:
+                sensitivity_steps: int, sensitivity_prompts: int, reuse_lags: int, resume: bool, as_json: bool,
+                quiet: bool) -> None:
     """Profile the prompts of PROMPTS (.txt: one per line; .jsonl: prompt, negative_prompt, seed)."""
-    specs = read_prompts(prompts)
+    specs = read_prompt_file(prompts)
     check_output_location(output)
     settings = RecordSettings(
         num_inference_steps=steps, guidance_scale=guidance, attention_every=attention_every, query_samples=query_samples,
         cross_tokens=cross_tokens, feature_samples=feature_samples, record_attention=not no_attention,
         record_features=not no_features, sensitivity_steps=sensitivity_steps, sensitivity_prompts=sensitivity_prompts,
+        reuse_lags=reuse_lags,
     )
-    size = {k: v for k, v in {"num_frames": frames, "height": height, "width": width}.items() if v is not None}
+    size = video_size(frames, height, width)
     _init_distributed(device)
     pipe = load_pipeline(model, device=device, dtype=dtype)
     summary = profile_distributed(pipe, specs, output, settings, size=size, resume=resume, progress=not quiet)

@@ -11,7 +11,7 @@ absolute values, a MoReg motion score of the residual, and the drift of the mode
 the cond branch it records the attention each token receives, cross-attention to text tokens for sampled queries,
 and query/key samples for PCA.
 
-Calibration data flow (which prompts, which pipeline call) lives in `profiler.run`; this module only observes.
+Calibration data flow (which prompts, which pipeline call) lives in `dit_accel.profiler.run`; this module only observes.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.overrides import TorchFunctionMode
 
-from runtime.adapters import AttentionModule, BlockList, ModelAdapter
-from runtime.replay import BranchState, BranchStates, StepHook, _block_inputs, _block_outputs
+from dit_accel.runtime.adapters import AttentionModule, BlockList, ModelAdapter
+from dit_accel.runtime.adapters import block_inputs, block_outputs
+from dit_accel.runtime.branches import BranchStates, StepState
+from dit_accel.runtime.replay import StepHook
 
 PROBE_STEP_HOOK = "dit_profile_step"
 PROBE_BLOCK_HOOK = "dit_profile_block"
@@ -50,6 +52,12 @@ class RecordSettings:
     record_features: bool = True
     sensitivity_steps: int = 6
     sensitivity_prompts: int = 1
+    reuse_lags: int = 8
+
+    @property
+    def recorded_lags(self) -> int:
+        """Lags of the whole-stack residual kept for reuse costs: runs up to `reuse_lags` and slopes behind them."""
+        return 2 * self.reuse_lags + 1 if self.reuse_lags > 0 else 0
 
     def attention_steps(self) -> list[int]:
         """Steps on which attention maps and features are recorded (every `attention_every`-th, plus the last)."""
@@ -57,7 +65,7 @@ class RecordSettings:
         return sorted(steps)
 
 
-class ProbeState(BranchState):
+class ProbeState(StepState):
     """Per-branch recording state: previous-step tensors and the metric accumulators of the current generation."""
 
     def __init__(self, num_steps: int, num_blocks: int) -> None:
@@ -68,6 +76,12 @@ class ProbeState(BranchState):
         self.prev_model_output: torch.Tensor | None = None
         self.metrics: dict[str, torch.Tensor] = {}
         self.model_output_rel_l1: torch.Tensor | None = None
+        self.stack_input: torch.Tensor | None = None
+        #: Whole-stack residuals of the last recorded steps, and ⟨R_a, R_b⟩ per sample (float64) for step pairs.
+        self.stack_history: dict[int, torch.Tensor] = {}
+        self.stack_dots: dict[tuple[int, int], torch.Tensor] = {}
+        self.reuse_gram: torch.Tensor | None = None
+        self.stack_output_sq: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.__init__(self.num_steps, self.num_blocks)
@@ -78,6 +92,11 @@ class ProbeState(BranchState):
         if store is None:
             store = self.metrics[name] = torch.full((self.num_steps, self.num_blocks, values.shape[0]), math.nan, device=values.device)
         store[step, block] = values
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample ⟨a, b⟩ over all but the batch dimension, accumulated in float64."""
+    return (a.double() * b.double()).flatten(1).sum(1)
 
 
 def _token_layout(spec: AttentionModule, queries: int, keys: int, video: int) -> tuple[slice, slice | None] | None:
@@ -128,13 +147,12 @@ class ProbeBranches(BranchStates):
         self.finished: dict[str, ProbeState] = {}
 
     def reset(self, *args: Any, **kwargs: Any) -> None:
-        if self._state_cache:
-            self.finished = self._state_cache
-        self._state_cache = {}
-        self._context = None
+        states = self.take()
+        if states:
+            self.finished = states
 
     def branches(self) -> dict[str, ProbeState]:
-        return self._state_cache or self.finished
+        return super().branches() or self.finished
 
 
 class BlockProbe(ModelHook):
@@ -145,12 +163,16 @@ class BlockProbe(ModelHook):
         self.recorder, self.index, self.spec = recorder, index, spec
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        hidden_in, _ = _block_inputs(self.spec, args, kwargs)
+        hidden_in, _ = block_inputs(self.spec, args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        hidden_out, _ = _block_outputs(self.spec, output)
+        hidden_out, _ = block_outputs(self.spec, output)
         state: ProbeState = self.recorder.branches.get_state()
         with torch.no_grad():
             self._record(state, hidden_in, hidden_out)
+            if self.index == 0:
+                state.stack_input = hidden_in.detach()
+            if self.index == state.num_blocks - 1 and state.stack_input is not None:
+                self.recorder.observe_stack(state, hidden_out - state.stack_input, hidden_out)
         return output
 
     def _record(self, state: ProbeState, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
@@ -272,7 +294,7 @@ class Recorder:
         self.grid = self.adapter.token_grid(module.config, hidden, kwargs)
         self.tokens_per_frame = self.grid[1] * self.grid[2]
         state = self.branches.get_state()
-        name = self.branches._context.name if self.branches._context is not None else "default"
+        name = self.branches.branch_name()
         is_cond = name != "uncond"
         self.cond_row = hidden.shape[0] // 2 if (name == "cond_uncond" and hidden.shape[0] > 1) else 0
         self.current_step = state.step
@@ -281,6 +303,36 @@ class Recorder:
             self.progress.update(1)
         if is_cond and state.step == self.settings.num_inference_steps - 1:
             self.final_latent = hidden[self.cond_row].detach().float().cpu().numpy()
+
+    def observe_stack(self, state: "ProbeState", residual: torch.Tensor, output: torch.Tensor) -> None:
+        """Record the Gram matrix of `R_{s−i} − R_s` (i = 1 … L) for the whole-stack residual R, and ‖h_out‖².
+
+        Only ⟨R_s, R_{s−i}⟩ is new at step s; earlier pairs are kept, so a step costs L + 1 dot products (in float64,
+        since the Gram of differences is a small difference of large dot products). The planner derives every reuse
+        error from it (planner/reuse_costs.py).
+        """
+        lags, step = self.settings.recorded_lags, state.step
+        if lags == 0:
+            return
+        if state.reuse_gram is None:
+            batch, device = residual.shape[0], residual.device
+            state.reuse_gram = torch.full((state.num_steps, lags, lags, batch), math.nan, dtype=torch.float64, device=device)
+            state.stack_output_sq = torch.full((state.num_steps, batch), math.nan, dtype=torch.float64, device=device)
+        current = residual.detach()
+        state.stack_history = {s: r for s, r in state.stack_history.items() if step - lags <= s < step}
+        state.stack_dots = {k: v for k, v in state.stack_dots.items() if min(k) >= step - lags}
+        for earlier, past in [(step, current), *state.stack_history.items()]:
+            state.stack_dots[(earlier, step)] = _dots(current, past)
+        state.stack_output_sq[step] = _dots(output, output)
+        here = state.stack_dots[(step, step)]
+        for i in range(1, lags + 1):
+            for k in range(i, lags + 1):
+                a, b = step - i, step - k
+                if b < 0:
+                    break
+                value = state.stack_dots[(b, a)] - state.stack_dots[(a, step)] - state.stack_dots[(b, step)] + here
+                state.reuse_gram[step, i - 1, k - 1] = state.reuse_gram[step, k - 1, i - 1] = value
+        state.stack_history[step] = current
 
     def observe_attention(self, block: int, spec: AttentionModule, query: torch.Tensor, key: torch.Tensor, scale: float | None) -> None:
         """Record received attention, cross-attention and q/k samples from one attention call (cond row)."""
@@ -339,10 +391,13 @@ class Recorder:
         self.branches.finished = {}
 
     def collect(self, branch_names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Arrays of the generation that just ran, keyed by profile field (see `profiler.schema.FIELDS`)."""
+        """Arrays of the generation that just ran, keyed by profile field (see `dit_accel.profiler.schema.FIELDS`)."""
         per_branch = self._per_branch(branch_names)
         arrays = {name: np.stack([per_branch[b][name] for b in branch_names]) for name in DRIFT_METRICS}
         arrays["model_output_rel_l1"] = np.stack([per_branch[b]["model_output_rel_l1"] for b in branch_names])
+        if self.settings.recorded_lags:
+            arrays["reuse_gram"] = np.stack([per_branch[b]["reuse_gram"] for b in branch_names])
+            arrays["stack_output_sq"] = np.stack([per_branch[b]["stack_output_sq"] for b in branch_names])
         if self.settings.record_attention:
             arrays["attention_steps"] = np.asarray(self.attention_steps, np.int32)
             arrays["query_index"] = (self.query_index if self.query_index is not None else torch.zeros(0)).numpy().astype(np.int32)
@@ -371,6 +426,12 @@ class Recorder:
             metrics = {name: state.metrics[name][..., row].cpu().numpy() if name in state.metrics else nan for name in DRIFT_METRICS}
             model_out = state.model_output_rel_l1
             metrics["model_output_rel_l1"] = (model_out[:, row].cpu().numpy() if model_out is not None else nan[:, 0])
+            lags, steps = self.settings.recorded_lags, self.settings.num_inference_steps
+            gram, output_sq = state.reuse_gram, state.stack_output_sq
+            metrics["reuse_gram"] = (gram[..., row].float().cpu().numpy() if gram is not None
+                                     else np.full((steps, lags, lags), np.nan, np.float32))
+            metrics["stack_output_sq"] = (output_sq[:, row].float().cpu().numpy() if output_sq is not None
+                                          else np.full(steps, np.nan, np.float32))
             result[branch] = metrics
         return result
 

@@ -8,7 +8,6 @@ Under `torchrun`, every rank profiles its shard of prompts into its own file and
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -19,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.adapters import find_transformer, fingerprint_model, get_adapter
-from runtime.errors import DitAccelError
+from dit_accel.runtime.adapters import find_transformer, fingerprint_model, get_adapter, noisy_latent_channels
+from dit_accel.harness.errors import DitAccelError
+from dit_accel.harness.pipelines import generate
+from dit_accel.harness.prompts import PromptSpec
 
 from .flops import count_flops
 from .foreground import foreground_mask, latent_to_token_features
@@ -30,94 +31,6 @@ from .sensitivity import measure_sensitivity, sensitivity_steps
 
 MAX_STORED_VIDEO_BYTES = 4 << 20
 COST_STEPS = 3
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """One calibration prompt: text, negative text and the seed of its initial noise."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-
-
-def read_prompts(path: str | os.PathLike) -> list[PromptSpec]:
-    """Prompts from a `.txt` file (one per line, seeds 0, 1, …) or `.jsonl` (prompt, negative_prompt, seed)."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DitAccelError(f"cannot read prompts file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    entries = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
-    if not entries:
-        raise DitAccelError(f"prompts file {path} holds no prompt (one per line, or JSON lines with a 'prompt' key)")
-    if path.suffix == ".jsonl":
-        return [_prompt_from_json(path, n, line) for n, line in entries]
-    return [PromptSpec(line, "", seed) for seed, (_, line) in enumerate(entries)]
-
-
-def _prompt_from_json(path: Path, line_number: int, line: str) -> PromptSpec:
-    try:
-        data = json.loads(line)
-    except ValueError:
-        raise DitAccelError(f"{path}:{line_number}: not valid JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
-        raise DitAccelError(f"{path}:{line_number}: each JSON line needs a non-empty string 'prompt'")
-    seed = data.get("seed", line_number - 1)
-    if not isinstance(seed, int):
-        raise DitAccelError(f"{path}:{line_number}: 'seed' must be an integer")
-    return PromptSpec(data["prompt"], str(data.get("negative_prompt", "")), seed)
-
-
-def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32") -> Any:
-    """The embedded default pipeline (`model=None`) or a diffusers pipeline from a local folder, never a hub.
-
-    A saved `TinyVideoPipeline` folder (the default model's class) loads through its own `from_pretrained`, since
-    diffusers' generic loader needs `accelerate` for Wan's float32-pinned modules.
-    """
-    torch_dtype = _dtype(dtype)
-    try:
-        pipe = _load(model, torch_dtype)
-    except FileNotFoundError as exc:
-        raise DitAccelError(str(exc)) from None
-    except (OSError, ValueError, KeyError) as exc:
-        raise DitAccelError(f"cannot load the pipeline in {model}: {str(exc).splitlines()[0]}") from None
-    pipe = pipe.to(device)
-    get_adapter(find_transformer(pipe))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _load(model: str | None, torch_dtype: torch.dtype) -> Any:
-    if model is None:
-        from defaultmodel import load_default_pipeline
-
-        return load_default_pipeline(dtype=torch_dtype)
-    index = Path(model) / "model_index.json"
-    if not index.is_file():
-        raise DitAccelError(f"model folder {model} is not a local diffusers pipeline folder (no model_index.json); pass a folder saved with save_pretrained")
-    if json.loads(index.read_text()).get("_class_name") == "TinyVideoPipeline":
-        from defaultmodel import TinyVideoPipeline
-
-        return TinyVideoPipeline.from_pretrained(model, torch_dtype=torch_dtype)
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=True)
-
-
-def _dtype(name: str) -> torch.dtype:
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in choices:
-        raise DitAccelError(f"unknown dtype {name!r}; choose one of {', '.join(choices)}")
-    return choices[name]
-
-
-def generate(pipe: Any, spec: PromptSpec, steps: int, guidance: float, size: dict[str, int], output_type: str = "np") -> Any:
-    """One generation of `spec` with a seeded generator; returns the pipeline's frames."""
-    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-    result = pipe(prompt=spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=steps,
-                  guidance_scale=guidance, generator=generator, output_type=output_type, **size)
-    return result.frames
 
 
 @dataclass(frozen=True)
@@ -270,15 +183,8 @@ def _profile_one(pipe: Any, recorder: Recorder, spec: PromptSpec, settings: Reco
     return arrays
 
 
-def noisy_latent_channels(config: Any) -> int | None:
-    """How many leading input channels are the noisy latent: `out_channels` when the model takes more inputs than it
-    predicts (the rest is conditioning the pipeline appends), else all of them (None)."""
-    inputs, outputs = getattr(config, "in_channels", None), getattr(config, "out_channels", None)
-    return outputs if inputs and outputs and inputs > outputs else None
-
-
 def _patch(config: Any, adapter: Any) -> tuple[int, int, int]:
-    from runtime.adapters import _patch_sizes
+    from dit_accel.runtime.adapters import _patch_sizes
 
     spatial, temporal = _patch_sizes(adapter.grid, config)
     return (1, 1, 1) if adapter.grid.layout == "tokens" else (temporal, spatial, spatial)

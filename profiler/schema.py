@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,8 +32,9 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from runtime.errors import DitAccelError
-from runtime.plan import ModelFingerprint, make_world_readable
+from dit_accel.harness.errors import DitAccelError
+from dit_accel.harness.files import atomic_path
+from dit_accel.runtime.plan import ModelFingerprint
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dit-profile"
@@ -75,6 +75,8 @@ FIELDS: dict[str, Field] = {
     "feature_keys": Field("features/keys", ("block", "sample", "head", "channel"), "float16"),
     "video": Field("video", ("frame", "pixel_height", "pixel_width", "rgb"), "uint8"),
     "step_sensitivity": Field("sensitivity/final_error", ("step",), "float32"),
+    "reuse_gram": Field("reuse/gram", ("branch", "step", "lag", "lag"), "float32"),
+    "stack_output_sq": Field("reuse/stack_output_sq", ("branch", "step"), "float32"),
 }
 _ROOT_ARRAYS = {
     "timesteps": ("timesteps", ("step",), "float64"),
@@ -136,9 +138,6 @@ class ProfileWriter:
                 raise ProfileError(f"{self.path} does not exist and no header was given to create it")
             self._atomic(lambda f: _write_header(f, header), copy=False)
 
-    def completed(self) -> set[int]:
-        """Indices of the prompts already complete in the file."""
-        return {p.index for p in open_profile(self.path).prompts}
 
     def add_prompt(self, info: PromptInfo, arrays: dict[str, np.ndarray]) -> None:
         """Append one complete prompt (fields by `FIELDS` name); the file is replaced atomically."""
@@ -158,20 +157,12 @@ class ProfileWriter:
         self._atomic(write, copy=True)
 
     def _atomic(self, write, copy: bool) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(self.path) as tmp:
             if copy:
                 shutil.copyfile(self.path, tmp)
             with h5py.File(tmp, "a") if copy else h5py.File(tmp, "w", userblock_size=USERBLOCK_BYTES) as handle:
                 write(handle)
             seal(tmp)
-            make_world_readable(tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 def _write_header(f: h5py.File, header: ProfileHeader) -> None:

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.adapters import find_transformer, fingerprint_model, get_adapter
-from runtime.plan import COMPUTE, REUSE, Plan
-from runtime.replay import apply_plan
+from dit_accel.runtime.adapters import find_transformer, fingerprint_model, get_adapter
+from dit_accel.runtime.plan import COMPUTE, REUSE, Plan
+from dit_accel.runtime.replay import apply_plan
 
 from .recorder import RecordSettings
 

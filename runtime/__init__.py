@@ -3,7 +3,7 @@
 Depends on torch, diffusers, numpy and safetensors only (never on h5py, scikit-learn, matplotlib or click).
 
 Example:
-    >>> from runtime import apply_plan, load_plan
+    >>> from dit_accel.runtime import apply_plan, load_plan
     >>> with apply_plan(pipe, load_plan("model.plan")):
     ...     video = pipe(prompt="a red circle moves left").frames
 """

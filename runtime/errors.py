@@ -1,8 +1,8 @@
 """Error classes of the runtime: every user mistake surfaces as one of these, with a one-line message."""
 
+from dit_accel.harness.errors import DitAccelError
 
-class DitAccelError(Exception):
-    """Base class of the project's own errors; the CLIs print its message on one line and exit non-zero."""
+__all__ = ["AdapterError", "DitAccelError", "PlanError"]
 
 
 class PlanError(DitAccelError):

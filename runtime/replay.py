@@ -67,8 +67,8 @@ class BranchState(StepState):
         self.tokens_per_frame = 1
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.residuals: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        #: Per span, the raw residual of its last computed step (extrapolating plans only).
-        self.computed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: Per span, the slope of its residual per step between the last two stores (slope modes only).
+        self.slopes: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         #: Per span, the step its last residual was stored at (host-side bookkeeping for extrapolation slopes).
         self.stored_at: dict[int, int] = {}
         #: DWS weights given as tensors per block (ONNX export feeds them as graph inputs); else the table's floats.
@@ -85,7 +85,7 @@ class BranchState(StepState):
         """
         for span in range(spans):
             self.residuals.setdefault(span, EMPTY)
-            self.computed.setdefault(span, EMPTY)
+            self.slopes.setdefault(span, EMPTY)
 
     def current_actions(self) -> StepActions:
         """This call's actions: the step hook's, else (block hooks driven without one, as the ONNX exporter does)
@@ -94,7 +94,7 @@ class BranchState(StepState):
 
     def cache_bytes(self) -> int:
         """Bytes held by this branch's cached residuals."""
-        pairs = [*self.residuals.values(), *self.computed.values()]
+        pairs = [*self.residuals.values(), *self.slopes.values()]
         return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
 
 
@@ -257,24 +257,30 @@ class BlockHook(ModelHook):
 
     def _cache_value(self, state: BranchState, scale: float | None,
                      residual: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What later reuse steps add: the residual, or (extrapolating plans) the residual plus one step of its slope.
+        """Store the residual; in slope modes also its slope per step since the span's previous stored residual.
 
-        The slope is taken between this computed step and the span's previous one (`scale` is one over the steps
-        between them, `None` when there is no previous one); holding the one-step prediction over a whole reuse run
-        (rather than following the line) measured best on the default model (auto 1.5x: 36.3 → 43.4 dB; 2x:
-        29.5 → 32.2 dB; following the full line over runs of 4 steps overshoots).
+        `scale` is one over the steps between the two (`None` when there is no previous one: no slope yet). Where
+        the cache is used, `_cached` moves the residual `advance` steps along the slope.
         """
-        if not self.extrapolate:
-            return residual
-        previous = state.computed.get(self.span_index, EMPTY)
-        state.computed[self.span_index] = residual
-        if scale is None:
-            return residual
-        hidden_before, encoder_before = previous
-        hidden = residual[0] + (residual[0] - hidden_before) * scale
-        encoder = residual[1]
-        if encoder is not None and encoder_before is not None:
-            encoder = encoder + (encoder - encoder_before) * scale
+        if self.extrapolate:
+            hidden_before, encoder_before = state.residuals.get(self.span_index, EMPTY)
+            if scale is None or hidden_before is None:
+                state.slopes[self.span_index] = EMPTY
+            else:
+                encoder = residual[1]
+                encoder_slope = None if encoder is None or encoder_before is None else (encoder - encoder_before) * scale
+                state.slopes[self.span_index] = ((residual[0] - hidden_before) * scale, encoder_slope)
+        return residual
+
+    def _cached(self, state: BranchState, advance: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The span's cached residual moved `advance` steps along its slope (as stored when `advance` is 0)."""
+        hidden, encoder = state.residuals[self.span_index]
+        hidden_slope, encoder_slope = state.slopes.get(self.span_index, EMPTY)
+        if advance == 0.0 or hidden_slope is None:
+            return hidden, encoder
+        hidden = hidden + hidden_slope if advance == 1.0 else hidden + hidden_slope * advance
+        if encoder is not None and encoder_slope is not None:
+            encoder = encoder + encoder_slope if advance == 1.0 else encoder + encoder_slope * advance
         return hidden, encoder
 
     def _forward(self, args: tuple, kwargs: dict, pruned: bool) -> Any:
@@ -289,7 +295,7 @@ class BlockHook(ModelHook):
     def _blend(self, state: BranchState, inputs: tuple, output: Any, weight: float | torch.Tensor) -> Any:
         """DWS: weight·pruned + (1 − weight)·cached, for the hidden (and encoder) states."""
         hidden_in, encoder_in = inputs
-        hidden_residual, encoder_residual = state.residuals[self.span_index]
+        hidden_residual, encoder_residual = self._cached(state, state.current_actions().advance[self.span_index])
         hidden_out, encoder_out = block_outputs(self.spec, output)
         hidden = torch.lerp(hidden_in + hidden_residual, hidden_out, weight)
         if encoder_residual is not None and encoder_out is not None:
@@ -298,7 +304,7 @@ class BlockHook(ModelHook):
 
     def _reuse(self, state: BranchState, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         if self.is_first:
-            hidden_residual, encoder_residual = state.residuals[self.span_index]
+            hidden_residual, encoder_residual = self._cached(state, state.current_actions().advance[self.span_index])
             hidden = hidden + hidden_residual
             if encoder_residual is not None:
                 encoder = encoder + encoder_residual

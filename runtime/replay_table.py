@@ -23,19 +23,22 @@ from .errors import PlanError
 from .plan import COMPUTE, PRUNE, REUSE, Plan
 
 MIN_STEP_RATIO, MAX_STEP_RATIO = 0.5, 2.0
-#: What a reuse step adds (plan policy key `reuse`): the span's last residual as it is, or that residual moved one
-#: step along its slope between the last two computed steps (a first-order hold).
-REUSE_MODES = ("hold", "extrapolate")
+#: What a reuse step adds (plan policy key `reuse`): the span's last residual R as it is (`hold`), or R moved along its
+#: slope D between the last two stored residuals: one step of it at every reuse step (`extrapolate`), or β_j steps at
+#: the j-th step of a reuse run, β from the plan's `slope_scale` list (`slope`, fitted by the planner).
+REUSE_MODES = ("hold", "extrapolate", "slope")
 
 
 @dataclass(frozen=True)
 class StepActions:
     """What the block hooks do at one transformer call: the plan's action set at that step.
 
-    Per span: `reuse` (add the cached residual), `store` (cache the residual after computing) and `slope`, the
-    extrapolation factor 1 / (steps since the span's previous stored residual), `None` when there is none or the
-    plan holds its residuals. Per block: `prune` and `blend` (DWS weight). The values are plain Python constants
-    compared by value, which is what `torch.compile` guards on: steps with equal actions share one graph.
+    Per span: `reuse` (add the cached residual), `store` (cache the residual after computing), `slope`, the
+    factor 1 / (steps since the span's previous stored residual) that turns their difference into a per-step slope,
+    `None` when there is none or the plan holds its residuals, and `advance`, how many steps along that slope the
+    cached residual is moved where it is used (0 for a plain hold). Per block: `prune` and `blend` (DWS weight). The
+    values are plain Python constants compared by value, which is what `torch.compile` guards on: steps with equal
+    actions share one graph.
     """
 
     reuse: tuple[bool, ...]
@@ -43,11 +46,12 @@ class StepActions:
     prune: tuple[bool, ...]
     blend: tuple[float, ...]
     slope: tuple[float | None, ...]
+    advance: tuple[float, ...]
 
     def reusing_all(self) -> StepActions:
         """These actions with every span reusing and nothing stored (an adaptive policy's whole-stack reuse)."""
         spans = len(self.reuse)
-        return replace(self, reuse=(True,) * spans, store=(False,) * spans, slope=(None,) * spans)
+        return replace(self, reuse=(True,) * spans, store=(False,) * spans, slope=(None,) * spans, advance=(0.0,) * spans)
 
     def with_slopes(self, step: int, stored_at: dict[int, int]) -> StepActions:
         """These actions with extrapolation slopes for `step`, given each span's last store step (updated here).
@@ -66,13 +70,17 @@ class StepActions:
 
 @dataclass(frozen=True)
 class StepTable:
-    """Static decisions for one run length: per span `reuse`/`store`, per block `prune`/`blend` (DWS weight)."""
+    """Static decisions for one run length: per span `reuse`/`store`/`advance`, per block `prune`/`blend` (DWS weight).
+
+    `advance` defaults to 0 everywhere (a plain hold).
+    """
 
     steps: int
     reuse: tuple[tuple[bool, ...], ...]
     store: tuple[tuple[bool, ...], ...]
     prune: tuple[tuple[bool, ...], ...]
     blend: tuple[tuple[float, ...], ...]
+    advance: tuple[tuple[float, ...], ...] | None = None
     _actions: tuple[StepActions, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +91,8 @@ class StepTable:
             store = tuple(row[step] and not r for row, r in zip(self.store, reuse, strict=True))
             prune = tuple(row[step] for row in self.prune)
             blend = tuple(row[step] for row in self.blend)
-            actions.append(StepActions(reuse, store, prune, blend, (None,) * len(reuse)))
+            advance = tuple(row[step] for row in self.advance) if self.advance is not None else (0.0,) * len(reuse)
+            actions.append(StepActions(reuse, store, prune, blend, (None,) * len(reuse), advance))
         object.__setattr__(self, "_actions", tuple(actions))
 
     def at(self, step: int) -> StepActions:
@@ -119,24 +128,41 @@ def remap_actions(actions: np.ndarray, steps: int) -> np.ndarray:
     return remapped
 
 
-def build_table(actions: np.ndarray, spans: list[tuple[int, int]], blend: np.ndarray | None, store_always: bool) -> StepTable:
+def build_table(actions: np.ndarray, spans: list[tuple[int, int]], blend: np.ndarray | None, store_always: bool,
+                slope_scale: tuple[float, ...] = ()) -> StepTable:
     """Decisions for one run length from (possibly remapped) actions.
 
     A span stores its residual after a computed step when the next step reuses it or prunes with a blend (DWS needs
-    the cached output); `store_always` (adaptive policies, which decide online) stores after every computed step.
+    the cached output); `store_always` (adaptive policies, which decide online, and slope modes) stores after every
+    computed step. `slope_scale[j − 1]` is how far along its slope the cache moves at the j-th step after the span's
+    last stored residual (the last entry for longer runs; empty: a plain hold).
     """
     steps = actions.shape[1]
     prune = tuple(tuple(bool(a == PRUNE) for a in row) for row in actions)
     weights = blend if blend is not None else np.ones(actions.shape, np.float32)
     blend_rows = tuple(tuple(float(w) for w in row) for row in weights)
-    reuse_rows, store_rows = [], []
+    reuse_rows, store_rows, advance_rows = [], [], []
     for start, stop in spans:
         reuse = tuple(bool(a == REUSE) for a in actions[start])
         needs_cache = [reuse[s] or any(prune[b][s] and blend_rows[b][s] < 1.0 for b in range(start, stop)) for s in range(steps)]
         store = tuple(store_always or (not reuse[s] and s + 1 < steps and needs_cache[s + 1]) for s in range(steps))
         reuse_rows.append(reuse)
         store_rows.append(store)
-    return StepTable(steps, tuple(reuse_rows), tuple(store_rows), prune, blend_rows)
+        advance_rows.append(_advance_row(reuse, needs_cache, slope_scale))
+    return StepTable(steps, tuple(reuse_rows), tuple(store_rows), prune, blend_rows,
+                     tuple(advance_rows) if slope_scale else None)
+
+
+def _advance_row(reuse: tuple[bool, ...], uses_cache: list[bool], slope_scale: tuple[float, ...]) -> tuple[float, ...]:
+    """Per step, how far the span's cache moves along its slope where it is used: β of the step's position after
+    the last stored residual (every step that does not reuse stores one)."""
+    row, position = [], 0
+    for reused, used in zip(reuse, uses_cache, strict=True):
+        position += 1
+        row.append(slope_scale[min(position, len(slope_scale)) - 1] if used and slope_scale else 0.0)
+        if not reused:
+            position = 0
+    return tuple(row)
 
 
 class CompiledSchedule:
@@ -180,12 +206,22 @@ class CompiledSchedule:
     def _table(self, steps: int) -> StepTable:
         actions = remap_actions(self.plan.actions, steps)
         blend = None if self._blend is None else self._blend[:, _source_steps(self.plan.num_inference_steps, steps)]
-        return build_table(actions, self.spans, blend, store_always=self.adaptive or self.extrapolate)
+        return build_table(actions, self.spans, blend, store_always=self.adaptive or self.extrapolate,
+                           slope_scale=self.slope_scale)
 
     @property
     def extrapolate(self) -> bool:
-        """Whether reuse steps extrapolate the cached residual (which needs a residual at every computed step)."""
-        return self.reuse_mode == "extrapolate"
+        """Whether reuse steps move the cached residual along its slope (a residual is kept at every computed step)."""
+        return self.reuse_mode in ("extrapolate", "slope")
+
+    @property
+    def slope_scale(self) -> tuple[float, ...]:
+        """Steps along the slope per position in a reuse run: the plan's `slope_scale`, one for `extrapolate`."""
+        if self.reuse_mode == "extrapolate":
+            return (1.0,)
+        if self.reuse_mode == "slope":
+            return tuple(float(b) for b in self.plan.policy["slope_scale"])
+        return ()
 
 
 def _source_steps(plan_steps: int, steps: int) -> np.ndarray:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from runtime import AdapterError, fingerprint_model, get_adapter, supported_classes
-from runtime.adapters import config_hash
+from dit_accel.runtime import AdapterError, fingerprint_model, get_adapter, supported_classes
+from dit_accel.runtime.adapters import config_hash
 from tiny_models import TINY_MODELS, make_inputs, tiny_wan
 
 EXPECTED_BLOCKS = {
@@ -69,6 +69,6 @@ def test_fingerprint_tracks_config_not_weights():
 
 
 def test_runtime_import_stays_light():
-    code = "import sys, runtime; print(sorted(m for m in ('h5py', 'sklearn', 'matplotlib', 'click') if m in sys.modules))"
+    code = "import sys, dit_accel.runtime; print(sorted(m for m in ('h5py', 'sklearn', 'matplotlib', 'click') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

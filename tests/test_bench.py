@@ -11,15 +11,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from planner.bench import BenchError
-from planner.bench.cli import main
-from planner.bench.measure import CallCounter, caching_bound, hook_state_bytes
-from planner.bench.models import WAN_1_3B_CONFIG, random_transformer
-from planner.bench.peers import not_applicable, peer_enabled, peer_settings, taylorseer_identifiers
-from planner.bench.report import render_markdown, standing, write_outputs
-from planner.bench.runner import bracketed
-from planner.synthetic import SyntheticSpec, write_synthetic_profile
-from runtime import REUSE, Plan, fingerprint_model, get_adapter, load_plan, save_plan
+from dit_accel.bench import BenchError
+from dit_accel.bench.cli import main
+from dit_accel.bench.measure import CallCounter, caching_bound, hook_state_bytes
+from dit_accel.bench.models import WAN_1_3B_CONFIG, random_transformer
+from dit_accel.bench.peers import not_applicable, peer_enabled, peer_settings, taylorseer_identifiers
+from dit_accel.bench.report import render_markdown, standing, write_outputs
+from dit_accel.bench.runner import bracketed
+from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
+from dit_accel.runtime import REUSE, Plan, fingerprint_model, get_adapter, load_plan, save_plan
 from tiny_models import run_steps, tiny_cogvideox, tiny_wan
 
 STEPS, BLOCKS = 4, 8
@@ -51,7 +51,7 @@ def inf_floats(value):
 
 @pytest.fixture(scope="module")
 def fingerprint():
-    from defaultmodel import load_default_pipeline
+    from dit_accel.defaultmodel import load_default_pipeline
 
     return fingerprint_model(load_default_pipeline().transformer)
 
@@ -106,7 +106,7 @@ def test_outputs_are_written(bench):
     report, out = bench
     assert inf_floats(json.loads((out / "bench.json").read_text())) == report
     markdown = (out / "bench.md").read_text()
-    assert "| method | setting | wall speedup | FLOP speedup | PSNR dB | SSIM | LPIPS | block calls |" in markdown
+    assert "| method | setting | wall speedup | FLOP speedup | PSNR dB | worst dB | SSIM | LPIPS | block calls |" in markdown
     assert all(f"| {row['method']} |" in markdown for row in report["rows"])
     assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
     assert load_plan(out / "plans" / "auto-1.25x.plan").provenance["method"] == "auto"
@@ -292,7 +292,7 @@ def test_bad_input_found_after_loading_the_model(tmp_path, inputs):
 
 def test_seacache_reads_the_noisy_latent_of_a_wan_with_conditioning_channels():
     """Without the callback diffusers' SeaCache fails open on the default model (15 input channels, 12 noisy)."""
-    from defaultmodel import load_default_pipeline
+    from dit_accel.defaultmodel import load_default_pipeline
 
     pipe = load_default_pipeline()
     transformer = pipe.transformer
@@ -313,7 +313,7 @@ def test_seacache_reads_the_noisy_latent_of_a_wan_with_conditioning_channels():
 
 
 def test_noisy_latent_reader_drops_the_conditioning_channels():
-    from planner.bench.peers import noisy_latent_reader
+    from dit_accel.bench.peers import noisy_latent_reader
 
     hidden = torch.arange(2 * 15 * 8, dtype=torch.float32).reshape(2, 15, 2, 2, 2)
     read = noisy_latent_reader(12)
@@ -323,7 +323,7 @@ def test_noisy_latent_reader_drops_the_conditioning_channels():
 
 
 def test_row_psnr_pools_the_mse_so_one_untouched_prompt_does_not_make_it_infinite():
-    from planner.bench.runner import _pooled_fidelity
+    from dit_accel.bench.runner import _pooled_fidelity
 
     pooled = _pooled_fidelity([{"psnr": math.inf, "ssim": 1.0}, {"psnr": 20.0, "ssim": 0.5}])
     assert pooled["psnr"] == pytest.approx(20.0 + 10 * math.log10(2)) and pooled["psnr_min"] == 20.0

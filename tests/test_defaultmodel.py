@@ -11,14 +11,14 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from PIL import Image
 
-import defaultmodel
-from defaultmodel import TinyVideoPipeline, WordTokenizer, load_default_pipeline
-from defaultmodel.demo import main as demo_main
-from defaultmodel.data import SPEEDS, TRAIN_SEED_MIN, make_batch, make_sample
-from defaultmodel.evaluate import analyse_video, score
-from defaultmodel.model import POSITION_CHANNELS, WAN_CONFIG, latents_to_pixels, pixels_to_latents, with_positions
-from defaultmodel.train import Trainer, parse_args
-from defaultmodel.video_io import save_gif, save_png_grid
+from dit_accel import defaultmodel
+from dit_accel.defaultmodel import TinyVideoPipeline, WordTokenizer, load_default_pipeline
+from dit_accel.defaultmodel.sample import main as demo_main
+from dit_accel.defaultmodel.data import SPEEDS, TRAIN_SEED_MIN, make_batch, make_sample
+from dit_accel.defaultmodel.evaluate import analyse_video, score
+from dit_accel.defaultmodel.model import POSITION_CHANNELS, WAN_CONFIG, latents_to_pixels, pixels_to_latents, with_positions
+from dit_accel.defaultmodel.train import Trainer, parse_args
+from dit_accel.defaultmodel.video_io import save_gif, save_png_grid
 
 PROMPT = "a large red circle moves right on a black background"
 
@@ -131,7 +131,7 @@ def test_position_channels_span_each_axis_and_leave_the_latents_alone() -> None:
 
 def test_pipeline_rejects_a_transformer_without_room_for_the_position_channels() -> None:
     from diffusers import WanTransformer3DModel
-    from defaultmodel.model import build_scheduler, build_text_encoder
+    from dit_accel.defaultmodel.model import build_scheduler, build_text_encoder
 
     tokenizer = WordTokenizer.from_package()
     transformer = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=12, out_channels=12,
@@ -282,7 +282,7 @@ def test_trainer_checkpoint_restores_data_and_noise_streams() -> None:
 
 
 def test_changed_captions_change_only_their_category() -> None:
-    from defaultmodel.binding import changed_captions
+    from dit_accel.defaultmodel.binding import changed_captions
 
     tok = WordTokenizer.from_package()
     for seed in range(60):
@@ -301,7 +301,7 @@ def test_changed_captions_change_only_their_category() -> None:
 
 
 def test_binding_probe_sees_that_the_shipped_model_reads_colour_words(pipe: TinyVideoPipeline) -> None:
-    from defaultmodel.binding import CHANGES, binding_ratios
+    from dit_accel.defaultmodel.binding import CHANGES, binding_ratios
 
     ratios = binding_ratios(pipe, n=8, sigmas=(0.9,))
     assert set(ratios) == set(CHANGES) and all(set(r) == {"0.9"} for r in ratios.values())
@@ -310,7 +310,7 @@ def test_binding_probe_sees_that_the_shipped_model_reads_colour_words(pipe: Tiny
 
 @pytest.mark.parametrize("argv", [["--n", "0"], ["--sigmas", "0.5", "1.5"]])
 def test_binding_cli_rejects_bad_arguments_before_loading_anything(argv, capsys) -> None:
-    from defaultmodel.binding import main as binding_main
+    from dit_accel.defaultmodel.binding import main as binding_main
 
     with pytest.raises(SystemExit) as exit_info:
         binding_main(argv)
@@ -335,8 +335,8 @@ def test_checkpoint_from_before_the_position_channels_keeps_its_weights_and_init
 
 
 def test_direction_head_labels_follow_the_captions_and_skip_dropped_ones() -> None:
-    from defaultmodel.data import DIRECTIONS
-    from defaultmodel.train import DIRECTION_INDEX
+    from dit_accel.defaultmodel.data import DIRECTIONS
+    from dit_accel.defaultmodel.train import DIRECTION_INDEX
 
     trainer = Trainer(parse_args(["--batch-size", "12", "--caption-dropout", "0.5"]))
     _, ids, directions = trainer.batch()

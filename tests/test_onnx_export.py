@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from defaultmodel import load_default_pipeline
-from defaultmodel.model import position_channels
-from planner.cli import main
-from planner.errors import PlannerError
-from planner.onnx_export import EXAMPLE_PROMPT, export_onnx
-from runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan, fingerprint_model, load_plan
-from runtime.onnx_driver import ExportError, OnnxPlanRunner, denoise
+from dit_accel.defaultmodel import load_default_pipeline
+from dit_accel.defaultmodel.model import position_channels
+from dit_accel.planner.cli import main
+from dit_accel.export.exporter import EXAMPLE_PROMPT, check_export_destination, export_onnx
+from dit_accel.runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan, fingerprint_model, load_plan
+from dit_accel.export.driver import OnnxPlanRunner, denoise
+from dit_accel.export.manifest import ExportError
 from test_runtime_advanced import random_bases
 
 PROMPT = "a large blue square moves up on a black background"
@@ -97,7 +98,7 @@ def test_unsupported_op_error_names_module_and_op_and_writes_nothing(pipe, tmp_p
     handle = pipe.transformer.blocks[3].ffn.register_forward_hook(lambda module, args, output: wobble(output))
     plan = Plan.all_compute(fingerprint_model(pipe.transformer), np.linspace(999, 1, 4))
     try:
-        with pytest.raises(PlannerError, match=r"op dittest\.wobble\.default in module 'blocks\.3\.ffn'"):
+        with pytest.raises(ExportError, match=r"op dittest\.wobble\.default in module 'blocks\.3\.ffn'"):
             export_onnx(pipe, plan, tmp_path / "export", EXAMPLE_PROMPT)
     finally:
         handle.remove()
@@ -137,3 +138,35 @@ def test_denoise_appends_the_condition_channels_on_every_call():
     assert all(h.shape == (1, 3, 3, 4, 4) and np.all(h[:, 2] == 7.0) for _, _, h in runner.inputs)
     np.testing.assert_allclose(runner.inputs[2][2][:, :2], 1.5)  # Euler step: 1 + (0.5 - 1) * (-1)
     assert latents.shape == noise.shape and np.allclose(latents, 2.25)
+
+
+def test_export_destination_is_refused_unless_new_empty_or_an_earlier_export(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("user data")
+    for destination in (".", str(tmp_path), str(tmp_path.parent)):
+        with pytest.raises(ExportError, match="current folder or one above it"):
+            check_export_destination(destination)
+    with pytest.raises(ExportError, match="current folder or one above it"):
+        check_export_destination(tmp_path / "photos" / "..")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"jpeg")
+    with pytest.raises(ExportError, match="holds other files"):
+        check_export_destination(folder)
+    with pytest.raises(ExportError, match="not a folder"):
+        check_export_destination(tmp_path / "keep.txt")
+    earlier = tmp_path / "export"
+    earlier.mkdir()
+    (earlier / "manifest.json").write_text(json.dumps({"format": "dit-accel-onnx", "version": 1}))
+    assert check_export_destination(earlier) == earlier
+    assert check_export_destination(tmp_path / "new") == tmp_path / "new"
+    assert (tmp_path / "keep.txt").read_text() == "user data" and (folder / "cat.jpg").exists()
+
+
+def test_cli_export_to_the_current_folder_is_one_line_and_deletes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("user data")
+    plan = Path(__file__).resolve().parents[1] / "plans" / "default-auto-2x.plan"
+    result = CliRunner().invoke(main, ["export-onnx", str(plan), "-o", "."])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "current folder" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner import FitOptions, PlannerError, fit_plan, load_profiles, restore_schedule
-from planner.labels import fit_labels
-from planner.methods import METHODS, build_context
-from planner.pca import fit_pca_bases
-from planner.policies import simulate_adacache
-from planner.predict import Predictor, blend_weight, blended_error
-from planner.schedules import edcw_actions, group_spans
-from planner.synthetic import SyntheticSpec, write_synthetic_profile
-from runtime.plan import save_plan
-from runtime import COMPUTE, PRUNE, REUSE, load_plan
+from dit_accel.planner import FitOptions, PlannerError, fit_plan, load_profiles, restore_schedule
+from dit_accel.planner.labels import fit_labels
+from dit_accel.planner.methods import METHODS, build_context
+from dit_accel.planner.pca import fit_pca_bases
+from dit_accel.planner.adaptive_fit import simulate_adacache
+from dit_accel.planner.predict import Predictor, blend_weight, blended_error
+from dit_accel.planner.shapes import edcw_actions, group_spans
+from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
+from dit_accel.runtime.plan import save_plan
+from dit_accel.runtime import COMPUTE, PRUNE, REUSE, load_plan
 
 STEPS, BLOCKS = 12, 4
 QUIET_BLOCK = 2
@@ -257,7 +257,7 @@ def test_auto_units_share_one_schedule_as_spans(profile):
 
 
 def test_plan_files_are_byte_reproducible(profile, tmp_path):
-    from runtime.plan import plan_to_bytes
+    from dit_accel.runtime.plan import plan_to_bytes
 
     plan = fit_plan([profile], FitOptions(method="bwcache"))
     assert len({plan_to_bytes(plan) for _ in range(16)}) == 1
@@ -265,7 +265,7 @@ def test_plan_files_are_byte_reproducible(profile, tmp_path):
 
 
 def test_sensitivity_weights_reproduce_measured_single_step_errors():
-    from planner.drift import sensitivity_weights
+    from dit_accel.planner.drift import sensitivity_weights
 
     steps, blocks = 10, 3
     rng = np.random.default_rng(0)

@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from planner.cli import main
-from planner.synthetic import SyntheticSpec, write_synthetic_profile
-from runtime import load_plan
+from dit_accel.planner.cli import main
+from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
+from dit_accel.runtime import load_plan
 
 STEPS, BLOCKS = 12, 4
 

@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 from diffusers import WanTransformer3DModel
 
-from defaultmodel import TinyTextEncoder, TinyVideoPipeline, WordTokenizer
-from defaultmodel.model import build_scheduler
-from planner import FitOptions, PipelineRunner, fit_plan, tighten_plan, validate_plan
-from planner.cli import main
-from runtime.plan import save_plan
-from planner.synthetic import SyntheticSpec, write_synthetic_profile
-from runtime import COMPUTE, fingerprint_model, load_plan
+from dit_accel.defaultmodel import TinyTextEncoder, TinyVideoPipeline, WordTokenizer
+from dit_accel.defaultmodel.model import build_scheduler
+from dit_accel.planner import FitOptions, PipelineRunner, fit_plan, tighten_plan, validate_plan
+from dit_accel.planner.cli import main
+from dit_accel.runtime.plan import save_plan
+from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
+from dit_accel.runtime import COMPUTE, fingerprint_model, load_plan
 
 STEPS = 4
 PROMPTS = ["a large red circle moves left on a black background"]
@@ -96,14 +96,14 @@ def test_validate_cli_tightens_and_writes_the_plan(pipeline_dir, plan_path, meas
 
 
 def test_validate_refuses_step_counts_the_runtime_cannot_remap(runner, plan_path):
-    from runtime import PlanError
+    from dit_accel.runtime import PlanError
 
     with pytest.raises(PlanError, match="cannot be remapped to 10"):
         validate_plan(load_plan(plan_path), runner, PROMPTS, steps=10, progress=False)
 
 
 def test_validate_refuses_plans_the_runtime_cannot_replay_before_running(runner, plan_path, tmp_path):
-    from runtime import PlanError
+    from dit_accel.runtime import PlanError
 
     unknown = load_plan(plan_path).with_changes(policy={"kind": "teacache"})
     calls = []
@@ -119,7 +119,7 @@ def test_every_preset_replays_on_the_runtime(method, tmp_path):
     """Plans of every method are accepted and replayed by runtime.apply_plan (policies, prune steps, DWS weights)."""
     from tiny_models import run_steps, tiny_wan
 
-    from runtime import PRUNE, apply_plan
+    from dit_accel.runtime import PRUNE, apply_plan
 
     model = tiny_wan(3).eval()
     fingerprint = fingerprint_model(model)

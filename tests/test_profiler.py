@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from profiler.recorder import Recorder, RecordSettings
-from profiler.run import PromptSpec, generate, load_pipeline, merge_profiles, profile_prompts, read_prompts
-from profiler.schema import FIELDS, ProfileError, open_profile, seal
-from runtime import get_adapter
+from dit_accel.profiler.recorder import Recorder, RecordSettings
+from dit_accel.profiler.run import merge_profiles, profile_prompts
+from dit_accel.harness.prompts import PromptSpec, read_prompt_file
+from dit_accel.harness.pipelines import generate, load_pipeline
+from dit_accel.profiler.schema import FIELDS, ProfileError, open_profile, seal
+from dit_accel.runtime import get_adapter
 
 STEPS = 4
 PROMPTS = [
@@ -80,16 +82,16 @@ def test_profile_schema_and_contents(profile_path):
 
 def test_prompt_files(tmp_path):
     (tmp_path / "p.txt").write_text("# calibration\nfirst prompt\n\nsecond prompt\n")
-    assert [(p.prompt, p.seed) for p in read_prompts(tmp_path / "p.txt")] == [("first prompt", 0), ("second prompt", 1)]
+    assert [(p.prompt, p.seed) for p in read_prompt_file(tmp_path / "p.txt")] == [("first prompt", 0), ("second prompt", 1)]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a", "negative_prompt": "b", "seed": 7}\n')
-    assert read_prompts(tmp_path / "p.jsonl") == [PromptSpec("a", "b", 7)]
+    assert read_prompt_file(tmp_path / "p.jsonl") == [PromptSpec("a", "b", 7)]
     (tmp_path / "bad.jsonl").write_text('{"negative_prompt": "b"}\n')
     with pytest.raises(Exception, match="needs a non-empty string 'prompt'"):
-        read_prompts(tmp_path / "bad.jsonl")
+        read_prompt_file(tmp_path / "bad.jsonl")
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "profiler", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "dit_accel.profiler", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -142,9 +144,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, profile_path, pi
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(p.prompt + "\n" for p in PROMPTS))
     full = tmp_path / "full.h5"
-    profile_prompts(pipe, read_prompts(prompts), full, RecordSettings(num_inference_steps=STEPS), progress=False)
+    profile_prompts(pipe, read_prompt_file(prompts), full, RecordSettings(num_inference_steps=STEPS), progress=False)
     killed = tmp_path / "killed.h5"
-    args = [sys.executable, "-m", "profiler", str(prompts), "-o", str(killed), "--steps", str(STEPS), "--quiet"]
+    args = [sys.executable, "-m", "dit_accel.profiler", str(prompts), "-o", str(killed), "--steps", str(STEPS), "--quiet"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -191,11 +193,11 @@ def test_merge_shards_and_refuse_other_models(pipe, tmp_path, profile_path):
 def _distributed_worker(rank: int, world: int, init_file: str, prompts_path: str, output: str) -> None:
     import torch.distributed as dist
 
-    from profiler.run import profile_distributed
+    from dit_accel.profiler.run import profile_distributed
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        profile_distributed(load_pipeline(None), read_prompts(prompts_path), output, RecordSettings(num_inference_steps=STEPS), progress=False)
+        profile_distributed(load_pipeline(None), read_prompt_file(prompts_path), output, RecordSettings(num_inference_steps=STEPS), progress=False)
     finally:
         dist.destroy_process_group()
 
@@ -209,7 +211,7 @@ def test_two_gloo_ranks_shard_and_merge(tmp_path, pipe):
     assert [p.index for p in merged.prompts] == [0, 1, 2]
     assert not list(tmp_path.glob("dist.rank*.h5")), "shards are removed after the merge"
     single = tmp_path / "single.h5"
-    profile_prompts(pipe, read_prompts(prompts), single, RecordSettings(num_inference_steps=STEPS), progress=False)
+    profile_prompts(pipe, read_prompt_file(prompts), single, RecordSettings(num_inference_steps=STEPS), progress=False)
     _same_data(output, single)
 
 
@@ -224,7 +226,7 @@ def colour_segmentation(video: np.ndarray, grid: tuple[int, int, int], threshold
 
 
 def test_token_features_leave_out_the_conditioning_channels_a_pipeline_appends():
-    from profiler.foreground import latent_to_token_features
+    from dit_accel.profiler.foreground import latent_to_token_features
 
     latent = np.random.default_rng(0).normal(size=(4, 2, 6, 8)).astype(np.float32)  # C F H W, patch (1, 2, 2)
     ramp = np.broadcast_to(np.linspace(-1, 1, 8, dtype=np.float32), (2, 6, 8))
@@ -251,7 +253,7 @@ def test_foreground_mask_matches_the_generated_shape(pipe, tmp_path):
 
 
 def test_step_sensitivity_is_measured_on_the_first_prompt_and_matches_a_replayed_reuse(pipe, profile_path):
-    from runtime import COMPUTE, REUSE, Plan, apply_plan, fingerprint_model
+    from dit_accel.runtime import COMPUTE, REUSE, Plan, apply_plan, fingerprint_model
 
     profile = open_profile(profile_path)
     assert [profile.recorded(p, "step_sensitivity") for p in profile.prompts] == [True, False]

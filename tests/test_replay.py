@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import PIPELINES, run_pipeline
-from runtime import REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
+from dit_accel.runtime import REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
 from tiny_models import TINY_MODELS, make_inputs, run_steps, tiny_wan
 
 STEPS = [950.0, 800.0, 600.0, 400.0, 200.0, 50.0]

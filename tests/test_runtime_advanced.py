@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import PIPELINES, run_pipeline
-from profiler.flops import count_flops
-from runtime import COMPUTE, PRUNE, REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
-from runtime.pruning import ProjectedAttention
-from runtime.schedule import remap_actions
+from dit_accel.profiler.flops import count_flops
+from dit_accel.runtime import COMPUTE, PRUNE, REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
+from dit_accel.runtime.pruning import ProjectedAttention
+from dit_accel.runtime.replay_table import remap_actions
 from test_replay import count_block_computations
 from tiny_models import TINY_MODELS, make_inputs, run_steps, tiny_wan
 
@@ -292,3 +292,16 @@ def test_extrapolating_reuse_adds_the_residual_moved_one_step_along_its_slope():
     torch.testing.assert_close(moved[4], expected, rtol=1e-5, atol=1e-5)  # held over the reuse run
     with pytest.raises(PlanError, match="reuse"):
         apply_plan(model, hold.with_changes(policy={"kind": "static", "reuse": "quadratic"}))
+
+
+def test_slope_reuse_moves_the_residual_beta_j_steps_along_its_slope_at_run_position_j():
+    model = tiny_wan().eval()
+    actions = np.full((3, len(STEPS)), COMPUTE, np.uint8)
+    actions[:, 3:6] = REUSE
+    plan = static_plan(model, actions, spans=((0, 3),)).with_changes(
+        policy={"kind": "static", "reuse": "slope", "slope_scale": [0.5, 1.5]})
+    moved = _stack_residuals(model, plan)
+    slope = moved[2] - moved[1]
+    torch.testing.assert_close(moved[3], moved[2] + 0.5 * slope, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moved[4], moved[2] + 1.5 * slope, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moved[5], moved[2] + 1.5 * slope, rtol=1e-5, atol=1e-5)  # the last β for longer runs

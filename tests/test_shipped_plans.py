@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from defaultmodel import load_default_pipeline
-from runtime import apply_plan, fingerprint_model, load_plan
+from dit_accel.defaultmodel import load_default_pipeline
+from dit_accel.runtime import apply_plan, fingerprint_model, load_plan
 
 PLANS = sorted((Path(__file__).parent.parent / "plans").glob("*.plan"))
 METHODS = {"auto", "profilingdit", "adacache", "bwcache", "unicp"}

@@ -1,6 +1,6 @@
 """The bench's error type: a bad option, file or model surfaces as one line and a non-zero exit."""
 
-from runtime.errors import DitAccelError
+from dit_accel.harness.errors import DitAccelError
 
 
 class BenchError(DitAccelError):

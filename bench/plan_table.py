@@ -6,7 +6,7 @@ and measures for each: transformer FLOP speedup (torch's counter, CPU attention 
 (median of full and planned runs interleaved in one process), and PSNR (global MSE) / SSIM against the
 un-accelerated video of the same seed. Prints a markdown table; `--json` writes every number too.
 
-    python benchmarks/plan_table.py [--targets 1.5 2 3] [--steps 50] [--prompts 2] [--repeats 2]
+    python -m dit_accel.bench.plan_table [--targets 1.5 2 3] [--steps 50] [--prompts 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from planner import FitOptions, PlannerError, fit_plan
-from planner.demo import CALIBRATION, HELD_OUT
-from planner.methods import METHODS
-from planner.validate import PipelineRunner
-from profiler.flops import count_flops
-from profiler.metrics import psnr, ssim
-from profiler.recorder import RecordSettings
-from profiler.run import PromptSpec, load_pipeline, profile_prompts
-from runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan
+from dit_accel.planner import FitOptions, PlannerError, fit_plan
+from dit_accel.harness.captions import CALIBRATION, HELD_OUT
+from dit_accel.planner.methods import METHODS
+from dit_accel.planner.validate import PipelineRunner
+from dit_accel.profiler.flops import count_flops
+from dit_accel.harness.metrics import psnr, ssim
+from dit_accel.profiler.recorder import RecordSettings
+from dit_accel.profiler.run import profile_prompts
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.harness.pipelines import load_pipeline
+from dit_accel.runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan
 
 
 def prune_only(plan: Plan) -> Plan:

@@ -18,11 +18,11 @@ What each graph holds:
 * `blend.<block>`: the DWS weight (a 1-element float tensor) of every pruned block that blends with its cache;
 * the PCA bases of pruned blocks as constants. They cannot be folded into the query/key projection weights of any
   supported model (RMS-norm and RoPE come after the projection and do not commute with the basis, see
-  `runtime.pruning`), so the graph projects q and k per head after RoPE, exactly as the torch runtime does.
+  `dit_accel.runtime.pruning`), so the graph projects q and k per head after RoPE, exactly as the torch runtime does.
 
-The graphs are traced through the torch runtime's own hooks (`runtime.replay.BlockHook`), so they compute what
+The graphs are traced through the torch runtime's own hooks (`dit_accel.runtime.replay.BlockHook`), so they compute what
 `apply_plan` computes. `manifest.json` maps every step to its graph and lists the scheduler's timesteps and sigmas;
-`runtime.onnx_driver` replays it. Adaptive plans (AdaCache, BWCache) decide at run time from measured distances and
+`dit_accel.export.driver` replays it. Adaptive plans (AdaCache, BWCache) decide at run time from measured distances and
 are not exported: fit a static method (auto, profilingdit, unicp) for deployment outside PyTorch.
 
 Example:
@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -51,17 +50,16 @@ import torch
 from diffusers.hooks import HookRegistry
 from onnx.external_data_helper import set_external_data
 
-from runtime.adapters import find_transformer, get_adapter
-from runtime.plan import Plan
-from runtime.replay import BranchState, BranchStates, PlanHandle, check_plan_matches, install_block_hooks
-from runtime.schedule import CompiledSchedule, StepTable
+from dit_accel.runtime.adapters import find_transformer, get_adapter
+from dit_accel.runtime.plan import Plan
+from dit_accel.runtime.branches import BranchStates
+from dit_accel.runtime.replay import BranchState, PlanHandle, check_plan_matches, install_block_hooks
+from dit_accel.runtime.replay_table import CompiledSchedule, StepTable
 
-from .errors import PlannerError
+from dit_accel.harness.files import replace_folder, staging_folder
 
-MANIFEST_NAME = "manifest.json"
-WEIGHTS_NAME = "weights.bin"
-MANIFEST_FORMAT = "dit-accel-onnx"
-MANIFEST_VERSION = 1
+from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, WEIGHTS_NAME, ExportError, is_export_folder
+
 OPSET = 18
 #: Example prompt whose transformer call fixes the graphs' input shapes (its words are in the default vocabulary).
 EXAMPLE_PROMPT = "a small red circle moves left on a gray background"
@@ -97,7 +95,7 @@ def capture_transformer_inputs(pipe: Any, prompt: str, size: dict[str, int] | No
     finally:
         handle.remove()
     if not captured:
-        raise PlannerError("the pipeline never called its transformer; cannot capture example inputs for export")
+        raise ExportError("the pipeline never called its transformer; cannot capture example inputs for export")
     return captured
 
 
@@ -189,12 +187,12 @@ def _export_graph(step: PlannedStep, example: list[torch.Tensor]) -> onnx.ModelP
             try:
                 program = torch.export.export(step, tuple(example), strict=False)
             except Exception as exc:  # torch.export raises many types; its first line says what it could not trace
-                raise PlannerError(f"ONNX export failed while tracing the model: {_first_line(exc)}") from None
+                raise ExportError(f"ONNX export failed while tracing the model: {_first_line(exc)}") from None
             try:
                 converted = torch.onnx.export(program, dynamo=True, opset_version=OPSET, input_names=step.input_names,
                                               output_names=step.output_names, external_data=False, verbose=False)
             except Exception as exc:  # the converter raises many types; name the op and module it failed on
-                raise PlannerError(f"ONNX export failed: {_conversion_failure(exc, program)}") from None
+                raise ExportError(f"ONNX export failed: {_conversion_failure(exc, program)}") from None
     finally:
         quiet.setLevel(level)
     return converted.model_proto
@@ -249,15 +247,6 @@ def save_with_shared_weights(models: dict[str, onnx.ModelProto], folder: Path, m
             onnx.save(model, str(folder / file_name))
 
 
-def _export_failure(exc: BaseException) -> str:
-    """One line naming the module and op the exporter could not handle, when its message says so."""
-    text = " ".join(str(exc).split())
-    for cause in (exc.__cause__, exc.__context__):
-        if cause is not None:
-            text += " | " + " ".join(str(cause).split())
-    return text[:400]
-
-
 def _example_inputs(step: PlannedStep, model_example: dict[str, torch.Tensor], hidden_like: torch.Tensor, encoder_like: torch.Tensor | None) -> list[torch.Tensor]:
     tensors = [model_example[n] for n in step.model_inputs]
     for _, name in step.cache_inputs:
@@ -292,7 +281,7 @@ def check_exportable(plan: Plan) -> None:
     """Refuse plans whose decisions are not known before run time (adaptive policies)."""
     kind = plan.policy.get("kind")
     if kind != "static":
-        raise PlannerError(f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with --method auto, profilingdit or unicp)")
+        raise ExportError(f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with --method auto, profilingdit or unicp)")
 
 
 def export_onnx(pipe: Any, plan: Plan, output_dir: str | os.PathLike, prompt: str, *, size: dict[str, int] | None = None,
@@ -303,6 +292,7 @@ def export_onnx(pipe: Any, plan: Plan, output_dir: str | os.PathLike, prompt: st
     every graph exported, so a failure leaves no partial export (and an existing one untouched).
     """
     check_exportable(plan)
+    out = check_export_destination(output_dir)
     transformer = find_transformer(pipe)
     check_plan_matches(plan, transformer, get_adapter(transformer), force=force)
     schedule = CompiledSchedule(plan, adaptive=False)
@@ -311,8 +301,7 @@ def export_onnx(pipe: Any, plan: Plan, output_dir: str | os.PathLike, prompt: st
     distinct = list(dict.fromkeys(keys))
     example = capture_transformer_inputs(pipe, prompt, size)
     hidden_like, encoder_like = _residual_shapes(transformer, example)
-    out = Path(output_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    tmp = staging_folder(out)
     try:
         graphs, models = [], {}
         with torch.no_grad(), _planned_hooks(transformer, plan, schedule) as branches:
@@ -328,13 +317,28 @@ def export_onnx(pipe: Any, plan: Plan, output_dir: str | os.PathLike, prompt: st
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
         for path in [tmp, *tmp.iterdir()]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def check_export_destination(output_dir: str | os.PathLike) -> Path:
+    """The export folder to write, refused unless it is new, empty, or an earlier export (which it replaces).
+
+    Raises:
+        ExportError: `output_dir` is a file, the current folder or one above it, or a folder with other contents.
+    """
+    out = Path(output_dir)
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise ExportError(f"-o {output_dir} is the current folder or one above it; name a new folder for the export")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"-o {output_dir} exists and is not a folder; name a new folder for the export")
+    if out.is_dir() and any(out.iterdir()) and not is_export_folder(out):
+        raise ExportError(f"-o {output_dir} is a folder that holds other files; name a new folder or an earlier export")
+    return out
 
 
 def _graph_entry(index: int, key: ActionKey, step: PlannedStep, plan: Plan) -> dict[str, Any]:
@@ -350,7 +354,10 @@ def _manifest(pipe: Any, plan: Plan, example: dict[str, torch.Tensor], schedule:
     steps = []
     for step, key in enumerate(keys):
         blend = {f"blend.{b}": table.blend[b][step] for b, on in enumerate(key[2]) if on}
-        steps.append({"graph": distinct.index(key), "blend": blend})
+        entry: dict[str, Any] = {"graph": distinct.index(key), "blend": blend}
+        if table.advance is not None:
+            entry["advance"] = {str(s): row[step] for s, row in enumerate(table.advance) if row[step] != 0.0}
+        steps.append(entry)
     scheduler = getattr(pipe, "scheduler", None)
     schedule_info: dict[str, Any] = {}
     if scheduler is not None and hasattr(scheduler, "set_timesteps"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.plan import COMPUTE, PRUNE, REUSE
+from dit_accel.runtime.plan import COMPUTE, PRUNE, REUSE
 
 from .predict import Predictor, blended_error
 

@@ -41,11 +41,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from profiler.run import PromptSpec, noisy_latent_channels
-from runtime.adapters import ModelAdapter, get_adapter
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.runtime.adapters import noisy_latent_channels
+from dit_accel.runtime.adapters import ModelAdapter, get_adapter
 
 from .errors import BenchError
-from .models import DTYPES
+from dit_accel.harness.pipelines import DTYPES
 
 TIMESTEP_PEERS = ("pab", "fastercache")
 

@@ -8,7 +8,7 @@ feeds back is the returned residual moved one step along its slope since the spa
 as the torch runtime caches it. `denoise` is the flow-matching Euler loop with separate
 cond/uncond calls that Wan-style text-to-video pipelines (and the default model) run.
 
-This module imports only json, pathlib, numpy and (lazily) onnxruntime, so it can be copied next to the export.
+This module imports only numpy, the standard library, `export.manifest` and (lazily) onnxruntime: no torch.
 
 Example:
     >>> runner = OnnxPlanRunner("export/")
@@ -17,41 +17,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "dit-accel-onnx"
-SUPPORTED_VERSIONS = (1,)
-CACHE_IN, CACHE_OUT, BLEND = "cache_in.", "cache_out.", "blend."
-
-
-class ExportError(ValueError):
-    """An export folder is missing, malformed, or fed inputs it cannot use; the message says which and why."""
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of an export folder, checked for format, version and step → graph consistency."""
-    path = Path(folder) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path} not found: is {folder} a folder written by 'dit-plan export-onnx'?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc}); re-export the plan") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ExportError(f"{path} is not a dit-accel ONNX manifest")
-    if manifest.get("version") not in SUPPORTED_VERSIONS:
-        raise ExportError(f"{path} has manifest version {manifest.get('version')}; this driver reads {SUPPORTED_VERSIONS}")
-    graphs, steps = manifest.get("graphs"), manifest.get("steps")
-    if not isinstance(graphs, list) or not isinstance(steps, list) or not steps:
-        raise ExportError(f"{path} lists no graphs or steps")
-    if any(not isinstance(s, dict) or not 0 <= s.get("graph", -1) < len(graphs) for s in steps):
-        raise ExportError(f"{path} maps a step to a graph it does not list")
-    return manifest
+from .manifest import BLEND, CACHE_IN, CACHE_OUT, ExportError, read_manifest
 
 
 class OnnxPlanRunner:
@@ -64,7 +35,8 @@ class OnnxPlanRunner:
         self._sessions: dict[int, Any] = {}
         self.caches: dict[str, dict[str, np.ndarray]] = {}
         self.computed: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
-        self.extrapolate = self.manifest.get("reuse", "hold") == "extrapolate"
+        self.slopes: dict[str, dict[str, np.ndarray]] = {}
+        self.reuse_mode = self.manifest.get("reuse", "hold")
 
     @property
     def num_steps(self) -> int:
@@ -85,6 +57,7 @@ class OnnxPlanRunner:
         """Forget every branch's caches (a new generation)."""
         self.caches.clear()
         self.computed.clear()
+        self.slopes.clear()
 
     def step(self, branch: str, step: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The transformer's output at `step` for CFG `branch` (e.g. "cond"), given its model inputs by name."""
@@ -94,16 +67,18 @@ class OnnxPlanRunner:
         graph = self.manifest["graphs"][entry["graph"]]
         caches = self.caches.setdefault(branch, {})
         computed = self.computed.setdefault(branch, {})
+        slopes = self.slopes.setdefault(branch, {})
         if step == 0:
             caches.clear()
             computed.clear()
+            slopes.clear()
         feeds = {}
         for name in graph["inputs"]:
             if name.startswith(CACHE_IN):
                 key = name[len(CACHE_IN):]
                 if key not in caches:
                     raise ExportError(f"step {step} of branch '{branch}' reuses cache {key}, which no earlier step computed; run steps in order from 0")
-                feeds[name] = caches[key]
+                feeds[name] = self._advanced(caches[key], slopes.get(key), self._advance(entry, key))
             elif name.startswith(BLEND):
                 feeds[name] = np.array([entry["blend"][name]], dtype=np.float32)
             elif name in inputs:
@@ -113,19 +88,35 @@ class OnnxPlanRunner:
         outputs = self.session(entry["graph"]).run(graph["outputs"], feeds)
         for name, value in zip(graph["outputs"][1:], outputs[1:]):
             key = name[len(CACHE_OUT):]
-            caches[key] = self._cache_value(computed, key, value, step)
+            caches[key] = value
+            self._store_slope(computed, slopes, key, value, step)
         return outputs[0]
 
-    def _cache_value(self, computed: dict[str, tuple[np.ndarray, int]], key: str, residual: np.ndarray, step: int) -> np.ndarray:
-        """The residual itself, or (extrapolating plans) plus one step of its slope since the previous computed step."""
-        if not self.extrapolate:
-            return residual
+    def _store_slope(self, computed: dict[str, tuple[np.ndarray, int]], slopes: dict[str, np.ndarray], key: str,
+                     residual: np.ndarray, step: int) -> None:
+        """In slope modes, the residual's slope per step since the previous computed one (as the torch runtime)."""
+        if self.reuse_mode not in ("extrapolate", "slope"):
+            return
         previous = computed.get(key)
         computed[key] = (residual, step)
         if previous is None:
-            return residual
+            slopes.pop(key, None)
+            return
         before, before_step = previous
-        return residual + (residual - before) * np.float32(1.0 / (step - before_step))
+        slopes[key] = (residual - before) * np.float32(1.0 / (step - before_step))
+
+    def _advance(self, entry: dict[str, Any], key: str) -> float:
+        """Steps along the slope the cache `key` (`<span>.hidden`) moves at this step (manifest `advance` per span)."""
+        advance = entry.get("advance")
+        if advance is None:
+            return 1.0 if self.reuse_mode == "extrapolate" else 0.0
+        return float(advance.get(key.split(".")[0], 0.0))
+
+    @staticmethod
+    def _advanced(residual: np.ndarray, slope: np.ndarray | None, advance: float) -> np.ndarray:
+        if slope is None or advance == 0.0:
+            return residual
+        return residual + slope if advance == 1.0 else residual + slope * np.float32(advance)
 
 
 def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None,

@@ -5,7 +5,7 @@ Times, interleaved in one process, a denoising loop of a random-weight Wan trans
 that reuses half of the block calls (measured speedup against the FLOP-predicted speedup; target >= 0.9 of it).
 Prints medians of repeats and ratios, never a single absolute time as the result.
 
-    python benchmarks/replay_overhead.py [--repeats 7] [--steps 10]
+    python -m dit_accel.bench.replay_overhead [--repeats 7] [--steps 10]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
 
-from profiler.flops import count_flops
-from runtime import REUSE, Plan, apply_plan, fingerprint_model
+from dit_accel.profiler.flops import count_flops
+from dit_accel.runtime import REUSE, Plan, apply_plan, fingerprint_model
 
 
 def build_model() -> WanTransformer3DModel:

@@ -1,6 +1,6 @@
 """`dit-bench`: plans against diffusers' own caches, on the same prompts and seeds, in one process.
 
-A thin click wrapper over `planner.bench.runner` and `planner.bench.report`. Usage errors and bad input are one
+A thin click wrapper over `dit_accel.bench.runner` and `dit_accel.bench.report`. Usage errors and bad input are one
 `error: …` line on stderr with exit code 2, and nothing is written under --out.
 
     dit-bench --out artifacts/bench                                   # default model, peers only
@@ -17,10 +17,11 @@ from typing import Any
 
 import click
 
-from profiler.cli_common import OneLineErrorCommand, user_errors
+from dit_accel.harness.cli import DEVICE, DTYPE, FRAMES, HEIGHT, MODEL, QUIET, WIDTH, OneLineErrorCommand, user_errors, video_size
 
 from .errors import BenchError
-from .models import DTYPES, RANDOM_CONFIGS
+
+from .models import RANDOM_CONFIGS
 from .peers import PEERS
 from .report import build_report, pareto_png, render_markdown, to_json, write_outputs
 from .runner import DEFAULT_BUDGETS, BenchOptions, run_bench, summarise
@@ -83,7 +84,7 @@ def check_output_dir(out: str) -> None:
 
 @click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", default="artifacts/bench", show_default=True, type=click.Path(), help="Folder for bench.md, bench.json, pareto.png (and fitted plans).")
-@click.option("--model", type=click.Path(), help="Local diffusers pipeline folder (default: the embedded default model).")
+@MODEL
 @click.option("--random-config", type=click.Choice(sorted(RANDOM_CONFIGS)), help="Full-size architecture with random weights (speed only).")
 @click.option("--plan", "plans", multiple=True, type=click.Path(dir_okay=False), help="A .plan file to benchmark (repeatable).")
 @click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="Profile(s) for --fit; their prompts also calibrate MagCache.")
@@ -98,14 +99,14 @@ def check_output_dir(out: str) -> None:
 @click.option("--steps", type=click.IntRange(2), help="Denoising steps (default: the profile's, else the plan's, else 20).")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(1), help="Interleaved timed rounds; the median is reported.")
 @click.option("--guidance", type=float, help="Guidance scale (default: the profile's, else 5).")
-@click.option("--frames", type=click.IntRange(1), help="Video frames (default: the profile's, else the pipeline's).")
-@click.option("--height", type=click.IntRange(8), help="Video height in pixels.")
-@click.option("--width", type=click.IntRange(8), help="Video width in pixels.")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(sorted(DTYPES)))
+@FRAMES
+@HEIGHT
+@WIDTH
+@DEVICE
+@DTYPE
 @click.option("--lpips-weights", type=click.Path(dir_okay=False), help="TorchScript LPIPS module (model(x, y), images in [-1, 1]); no download.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the markdown table.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@QUIET
 @user_errors
 def main(out: str, frames: int | None, height: int | None, width: int | None, as_json: bool, quiet: bool,
          thresholds: dict[str, tuple[float, ...]], **options: Any) -> None:
@@ -114,7 +115,7 @@ def main(out: str, frames: int | None, height: int | None, width: int | None, as
     if unselected:
         raise BenchError(f"--thresholds names {unselected[0]}, which --peers leaves out")
     check_output_dir(out)
-    size = {k: v for k, v in {"num_frames": frames, "height": height, "width": width}.items() if v is not None}
+    size = video_size(frames, height, width)
     bench = BenchOptions(**{**options, "plans": tuple(options["plans"]), "profiles": tuple(options["profiles"])},
                          thresholds=thresholds, size=size, progress=not quiet)
     run = run_bench(bench)
@@ -128,6 +129,6 @@ def main(out: str, frames: int | None, height: int | None, width: int | None, as
 
 def _fitted_plan_files(run: Any) -> dict[str, bytes]:
     """The plans `--fit` made, so every row can be replayed."""
-    from runtime.plan import plan_to_bytes
+    from dit_accel.runtime.plan import plan_to_bytes
 
     return {v.plan_file: plan_to_bytes(v.plan) for v in run.variants if v.plan_file is not None}

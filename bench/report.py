@@ -10,12 +10,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from dit_accel.harness.files import write_files_atomic
 
 OURS = "auto"
 DEFINITIONS = {
@@ -123,7 +124,7 @@ def _header(report: dict[str, Any]) -> list[str]:
 def _table(report: dict[str, Any]) -> list[str]:
     lpips = any(r.get("lpips") is not None for r in report["rows"])
     cuda = any(r.get("peak_cuda_bytes") is not None for r in report["rows"])
-    head = ["method", "setting", "wall speedup", "FLOP speedup", "PSNR dB", "SSIM", *(["LPIPS"] if lpips else []),
+    head = ["method", "setting", "wall speedup", "FLOP speedup", "PSNR dB", "worst dB", "SSIM", *(["LPIPS"] if lpips else []),
             "block calls", "cache MB", *(["peak CUDA GB"] if cuda else []), "bound", "wall / bound", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
@@ -134,12 +135,12 @@ def _table(report: dict[str, Any]) -> list[str]:
 def _cells(row: dict[str, Any], lpips: bool, cuda: bool) -> list[str]:
     setting = {"peer": row["name"].partition(" ")[2], "baseline": "—"}.get(row["kind"], row["name"])
     if row["status"].startswith("failed"):
-        blanks = 7 + lpips + cuda
+        blanks = 8 + lpips + cuda
         return [row["method"], setting, *["—"] * blanks, row["status"]]
     nothing = row["status"] == "skipped nothing"
     speeds = ["skipped nothing"] * 2 if nothing else [f"{row['wall_speedup']:.2f}x", f"{row['flop_speedup']:.2f}x"]
     calls = row["block_calls"]
-    cells = [row["method"], setting, *speeds, _db(row["psnr"]), f"{row['ssim']:.4f}"]
+    cells = [row["method"], setting, *speeds, _db(row["psnr"]), _db(row.get("psnr_min", row["psnr"])), f"{row['ssim']:.4f}"]
     cells += [f"{row['lpips']:.4f}"] if lpips else []
     cells += [f"{calls['computed']}/{calls['total']}", f"{row['cache_bytes'] / 1e6:.2f}"]
     cells += [f"{(row['peak_cuda_bytes'] or 0) / 1e9:.2f}"] if cuda else []
@@ -235,20 +236,4 @@ def _plot_curves(axes: Any, rows: list[dict[str, Any]], speed: str) -> None:
 
 def write_outputs(out_dir: str | os.PathLike, files: dict[str, bytes]) -> list[Path]:
     """Write every file under `out_dir`: all to temporary files first, then each renamed into place."""
-    out_dir = Path(out_dir)
-    staged: list[tuple[str, Path]] = []
-    try:
-        for relative, data in files.items():
-            path = out_dir / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
-    return [path for _, path in staged]
+    return write_files_atomic(out_dir, files)

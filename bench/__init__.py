@@ -5,7 +5,7 @@ Modules: `models` (which pipeline, one seeded generation), `peers` (diffusers' c
 (the interleaved measurement), `report` (markdown, JSON, Pareto plot), `cli` (the `dit-bench` command).
 
 Example:
-    >>> from planner.bench import BenchOptions, run_bench, summarise, build_report, render_markdown
+    >>> from dit_accel.bench import BenchOptions, run_bench, summarise, build_report, render_markdown
     >>> report = build_report(summarise(run_bench(BenchOptions(peers=("fbc",), steps=8, repeats=1))))
     >>> print(render_markdown(report))
 """

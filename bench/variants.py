@@ -13,14 +13,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from planner.errors import PlannerError
-from planner.methods import FitOptions, fit_profiles
-from planner.profiles import ProfileSet
-from runtime.adapters import get_adapter
-from runtime.errors import PlanError
-from runtime.plan import Plan, load_plan
-from runtime.replay import apply_plan, check_plan_matches
-from runtime.schedule import remap_actions
+from dit_accel.planner.errors import PlannerError
+from dit_accel.planner.methods import FitOptions, fit_profiles
+from dit_accel.planner.profiles import ProfileSet
+from dit_accel.runtime.adapters import get_adapter
+from dit_accel.runtime.errors import PlanError
+from dit_accel.runtime.plan import Plan, load_plan
+from dit_accel.runtime.replay import apply_plan, check_plan_matches
+from dit_accel.runtime.replay_table import remap_actions
 
 from .peers import PEERS, peer_enabled, peer_settings
 

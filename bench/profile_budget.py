@@ -7,7 +7,7 @@ calibration set grows), the measured profile size per prompt against
 the schema's uncompressed estimate, and the projection for Wan2.1-T2V-1.3B at 480p x 81 frames x 50 steps
 (target < 200 MB per prompt).
 
-    python benchmarks/profile_budget.py [--prompts 2] [--repeats 2]
+    python -m dit_accel.bench.profile_budget [--prompts 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from profiler.budget import WAN_1_3B_480P, ModelShape, bytes_per_prompt
-from profiler.recorder import RecordSettings
-from planner.demo import CALIBRATION
-from profiler.run import PromptSpec, generate, load_pipeline, profile_prompts
+from dit_accel.profiler.budget import WAN_1_3B_480P, ModelShape, bytes_per_prompt
+from dit_accel.profiler.recorder import RecordSettings
+from dit_accel.harness.captions import CALIBRATION
+from dit_accel.profiler.run import profile_prompts
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.harness.pipelines import generate, load_pipeline
 
 
 

@@ -1,7 +1,7 @@
 """`dit-demo`: the main job, end to end on the embedded default model.
 
-1. profile calibration captions with `dit-profile`'s library (`profiler.run.profile_prompts`);
-2. fit an `auto` plan at the target speedup (`planner.fit_plan`);
+1. profile calibration captions with `dit-profile`'s library (`dit_accel.profiler.run.profile_prompts`);
+2. fit an `auto` plan at the target speedup (`dit_accel.planner.fit_plan`);
 3. generate held-out captions with and without the plan from the same seeds (interleaved, repeated) and print the
    measured wall-clock and FLOP speedup next to PSNR / SSIM against the un-accelerated videos;
 4. write the plan, the profile, and GIFs of the first held-out caption (full and accelerated) into `--out`.
@@ -17,30 +17,16 @@ from typing import Any
 
 import click
 
-from profiler.cli_common import OneLineErrorCommand, emit_report, user_errors
-from profiler.recorder import RecordSettings
-from profiler.run import PromptSpec, load_pipeline, profile_prompts
-from runtime import apply_plan, save_plan
+from dit_accel.harness.cli import OneLineErrorCommand, emit_report, user_errors
+from dit_accel.profiler.recorder import RecordSettings
+from dit_accel.profiler.run import profile_prompts
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.harness.pipelines import load_pipeline
+from dit_accel.harness.captions import CALIBRATION, HELD_OUT
+from dit_accel.runtime import apply_plan, save_plan
 
-from .methods import FitOptions, fit_plan
-from .validate import PipelineRunner, validate_plan
-
-#: Calibration and held-out captions, from the default model's caption grammar (shape colours on the background
-#: colours it was trained on) and never among its training captions' seeds.
-CALIBRATION = [
-    "a large red circle moves right on a teal background",
-    "a small yellow square moves down on a black background",
-    "a large white triangle stands still on a gray background",
-    "a small green circle moves up on a brown background",
-    "a large blue square moves left on a black background",
-    "a small purple triangle moves right on a teal background",
-]
-HELD_OUT = [
-    "a large yellow circle moves left on a gray background",
-    "a small white square moves right on a brown background",
-    "a large red triangle moves up on a black background",
-]
-
+from dit_accel.planner.methods import FitOptions, fit_plan
+from dit_accel.planner.validate import PipelineRunner, validate_plan
 
 def calibration_profile(pipe: Any, path: Path, prompts: int, steps: int, progress: bool = True) -> Path:
     """Profile the first `prompts` calibration captions at `steps` steps into `path` (resuming what is there)."""
@@ -64,7 +50,7 @@ def run_demo(out: Path, calibration: int, held_out: int, steps: int, target_spee
 
 
 def _write_gifs(pipe: Any, plan: Any, prompt: str, steps: int, out: Path) -> None:
-    from defaultmodel.video_io import save_gif
+    from dit_accel.defaultmodel.video_io import save_gif
 
     runner = PipelineRunner(pipe)
     save_gif(runner.generate(prompt, 0, steps), out / "full.gif")

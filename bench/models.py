@@ -1,6 +1,6 @@
 """The pipelines the bench runs, and one seeded generation on them.
 
-Three sources: the embedded default model (`model=None`), a local pipeline folder (any model `runtime` has an
+Three sources: the embedded default model (`model=None`), a local pipeline folder (any model `dit_accel.runtime` has an
 adapter for), or `--random-config wan-1.3b`: Wan2.1-T2V-1.3B's full-size architecture with random weights, for
 speed-only runs on a GPU. Random weights make every fidelity number meaningless, and the bench says so; such a
 pipeline has no text encoder, so every prompt becomes seeded random text embeddings of the shape Wan's umT5 gives.
@@ -9,7 +9,6 @@ pipeline has no text encoder, so every prompt becomes seeded random text embeddi
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from profiler.run import PromptSpec
-from profiler.run import load_pipeline as load_diffusers_pipeline
-from runtime.adapters import find_transformer, get_adapter
+from dit_accel.harness.pipelines import first_video, generate, load_pipeline, torch_dtype
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.runtime.adapters import find_transformer
 
 from .errors import BenchError
 
@@ -42,7 +41,6 @@ WAN_1_3B_CONFIG: dict[str, Any] = {
 #: Text tokens Wan's pipeline pads umT5 embeddings to.
 WAN_TEXT_TOKENS = 512
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {"wan-1.3b": WAN_1_3B_CONFIG}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -66,31 +64,15 @@ class BenchModel:
 def load_model(model: str | None, random_config: str | None, device: str, dtype: str) -> BenchModel:
     """The pipeline to benchmark: the default model, a local folder, or a random-weight architecture."""
     if random_config is not None:
-        return _random_model(random_config, device, DTYPES[dtype])
+        return _random_model(random_config, device, torch_dtype(dtype))
     if model is None:
-        from defaultmodel import WEIGHTS_DIR
+        from dit_accel.defaultmodel import WEIGHTS_DIR
 
-        pipe = load_diffusers_pipeline(None, device=device, dtype=dtype)
+        pipe = load_pipeline(None, device=device, dtype=dtype)
         return BenchModel(pipe, "default model (defaultmodel/weights)", weights_info(WEIGHTS_DIR))
     folder = Path(model)
-    pipe = _load_folder(folder, device, dtype)
+    pipe = load_pipeline(str(folder), device=device, dtype=dtype)
     return BenchModel(pipe, f"{type(pipe).__name__} from {folder}", weights_info(folder))
-
-
-def _load_folder(folder: Path, device: str, dtype: str) -> Any:
-    """A local pipeline folder; the default model's own class is loaded by hand (diffusers does not know it)."""
-    try:
-        class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError):
-        class_name = None
-    if class_name != "TinyVideoPipeline":
-        return load_diffusers_pipeline(str(folder), device=device, dtype=dtype)
-    from defaultmodel import TinyVideoPipeline
-
-    pipe = TinyVideoPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype]).to(device)
-    get_adapter(find_transformer(pipe))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def weights_info(folder: Path) -> dict[str, Any]:
@@ -140,21 +122,17 @@ class VideoRunner:
         self.model, self.steps, self.guidance, self.size = model, steps, guidance, dict(size)
 
     def __call__(self, spec: PromptSpec) -> np.ndarray:
-        generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-        kwargs = dict(num_inference_steps=self.steps, guidance_scale=self.guidance, generator=generator, output_type="np", **self.size)
-        kwargs.update(self._prompt_kwargs(spec))
         try:
             with torch.no_grad():
-                frames = self.model.pipe(**kwargs).frames
+                frames = generate(self.model.pipe, spec, self.steps, self.guidance, self.size, text_inputs=self._text_inputs(spec))
         except ValueError as exc:  # diffusers pipelines refuse bad inputs (sizes, unknown words) with ValueError
             raise BenchError(f"the pipeline refused prompt {spec.prompt!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-        frames = frames.float().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-        return frames[0].astype(np.float32, copy=False)
+        return first_video(frames)
 
-    def _prompt_kwargs(self, spec: PromptSpec) -> dict[str, Any]:
-        """Text for real models; seeded random embeddings (cond, uncond) of the right shape for random configs."""
+    def _text_inputs(self, spec: PromptSpec) -> dict[str, Any] | None:
+        """None (the prompt's text) for real models; seeded random embeddings (cond, uncond) for random configs."""
         if self.model.text_shape is None:
-            return {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}
+            return None
         transformer = self.model.transformer
         parameter = next(transformer.parameters())
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)

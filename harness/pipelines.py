@@ -1,0 +1,93 @@
+"""Loading a pipeline (the embedded default model or a local diffusers folder) and one seeded generation.
+
+Every stage that runs a model loads it and generates through these two functions, so a seed means the same
+noise everywhere: the generator is a CPU `torch.Generator` seeded with the prompt's seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dit_accel.runtime.adapters import find_transformer, get_adapter
+
+from .errors import DitAccelError
+from .prompts import PromptSpec
+
+#: The dtypes a pipeline can be loaded in, by the name the command-line options use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32") -> Any:
+    """The embedded default pipeline (`model=None`) or a diffusers pipeline from a local folder, never a hub.
+
+    A saved `TinyVideoPipeline` folder (the default model's class) loads through its own `from_pretrained`, since
+    diffusers' generic loader needs `accelerate` for Wan's float32-pinned modules.
+    """
+    try:
+        pipe = _load(model, torch_dtype(dtype))
+    except FileNotFoundError as exc:
+        raise DitAccelError(str(exc)) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise DitAccelError(f"cannot load the pipeline in {model}: {str(exc).splitlines()[0]}") from None
+    pipe = pipe.to(device)
+    get_adapter(find_transformer(pipe))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load(model: str | None, dtype: torch.dtype) -> Any:
+    if model is None:
+        from dit_accel.defaultmodel import load_default_pipeline
+
+        return load_default_pipeline(dtype=dtype)
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        raise DitAccelError(f"model folder {model} is not a local diffusers pipeline folder (no model_index.json); pass a folder saved with save_pretrained")
+    if json.loads(index.read_text()).get("_class_name") == "TinyVideoPipeline":
+        from dit_accel.defaultmodel import TinyVideoPipeline
+
+        return TinyVideoPipeline.from_pretrained(model, torch_dtype=dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named `name` (a key of `DTYPES`); anything else is a one-line error."""
+    if name not in DTYPES:
+        raise DitAccelError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def generate(pipe: Any, spec: PromptSpec, steps: int, guidance: float, size: dict[str, int], output_type: str = "np",
+             text_inputs: dict[str, Any] | None = None) -> Any:
+    """One generation of `spec` with a CPU generator seeded by `spec.seed`; returns the pipeline's frames.
+
+    Args:
+        pipe: a diffusers-style text-to-video pipeline.
+        spec: prompt, negative prompt (passed only when not empty) and seed.
+        steps: number of inference steps.
+        guidance: classifier-free guidance scale.
+        size: video size keywords (`num_frames`, `height`, `width`), empty for the pipeline's defaults.
+        output_type: the pipeline's `output_type` ("np" for pixels, "latent" to skip decoding).
+        text_inputs: keywords that replace the prompt text (e.g. `prompt_embeds` for a pipeline with no text encoder).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+    if text_inputs is None:
+        text_inputs = {"prompt": spec.prompt}
+        if spec.negative_prompt:
+            text_inputs["negative_prompt"] = spec.negative_prompt
+    result = pipe(**text_inputs, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                  output_type=output_type, **size)
+    return result.frames
+
+
+def first_video(frames: Any) -> np.ndarray:
+    """The first video of a pipeline's frames (tensor, array or nested lists) as float32 [frames, height, width, rgb]."""
+    frames = frames.float().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    return np.asarray(frames[0], dtype=np.float32)
