@@ -15,6 +15,15 @@ from .report import build_report, pareto_figure, pareto_png, render_markdown, to
 from .runner import BenchOptions, BenchRun, run_bench, summarise
 
 __all__ = [
-    "BenchError", "BenchOptions", "BenchRun", "build_report", "pareto_figure", "pareto_png", "render_markdown", "run_bench", "summarise",
-    "to_json", "write_outputs",
+    "BenchError",
+    "BenchOptions",
+    "BenchRun",
+    "build_report",
+    "pareto_figure",
+    "pareto_png",
+    "render_markdown",
+    "run_bench",
+    "summarise",
+    "to_json",
+    "write_outputs",
 ]

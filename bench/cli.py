@@ -17,10 +17,20 @@ from typing import Any
 
 import click
 
-from dit_accel.harness.cli import DEVICE, DTYPE, FRAMES, HEIGHT, MODEL, QUIET, WIDTH, OneLineErrorCommand, user_errors, video_size
+from dit_accel.harness.cli import (
+    DEVICE,
+    DTYPE,
+    FRAMES,
+    HEIGHT,
+    MODEL,
+    QUIET,
+    WIDTH,
+    OneLineErrorCommand,
+    user_errors,
+    video_size,
+)
 
 from .errors import BenchError
-
 from .models import RANDOM_CONFIGS
 from .peers import PEERS
 from .report import build_report, pareto_png, render_markdown, to_json, write_outputs
@@ -60,7 +70,9 @@ def _parse_peers(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     return names
 
 
-def _parse_thresholds(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
+def _parse_thresholds(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, tuple[float, ...]]:
     grids = {}
     for item in value:
         name, _, numbers = item.partition("=")
@@ -83,48 +95,116 @@ def check_output_dir(out: str) -> None:
 
 
 @click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", default="artifacts/bench", show_default=True, type=click.Path(), help="Folder for bench.md, bench.json, pareto.png (and fitted plans).")
+@click.option(
+    "--out",
+    default="artifacts/bench",
+    show_default=True,
+    type=click.Path(),
+    help="Folder for bench.md, bench.json, pareto.png (and fitted plans).",
+)
 @MODEL
-@click.option("--random-config", type=click.Choice(sorted(RANDOM_CONFIGS)), help="Full-size architecture with random weights (speed only).")
-@click.option("--plan", "plans", multiple=True, type=click.Path(dir_okay=False), help="A .plan file to benchmark (repeatable).")
-@click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="Profile(s) for --fit; their prompts also calibrate MagCache.")
+@click.option(
+    "--random-config",
+    type=click.Choice(sorted(RANDOM_CONFIGS)),
+    help="Full-size architecture with random weights (speed only).",
+)
+@click.option(
+    "--plan", "plans", multiple=True, type=click.Path(dir_okay=False), help="A .plan file to benchmark (repeatable)."
+)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Profile(s) for --fit; their prompts also calibrate MagCache.",
+)
 @click.option("--fit", is_flag=True, help="Fit auto at every --budgets value and each method preset from --profile.")
-@click.option("--budgets", callback=_parse_budgets, help=f"FLOP speedups to fit auto at [default: {','.join(f'{b:g}' for b in DEFAULT_BUDGETS)}; 2 with --quick].")
-@click.option("--presets", callback=_parse_presets, help=f"Method presets to fit at their defaults, or none [default: {','.join(FIT_PRESETS)}; none with --quick].")
-@click.option("--peers", default=",".join(PEERS), show_default=True, callback=_parse_peers, help="diffusers caches to compare with.")
-@click.option("--thresholds", multiple=True, callback=_parse_thresholds, help="PEER=V1,V2,… replaces a peer's grid (repeatable).")
+@click.option(
+    "--budgets",
+    callback=_parse_budgets,
+    help=f"FLOP speedups to fit auto at [default: {','.join(f'{b:g}' for b in DEFAULT_BUDGETS)}; 2 with --quick].",
+)
+@click.option(
+    "--presets",
+    callback=_parse_presets,
+    help=f"Method presets to fit at their defaults, or none [default: {','.join(FIT_PRESETS)}; none with --quick].",
+)
+@click.option(
+    "--peers",
+    default=",".join(PEERS),
+    show_default=True,
+    callback=_parse_peers,
+    help="diffusers caches to compare with.",
+)
+@click.option(
+    "--thresholds", multiple=True, callback=_parse_thresholds, help="PEER=V1,V2,… replaces a peer's grid (repeatable)."
+)
 @click.option("--quick", is_flag=True, help="Reduced grid: one value per peer, auto at 2x, no presets (unless given).")
-@click.option("--prompts", type=click.Path(dir_okay=False), help="Benchmark prompts (.txt one per line, seeds 0, 1, …; or .jsonl).")
-@click.option("--calibration-prompts", type=click.Path(dir_okay=False), help="MagCache calibration prompts (default: the --profile prompts, else built-in ones).")
-@click.option("--steps", type=click.IntRange(2), help="Denoising steps (default: the profile's, else the plan's, else 20).")
-@click.option("--repeats", default=2, show_default=True, type=click.IntRange(1), help="Interleaved timed rounds; the median is reported.")
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False),
+    help="Benchmark prompts (.txt one per line, seeds 0, 1, …; or .jsonl).",
+)
+@click.option(
+    "--calibration-prompts",
+    type=click.Path(dir_okay=False),
+    help="MagCache calibration prompts (default: the --profile prompts, else built-in ones).",
+)
+@click.option(
+    "--steps", type=click.IntRange(2), help="Denoising steps (default: the profile's, else the plan's, else 20)."
+)
+@click.option(
+    "--repeats",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Interleaved timed rounds; the median is reported.",
+)
 @click.option("--guidance", type=float, help="Guidance scale (default: the profile's, else 5).")
 @FRAMES
 @HEIGHT
 @WIDTH
 @DEVICE
 @DTYPE
-@click.option("--lpips-weights", type=click.Path(dir_okay=False), help="TorchScript LPIPS module (model(x, y), images in [-1, 1]); no download.")
+@click.option(
+    "--lpips-weights",
+    type=click.Path(dir_okay=False),
+    help="TorchScript LPIPS module (model(x, y), images in [-1, 1]); no download.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the markdown table.")
 @QUIET
 @user_errors
-def main(out: str, frames: int | None, height: int | None, width: int | None, as_json: bool, quiet: bool,
-         thresholds: dict[str, tuple[float, ...]], **options: Any) -> None:
+def main(
+    out: str,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    as_json: bool,
+    quiet: bool,
+    thresholds: dict[str, tuple[float, ...]],
+    **options: Any,
+) -> None:
     """Benchmark plans and diffusers' caches against the un-accelerated pipeline (same prompts, seeds, process)."""
     unselected = sorted(set(thresholds) - set(options["peers"]))
     if unselected:
         raise BenchError(f"--thresholds names {unselected[0]}, which --peers leaves out")
     check_output_dir(out)
     size = video_size(frames, height, width)
-    bench = BenchOptions(**{**options, "plans": tuple(options["plans"]), "profiles": tuple(options["profiles"])},
-                         thresholds=thresholds, size=size, progress=not quiet)
+    bench = BenchOptions(
+        **{**options, "plans": tuple(options["plans"]), "profiles": tuple(options["profiles"])},
+        thresholds=thresholds,
+        size=size,
+        progress=not quiet,
+    )
     run = run_bench(bench)
     report = build_report(summarise(run))
     markdown = render_markdown(report)
     files = {"bench.md": markdown.encode(), "bench.json": to_json(report).encode(), "pareto.png": pareto_png(report)}
     files.update(_fitted_plan_files(run))
     written = write_outputs(out, files)
-    click.echo(to_json(report) if as_json else markdown + "\nwrote " + ", ".join(str(p) for p in written), nl=not as_json)
+    click.echo(
+        to_json(report) if as_json else markdown + "\nwrote " + ", ".join(str(p) for p in written), nl=not as_json
+    )
 
 
 def _fitted_plan_files(run: Any) -> dict[str, bytes]:

@@ -79,8 +79,10 @@ def _measure(pipe: Any, profiles: Any, args: argparse.Namespace) -> dict[str, An
     closed_loop = closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)
     rows = []
     for target in args.targets:
-        for version, options, loop in (("v1", FitOptions(target_speedup=target, reuse="extrapolate"), None),
-                                       ("v2", FitOptions(target_speedup=target), closed_loop)):
+        for version, options, loop in (
+            ("v1", FitOptions(target_speedup=target, reuse="extrapolate"), None),
+            ("v2", FitOptions(target_speedup=target), closed_loop),
+        ):
             try:
                 plan = fit_profiles(profiles, options, loop)
             except PlannerError as exc:
@@ -89,8 +91,17 @@ def _measure(pipe: Any, profiles: Any, args: argparse.Namespace) -> dict[str, An
             with apply_plan(pipe, plan):
                 videos = [_video(pipe, spec, args) for spec in held_out]
             pooled, worst = pooled_psnr(videos, references)
-            rows.append({"target": target, "version": version, "speedup": block_call_speedup(plan), "pooled_psnr": pooled,
-                         "worst_psnr": worst, "reuse": plan.policy.get("reuse"), "predicted": plan.predicted})
+            rows.append(
+                {
+                    "target": target,
+                    "version": version,
+                    "speedup": block_call_speedup(plan),
+                    "pooled_psnr": pooled,
+                    "worst_psnr": worst,
+                    "reuse": plan.policy.get("reuse"),
+                    "predicted": plan.predicted,
+                }
+            )
             print(_row(rows[-1]), flush=True)
     return {"steps": args.steps, "guidance": args.guidance, "held_out": len(held_out), "rows": rows}
 
@@ -102,8 +113,10 @@ def _video(pipe: Any, spec: PromptSpec, args: argparse.Namespace) -> np.ndarray:
 def _row(row: dict[str, Any]) -> str:
     if "refused" in row:
         return f"| {row['target']:g}x | {row['version']} | refused: {row['refused']} |"
-    return (f"| {row['target']:g}x | {row['version']} | {row['speedup']:.2f}x | {row['pooled_psnr']:.1f} | "
-            f"{row['worst_psnr']:.1f} | {row['reuse']} |")
+    return (
+        f"| {row['target']:g}x | {row['version']} | {row['speedup']:.2f}x | {row['pooled_psnr']:.1f} | "
+        f"{row['worst_psnr']:.1f} | {row['reuse']} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,9 @@ class CallCounter:
         for _, block, _ in adapter.iter_blocks(transformer):
             present = [a for a in adapter.attention if isinstance(getattr(block, a.attr, None), torch.nn.Module)]
             if not present:
-                raise BenchError(f"block {type(block).__name__} has none of the adapter's attention modules; cannot count its calls")
+                raise BenchError(
+                    f"block {type(block).__name__} has none of the adapter's attention modules; cannot count its calls"
+                )
             for index, attention in enumerate(present):
                 marker = compute_marker(getattr(block, attention.attr))
                 keys = (f"attention_{attention.kind}", "blocks") if index == 0 else (f"attention_{attention.kind}",)
@@ -61,6 +64,7 @@ class CallCounter:
     def _counter(self, keys: tuple[str, ...]) -> Callable[..., None]:
         def hook(*_: Any) -> None:
             self.counts.update(keys)
+
         return hook
 
     def take(self) -> dict[str, int]:
@@ -80,7 +84,7 @@ def hook_state_bytes(transformer: torch.nn.Module) -> int:
     total = 0
     for module in transformer.modules():
         registry = getattr(module, "_diffusers_hook", None)
-        for hook in (registry.hooks.values() if registry is not None else ()):
+        for hook in registry.hooks.values() if registry is not None else ():
             state = {k: v for k, v in vars(hook).items() if k != "fn_ref"}
             total += _reachable_bytes(state, seen, storages, depth=8)
     return total
@@ -153,10 +157,15 @@ class Lpips:
         try:
             self.model = torch.jit.load(str(path), map_location="cpu").eval()
         except (OSError, RuntimeError, ValueError) as exc:
-            raise BenchError(f"cannot load LPIPS weights {path} as a TorchScript module: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise BenchError(
+                f"cannot load LPIPS weights {path} as a TorchScript module: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
 
     def __call__(self, video: np.ndarray, reference: np.ndarray) -> float:
-        x, y = (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1 for v in (video, reference))
+        x, y = (
+            torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
+            for v in (video, reference)
+        )
         with torch.no_grad():
             return float(torch.as_tensor(self.model(x, y)).float().mean())
 

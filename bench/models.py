@@ -81,14 +81,21 @@ def weights_info(folder: Path) -> dict[str, Any]:
     return {
         "folder": str(folder),
         "files": [
-            {"path": str(f), "bytes": f.stat().st_size,
-             "modified": datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")}
+            {
+                "path": str(f),
+                "bytes": f.stat().st_size,
+                "modified": datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+            }
             for f in files
         ],
     }
 
 
-def random_transformer(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def random_transformer(
+    name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """The named architecture with random weights (seed 0), built directly on `device` (`"meta"` builds no weights)."""
     from diffusers import WanTransformer3DModel
 
@@ -107,12 +114,19 @@ def _random_model(name: str, device: str, dtype: torch.dtype) -> BenchModel:
     transformer = random_transformer(name, device, dtype)
     with torch.device(device):
         vae = AutoencoderKLWan().eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     text_shape = (WAN_TEXT_TOKENS, RANDOM_CONFIGS[name]["text_dim"])
-    return BenchModel(pipe, f"{name} architecture with random weights", {"random_config": name, "seed": 0},
-                      fidelity_meaningful=False, text_shape=text_shape)
+    return BenchModel(
+        pipe,
+        f"{name} architecture with random weights",
+        {"random_config": name, "seed": 0},
+        fidelity_meaningful=False,
+        text_shape=text_shape,
+    )
 
 
 class VideoRunner:
@@ -124,9 +138,13 @@ class VideoRunner:
     def __call__(self, spec: PromptSpec) -> np.ndarray:
         try:
             with torch.no_grad():
-                frames = generate(self.model.pipe, spec, self.steps, self.guidance, self.size, text_inputs=self._text_inputs(spec))
+                frames = generate(
+                    self.model.pipe, spec, self.steps, self.guidance, self.size, text_inputs=self._text_inputs(spec)
+                )
         except ValueError as exc:  # diffusers pipelines refuse bad inputs (sizes, unknown words) with ValueError
-            raise BenchError(f"the pipeline refused prompt {spec.prompt!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+            raise BenchError(
+                f"the pipeline refused prompt {spec.prompt!r}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            ) from None
         return first_video(frames)
 
     def _text_inputs(self, spec: PromptSpec) -> dict[str, Any] | None:
@@ -137,5 +155,7 @@ class VideoRunner:
         parameter = next(transformer.parameters())
         generator = torch.Generator(device="cpu").manual_seed(spec.seed)
         cond, uncond = (torch.randn((1, *self.model.text_shape), generator=generator) for _ in range(2))
-        return {"prompt_embeds": cond.to(parameter.device, parameter.dtype),
-                "negative_prompt_embeds": uncond.to(parameter.device, parameter.dtype)}
+        return {
+            "prompt_embeds": cond.to(parameter.device, parameter.dtype),
+            "negative_prompt_embeds": uncond.to(parameter.device, parameter.dtype),
+        }

@@ -35,18 +35,18 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from dit_accel.harness.pipelines import DTYPES
 from dit_accel.harness.prompts import PromptSpec
-from dit_accel.runtime.adapters import noisy_latent_channels
-from dit_accel.runtime.adapters import ModelAdapter, get_adapter
+from dit_accel.runtime.adapters import ModelAdapter, get_adapter, noisy_latent_channels
 
 from .errors import BenchError
-from dit_accel.harness.pipelines import DTYPES
 
 TIMESTEP_PEERS = ("pab", "fastercache")
 
@@ -78,13 +78,33 @@ PEERS: dict[str, PeerSpec] = {
     spec.name: spec
     for spec in (
         PeerSpec("fbc", "FirstBlockCacheConfig", "threshold", (0.1, 0.15, 0.25), 0.15),
-        PeerSpec("taylorseer", "TaylorSeerCacheConfig", "cache_interval", (2, 3, 5), 3, integer=True,
-                 fixed=(("disable_cache_before_step", 3), ("max_order", 1))),
-        PeerSpec("magcache", "MagCacheConfig", "threshold", (0.06, 0.12, 0.24), 0.12,
-                 fixed=(("max_skip_steps", 3), ("retention_ratio", 0.2))),
+        PeerSpec(
+            "taylorseer",
+            "TaylorSeerCacheConfig",
+            "cache_interval",
+            (2, 3, 5),
+            3,
+            integer=True,
+            fixed=(("disable_cache_before_step", 3), ("max_order", 1)),
+        ),
+        PeerSpec(
+            "magcache",
+            "MagCacheConfig",
+            "threshold",
+            (0.06, 0.12, 0.24),
+            0.12,
+            fixed=(("max_skip_steps", 3), ("retention_ratio", 0.2)),
+        ),
         PeerSpec("seacache", "SeaCacheConfig", "threshold", (0.1, 0.25, 0.5), 0.25),
-        PeerSpec("pab", "PyramidAttentionBroadcastConfig", "spatial_attention_block_skip_range", (2, 3, 4), 2,
-                 integer=True, fixed=(("spatial_attention_timestep_skip_range", [100, 800]),)),
+        PeerSpec(
+            "pab",
+            "PyramidAttentionBroadcastConfig",
+            "spatial_attention_block_skip_range",
+            (2, 3, 4),
+            2,
+            integer=True,
+            fixed=(("spatial_attention_timestep_skip_range", [100, 800]),),
+        ),
         PeerSpec("fastercache", "FasterCacheConfig", "spatial_attention_block_skip_range", (2, 3), 2, integer=True),
     )
 }
@@ -103,7 +123,9 @@ def not_applicable(name: str, adapter: ModelAdapter, guidance: float) -> str | N
     return None
 
 
-def peer_settings(name: str, value: float, transformer: torch.nn.Module, steps: int, mag_ratios: Sequence[float] | None = None) -> dict[str, Any]:
+def peer_settings(
+    name: str, value: float, transformer: torch.nn.Module, steps: int, mag_ratios: Sequence[float] | None = None
+) -> dict[str, Any]:
     """The plain-data settings of one peer run: its knob, its fixed fields and what this model needs."""
     spec = PEERS[name]
     settings: dict[str, Any] = {"peer": name, spec.knob: spec.check_value(value), **dict(spec.fixed)}
@@ -120,7 +142,9 @@ def peer_settings(name: str, value: float, transformer: torch.nn.Module, steps: 
         from diffusers import WanTransformer3DModel
 
         channels = noisy_latent_channels(transformer.config)
-        if channels is not None and isinstance(transformer, WanTransformer3DModel):  # the class diffusers' own gate checks
+        if channels is not None and isinstance(
+            transformer, WanTransformer3DModel
+        ):  # the class diffusers' own gate checks
             settings["noisy_channels"] = int(channels)
     return settings
 
@@ -144,7 +168,9 @@ def make_config(settings: dict[str, Any], current_timestep: Callable[[], float])
     from diffusers import hooks
 
     spec = PEERS[settings["peer"]]
-    params = {k: tuple(v) if k.endswith("_range") and isinstance(v, list) else v for k, v in settings.items() if k != "peer"}
+    params = {
+        k: tuple(v) if k.endswith("_range") and isinstance(v, list) else v for k, v in settings.items() if k != "peer"
+    }
     if "taylor_factors_dtype" in params:
         params["taylor_factors_dtype"] = DTYPES[params["taylor_factors_dtype"]]
     if spec.name in TIMESTEP_PEERS:
@@ -160,6 +186,7 @@ def noisy_latent_reader(channels: int) -> Callable[[torch.nn.Module, tuple, dict
     Returns, per batch item, the first `channels` channels of the 5-D `hidden_states` argument (None when the call
     has none), which is what diffusers reads on Wan T2V where there is nothing to drop.
     """
+
     def read(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
@@ -206,7 +233,9 @@ def peer_enabled(transformer: torch.nn.Module, settings: dict[str, Any]) -> Iter
         transformer.enable_cache(make_config(settings, probe))
         hooked = count_hooks(transformer) - before
         if hooked == 0:
-            raise BenchError(f"{settings['peer']} installed no hook on {type(transformer).__name__} (its module identifiers match nothing)")
+            raise BenchError(
+                f"{settings['peer']} installed no hook on {type(transformer).__name__} (its module identifiers match nothing)"
+            )
         yield hooked
     finally:
         if transformer.is_cache_enabled:
@@ -214,7 +243,9 @@ def peer_enabled(transformer: torch.nn.Module, settings: dict[str, Any]) -> Iter
         probe.remove()
 
 
-def calibrate_mag_ratios(transformer: torch.nn.Module, generate: Callable[[PromptSpec], Any], prompts: Sequence[PromptSpec], steps: int) -> dict[str, Any]:
+def calibrate_mag_ratios(
+    transformer: torch.nn.Module, generate: Callable[[PromptSpec], Any], prompts: Sequence[PromptSpec], steps: int
+) -> dict[str, Any]:
     """MagCache ratios from diffusers' calibration mode on `prompts`: the mean of the lists it prints.
 
     Returns the averaged `mag_ratios` and every printed list (one per CFG branch per generation).
@@ -232,8 +263,12 @@ def calibrate_mag_ratios(transformer: torch.nn.Module, generate: Callable[[Promp
     runs = _printed_ratio_lists(printed.getvalue(), steps)
     if not runs:
         raise BenchError("MagCache calibration printed no ratio list; this diffusers version calibrates differently")
-    return {"mag_ratios": np.mean(runs, axis=0).tolist(), "runs": runs, "source": "diffusers MagCacheConfig(calibrate=True)",
-            "prompts": [spec.prompt for spec in prompts]}
+    return {
+        "mag_ratios": np.mean(runs, axis=0).tolist(),
+        "runs": runs,
+        "source": "diffusers MagCacheConfig(calibrate=True)",
+        "prompts": [spec.prompt for spec in prompts],
+    }
 
 
 def _printed_ratio_lists(text: str, steps: int) -> list[list[float]]:

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_accel.planner import FitOptions, PlannerError, fit_plan
 from dit_accel.harness.captions import CALIBRATION, HELD_OUT
+from dit_accel.harness.metrics import psnr, ssim
+from dit_accel.harness.pipelines import load_pipeline
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.planner import FitOptions, PlannerError, fit_plan
 from dit_accel.planner.methods import METHODS
 from dit_accel.planner.validate import PipelineRunner
 from dit_accel.profiler.flops import count_flops
-from dit_accel.harness.metrics import psnr, ssim
 from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
-from dit_accel.harness.prompts import PromptSpec
-from dit_accel.harness.pipelines import load_pipeline
 from dit_accel.runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan
 
 
@@ -71,9 +71,11 @@ def measure(pipe, runner: PipelineRunner, plan: Plan, prompts: list[str], steps:
     return {
         "flop_speedup": full["flops"] / flops(pipe, runner, plan, prompts[0], steps),
         "wall_speedup": statistics.median(full["times"]) / statistics.median(plan_times),
-        "psnr": [s[0] for s in scores], "ssim": [s[1] for s in scores],
+        "psnr": [s[0] for s in scores],
+        "ssim": [s[1] for s in scores],
         "predicted_speedup": plan.predicted.get("speedup"),
-        "reuse_fraction": float(np.mean(plan.actions == REUSE)), "prune_fraction": float(np.mean(plan.actions == PRUNE)),
+        "reuse_fraction": float(np.mean(plan.actions == REUSE)),
+        "prune_fraction": float(np.mean(plan.actions == PRUNE)),
     }
 
 
@@ -105,22 +107,45 @@ def main() -> None:
             except PlannerError as exc:
                 rows.append({"method": method, "target": target, "error": str(exc)})
                 continue
-            rows.append({"method": method, "target": target, **measure(pipe, runner, plan, prompts, args.steps, args.repeats, full)})
+            rows.append(
+                {
+                    "method": method,
+                    "target": target,
+                    **measure(pipe, runner, plan, prompts, args.steps, args.repeats, full),
+                }
+            )
         if target == middle:
-            both = fit_plan([str(profile)], FitOptions(method="auto", target_speedup=target, prune=True, granularity="block", pca_variance=0.8))
-            for label, plan in (("caching only", caching_only(both)), ("pruning only", prune_only(both)), ("caching + pruning + DWS", both)):
-                rows.append({"method": label, "target": target, **measure(pipe, runner, plan, prompts, args.steps, args.repeats, full)})
+            both = fit_plan(
+                [str(profile)],
+                FitOptions(method="auto", target_speedup=target, prune=True, granularity="block", pca_variance=0.8),
+            )
+            for label, plan in (
+                ("caching only", caching_only(both)),
+                ("pruning only", prune_only(both)),
+                ("caching + pruning + DWS", both),
+            ):
+                rows.append(
+                    {
+                        "method": label,
+                        "target": target,
+                        **measure(pipe, runner, plan, prompts, args.steps, args.repeats, full),
+                    }
+                )
     (out / "table.json").write_text(json.dumps(rows, indent=2))
-    print(f"default model, {args.steps} steps, {len(prompts)} held-out captions, {args.repeats} repeats; PSNR from the global MSE")
+    print(
+        f"default model, {args.steps} steps, {len(prompts)} held-out captions, {args.repeats} repeats; PSNR from the global MSE"
+    )
     print("| method | target | FLOP speedup | wall speedup | PSNR min / mean (dB) | SSIM mean | reuse / prune cells |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             print(f"| {row['method']} | {row['target']}x | n/a: {row['error']} | | | | |")
             continue
-        print(f"| {row['method']} | {row['target']}x | {row['flop_speedup']:.2f}x | {row['wall_speedup']:.2f}x | "
-              f"{min(row['psnr']):.1f} / {np.mean(row['psnr']):.1f} | {np.mean(row['ssim']):.3f} | "
-              f"{row['reuse_fraction']:.0%} / {row['prune_fraction']:.0%} |")
+        print(
+            f"| {row['method']} | {row['target']}x | {row['flop_speedup']:.2f}x | {row['wall_speedup']:.2f}x | "
+            f"{min(row['psnr']):.1f} / {np.mean(row['psnr']):.1f} | {np.mean(row['ssim']):.3f} | "
+            f"{row['reuse_fraction']:.0%} / {row['prune_fraction']:.0%} |"
+        )
 
 
 if __name__ == "__main__":

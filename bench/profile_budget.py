@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
+from dit_accel.harness.captions import CALIBRATION
+from dit_accel.harness.pipelines import generate, load_pipeline
+from dit_accel.harness.prompts import PromptSpec
 from dit_accel.profiler.budget import WAN_1_3B_480P, ModelShape, bytes_per_prompt
 from dit_accel.profiler.recorder import RecordSettings
-from dit_accel.harness.captions import CALIBRATION
 from dit_accel.profiler.run import profile_prompts
-from dit_accel.harness.prompts import PromptSpec
-from dit_accel.harness.pipelines import generate, load_pipeline
-
 
 
 def main() -> None:
@@ -60,21 +59,39 @@ def main() -> None:
             recorded_only.append(time.perf_counter() - start)
     transformer = pipe.transformer
     config = transformer.config
-    default_shape = ModelShape(blocks=config.num_layers, grid=(8, 8, 8), heads=config.num_attention_heads,
-                               head_dim=config.attention_head_dim, text_tokens=pipe.tokenizer.max_length,
-                               video_bytes=8 * 32 * 32 * 3)
+    default_shape = ModelShape(
+        blocks=config.num_layers,
+        grid=(8, 8, 8),
+        heads=config.num_attention_heads,
+        head_dim=config.attention_head_dim,
+        text_tokens=pipe.tokenizer.max_length,
+        video_bytes=8 * 32 * 32 * 3,
+    )
     estimate = sum(bytes_per_prompt(default_shape, settings).values())
     projected = bytes_per_prompt(WAN_1_3B_480P, settings)
     ratio = statistics.median(recorded_only) / statistics.median(plain)
     with_sensitivity = statistics.median(profiled) / statistics.median(plain)
-    print(f"default model, {len(specs)} prompts, {settings.num_inference_steps} steps, median of {args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s)")
+    print(
+        f"default model, {len(specs)} prompts, {settings.num_inference_steps} steps, median of {args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s)"
+    )
     print("| quantity | value | target |")
     print("|---|---|---|")
-    print(f"| profiling time / plain generation time (cost pass included, no sensitivity pass) | {ratio:.2f} | <= 1.5 |")
-    print(f"| the same with the step-sensitivity pass ({settings.sensitivity_steps} steps, first prompt, one-time) | {with_sensitivity:.2f} | |")
-    print(f"| profile size per prompt, default model (compressed file) | {statistics.median(sizes) / 1e6:.2f} MB (schema estimate uncompressed {estimate / 1e6:.2f} MB) | |")
-    print(f"| projected per prompt, Wan2.1-1.3B 480p x 81f x 50 steps (uncompressed) | {sum(projected.values()) / 1e6:.1f} MB | < 200 MB |")
-    print("projection by field (MB):", ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(projected.items(), key=lambda kv: -kv[1]) if v > 1e5))
+    print(
+        f"| profiling time / plain generation time (cost pass included, no sensitivity pass) | {ratio:.2f} | <= 1.5 |"
+    )
+    print(
+        f"| the same with the step-sensitivity pass ({settings.sensitivity_steps} steps, first prompt, one-time) | {with_sensitivity:.2f} | |"
+    )
+    print(
+        f"| profile size per prompt, default model (compressed file) | {statistics.median(sizes) / 1e6:.2f} MB (schema estimate uncompressed {estimate / 1e6:.2f} MB) | |"
+    )
+    print(
+        f"| projected per prompt, Wan2.1-1.3B 480p x 81f x 50 steps (uncompressed) | {sum(projected.values()) / 1e6:.1f} MB | < 200 MB |"
+    )
+    print(
+        "projection by field (MB):",
+        ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(projected.items(), key=lambda kv: -kv[1]) if v > 1e5),
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,16 @@ from dit_accel.runtime import REUSE, Plan, apply_plan, fingerprint_model
 def build_model() -> WanTransformer3DModel:
     torch.manual_seed(0)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=64, freq_dim=64, ffn_dim=512, num_layers=8, rope_max_seq_len=64,
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=512,
+        num_layers=8,
+        rope_max_seq_len=64,
     ).eval()
 
 
@@ -36,7 +44,9 @@ def denoise(model: torch.nn.Module, latent: torch.Tensor, text: torch.Tensor, st
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             with model.cache_context("cond", step_index=i, num_inference_steps=steps):
-                velocity = model(hidden_states=latent, timestep=t[None], encoder_hidden_states=text, return_dict=False)[0]
+                velocity = model(hidden_states=latent, timestep=t[None], encoder_hidden_states=text, return_dict=False)[
+                    0
+                ]
             latent = latent - velocity / steps
     return latent
 
@@ -46,7 +56,9 @@ def half_reuse_plan(model: torch.nn.Module, steps: int) -> Plan:
     fingerprint = fingerprint_model(model)
     actions = np.zeros((len(fingerprint.block_ids), steps), np.uint8)
     actions[:, 1::2] = REUSE
-    return Plan(model=fingerprint, timesteps=np.linspace(999, 1, steps), actions=actions, spans=((0, actions.shape[0]),))
+    return Plan(
+        model=fingerprint, timesteps=np.linspace(999, 1, steps), actions=actions, spans=((0, actions.shape[0]),)
+    )
 
 
 def main() -> None:
@@ -60,8 +72,10 @@ def main() -> None:
 
     model = build_model()
     latent, text = torch.randn(1, 4, 4, 32, 32), torch.randn(1, 16, 64)
-    plans = {"all-compute plan": Plan.all_compute(fingerprint_model(model), np.linspace(999, 1, args.steps)),
-             "half-reuse plan": half_reuse_plan(model, args.steps)}
+    plans = {
+        "all-compute plan": Plan.all_compute(fingerprint_model(model), np.linspace(999, 1, args.steps)),
+        "half-reuse plan": half_reuse_plan(model, args.steps),
+    }
 
     def run(variant: str) -> float:
         handle = apply_plan(model, plans[variant]) if variant in plans else None
@@ -88,11 +102,15 @@ def main() -> None:
     overhead = medians["all-compute plan"] / medians["vanilla"]
 
     tokens = 4 * 16 * 16
-    print(f"Wan transformer: 8 blocks, dim 128, {tokens} tokens, {args.steps} steps, median of {args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s)")
+    print(
+        f"Wan transformer: 8 blocks, dim 128, {tokens} tokens, {args.steps} steps, median of {args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s)"
+    )
     print("| variant | median time ratio vs vanilla | target |")
     print("|---|---|---|")
     print(f"| all-compute plan (overhead) | {overhead:.3f} | <= 1.03 |")
-    print(f"| half-reuse plan (speedup) | {measured:.2f}x (FLOP-predicted {predicted:.2f}x, {measured / predicted:.2f} of it) | >= 0.90 of predicted |")
+    print(
+        f"| half-reuse plan (speedup) | {measured:.2f}x (FLOP-predicted {predicted:.2f}x, {measured / predicted:.2f} of it) | >= 0.90 of predicted |"
+    )
 
 
 if __name__ == "__main__":

@@ -21,19 +21,19 @@ from dit_accel.harness.files import write_files_atomic
 OURS = "auto"
 DEFINITIONS = {
     "psnr": "10·log10(1 / MSE) in dB, the MSE taken over the whole video at once (every frame, pixel and RGB channel in [0, 1]) "
-            "against the un-accelerated video of the same prompt and seed; the table shows the PSNR of the MSE averaged over prompts "
-            "(so a prompt left unchanged does not make the row ∞)",
+    "against the un-accelerated video of the same prompt and seed; the table shows the PSNR of the MSE averaged over prompts "
+    "(so a prompt left unchanged does not make the row ∞)",
     "ssim": "Gaussian-window SSIM (11 px, sigma 1.5) per frame and channel, averaged; mean over prompts",
     "lpips": "mean over frames of the user-supplied TorchScript LPIPS model, images scaled to [-1, 1]",
     "wall_speedup": "median over interleaved rounds of (un-accelerated time / the variant's time), both summed over prompts, the "
-                    "un-accelerated time of each variant run being the mean of the two un-accelerated runs that bracket it (same process)",
+    "un-accelerated time of each variant run being the mean of the two un-accelerated runs that bracket it (same process)",
     "flop_speedup": "FLOPs of one un-accelerated generation of the first prompt / the variant's (torch FlopCounterMode, CPU attention "
-                    "counted); block calls and the bound cover every prompt, so for adaptive methods the two can differ",
+    "counted); block calls and the bound cover every prompt, so for adaptive methods the two can differ",
     "block_calls": "block computations, counted when a block's first attention module computes its query projection; summed over prompts",
     "cache_bytes": "peak bytes of the tensors held in the state of the diffusers hooks on the transformer (plans and peers alike)",
     "bound": "T / (T_c + (T - T_c)·rho) with T_c = T·(computed / total block calls) and rho the non-block share of the "
-             "un-accelerated run's FLOPs: the speedup if skipped block calls cost nothing; skipping only inside a block "
-             "(PAB, TaylorSeer) counts as a skipped block, so the bound overstates what those methods can reach",
+    "un-accelerated run's FLOPs: the speedup if skipped block calls cost nothing; skipping only inside a block "
+    "(PAB, TaylorSeer) counts as a skipped block, so the bound overstates what those methods can reach",
 }
 
 
@@ -43,7 +43,11 @@ SPEEDS = {"flop_speedup": "FLOP speedup", "wall_speedup": "wall speedup"}
 def build_report(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary plus definitions and the comparison of our `auto` plans with each peer's curve, by FLOP speedup
     (immune to machine load) and by wall speedup."""
-    return {**summary, "definitions": DEFINITIONS, "standing": {speed: standing(summary["rows"], speed=speed) for speed in SPEEDS}}
+    return {
+        **summary,
+        "definitions": DEFINITIONS,
+        "standing": {speed: standing(summary["rows"], speed=speed) for speed in SPEEDS},
+    }
 
 
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -63,13 +67,18 @@ def standing(rows: list[dict[str, Any]], ours: str = OURS, speed: str = "wall_sp
     for point in points:
         quality = point["psnr"]
         for peer, curve in peers.items():
-            result.append({
-                "ours": point["name"], "peer": peer, "ours_speedup": point[speed], "ours_psnr": quality,
-                "peer_speedup_at_equal_psnr": _interpolate(curve, "psnr", speed, quality),
-                "peer_psnr_at_equal_speedup": _interpolate(curve, speed, "psnr", point[speed]),
-                "dominated_by": [r["name"] for r in curve if _dominates(r, point, speed)],
-                "dominates": [r["name"] for r in curve if _dominates(point, r, speed)],
-            })
+            result.append(
+                {
+                    "ours": point["name"],
+                    "peer": peer,
+                    "ours_speedup": point[speed],
+                    "ours_psnr": quality,
+                    "peer_speedup_at_equal_psnr": _interpolate(curve, "psnr", speed, quality),
+                    "peer_psnr_at_equal_speedup": _interpolate(curve, speed, "psnr", point[speed]),
+                    "dominated_by": [r["name"] for r in curve if _dominates(r, point, speed)],
+                    "dominates": [r["name"] for r in curve if _dominates(point, r, speed)],
+                }
+            )
     return result
 
 
@@ -94,8 +103,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _section("Not fitted", [f"{k}: {v}" for k, v in report["not_fitted"].items()])
     for speed, label in SPEEDS.items():
         entries = report["standing"][speed]
-        lines += _section(f"Where `{OURS}` stands against each peer ({label}, pooled PSNR)", [_standing_line(e, label) for e in entries])
-    lines += _section("Definitions", [f"**{k}**: {v}" for k, v in report["definitions"].items()] + [f"**rho** (this run): {report['rho']:.4f}"])
+        lines += _section(
+            f"Where `{OURS}` stands against each peer ({label}, pooled PSNR)",
+            [_standing_line(e, label) for e in entries],
+        )
+    lines += _section(
+        "Definitions",
+        [f"**{k}**: {v}" for k, v in report["definitions"].items()] + [f"**rho** (this run): {report['rho']:.4f}"],
+    )
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -109,23 +124,41 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"{settings['device']} {settings['dtype']}, torch {settings['torch']}, diffusers {settings['diffusers']}.",
     ]
     runs = report["rows"][0]["run_seconds"]
-    lines.append(f"{len(runs)} un-accelerated generations took {min(runs):.2f} to {max(runs):.2f} s (spread "
-                 f"{max(runs) / min(runs) - 1:.0%}): the timing noise each wall speedup is measured under.")
+    lines.append(
+        f"{len(runs)} un-accelerated generations took {min(runs):.2f} to {max(runs):.2f} s (spread "
+        f"{max(runs) / min(runs) - 1:.0%}): the timing noise each wall speedup is measured under."
+    )
     files = model["weights"].get("files", [])
     if files:
         lines.append("Weights measured: " + "; ".join(f"`{f['path']}` modified {f['modified']}" for f in files) + ".")
     if not model["fidelity_meaningful"]:
         lines.append("**Random weights: PSNR, SSIM and LPIPS are meaningless here; read the speed columns only.**")
     if settings["device"].startswith("cpu"):
-        lines.append("Memory on CPU: the cache MB column is the bytes held by the hooks' caches (no allocator peak on CPU).")
+        lines.append(
+            "Memory on CPU: the cache MB column is the bytes held by the hooks' caches (no allocator peak on CPU)."
+        )
     return lines
 
 
 def _table(report: dict[str, Any]) -> list[str]:
     lpips = any(r.get("lpips") is not None for r in report["rows"])
     cuda = any(r.get("peak_cuda_bytes") is not None for r in report["rows"])
-    head = ["method", "setting", "wall speedup", "FLOP speedup", "PSNR dB", "worst dB", "SSIM", *(["LPIPS"] if lpips else []),
-            "block calls", "cache MB", *(["peak CUDA GB"] if cuda else []), "bound", "wall / bound", "note"]
+    head = [
+        "method",
+        "setting",
+        "wall speedup",
+        "FLOP speedup",
+        "PSNR dB",
+        "worst dB",
+        "SSIM",
+        *(["LPIPS"] if lpips else []),
+        "block calls",
+        "cache MB",
+        *(["peak CUDA GB"] if cuda else []),
+        "bound",
+        "wall / bound",
+        "note",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         lines.append("| " + " | ".join(_cells(row, lpips, cuda)) + " |")
@@ -140,7 +173,14 @@ def _cells(row: dict[str, Any], lpips: bool, cuda: bool) -> list[str]:
     nothing = row["status"] == "skipped nothing"
     speeds = ["skipped nothing"] * 2 if nothing else [f"{row['wall_speedup']:.2f}x", f"{row['flop_speedup']:.2f}x"]
     calls = row["block_calls"]
-    cells = [row["method"], setting, *speeds, _db(row["psnr"]), _db(row.get("psnr_min", row["psnr"])), f"{row['ssim']:.4f}"]
+    cells = [
+        row["method"],
+        setting,
+        *speeds,
+        _db(row["psnr"]),
+        _db(row.get("psnr_min", row["psnr"])),
+        f"{row['ssim']:.4f}",
+    ]
     cells += [f"{row['lpips']:.4f}"] if lpips else []
     cells += [f"{calls['computed']}/{calls['total']}", f"{row['cache_bytes'] / 1e6:.2f}"]
     cells += [f"{(row['peak_cuda_bytes'] or 0) / 1e9:.2f}"] if cuda else []
@@ -169,10 +209,16 @@ def _standing_line(entry: dict[str, Any], label: str) -> str:
     peer, speed, quality = entry["peer"], entry["ours_speedup"], entry["ours_psnr"]
     at_psnr, at_speed = entry["peer_speedup_at_equal_psnr"], entry["peer_psnr_at_equal_speedup"]
     parts = [f"{entry['ours']} ({speed:.2f}x {label}, {_db(quality)} dB) vs {peer}:"]
-    parts.append(f"at equal PSNR {peer} runs {at_psnr:.2f}x ({'ours faster' if speed > at_psnr else 'peer faster'});" if at_psnr is not None
-                 else f"{peer}'s curve does not reach {_db(quality)} dB within its measured points;")
-    parts.append(f"at equal speed {peer} gets {_db(at_speed)} dB ({'ours higher' if quality > at_speed else 'peer higher'})." if at_speed is not None
-                 else f"{peer}'s curve does not span {speed:.2f}x.")
+    parts.append(
+        f"at equal PSNR {peer} runs {at_psnr:.2f}x ({'ours faster' if speed > at_psnr else 'peer faster'});"
+        if at_psnr is not None
+        else f"{peer}'s curve does not reach {_db(quality)} dB within its measured points;"
+    )
+    parts.append(
+        f"at equal speed {peer} gets {_db(at_speed)} dB ({'ours higher' if quality > at_speed else 'peer higher'})."
+        if at_speed is not None
+        else f"{peer}'s curve does not span {speed:.2f}x."
+    )
     if entry["dominated_by"]:
         parts.append(f"Dominated by {', '.join(entry['dominated_by'])}.")
     if entry["dominates"]:
@@ -208,7 +254,10 @@ def pareto_figure(report: dict[str, Any]) -> Figure:
         axes.grid(True, alpha=0.3)
     panels[0].set_ylabel("PSNR vs un-accelerated, dB (global MSE)")
     title = f"{report['model']['name']}, {report['settings']['steps']} steps"
-    figure.suptitle(title if report["model"]["fidelity_meaningful"] else f"{title}: random weights, PSNR is meaningless", fontsize=10)
+    figure.suptitle(
+        title if report["model"]["fidelity_meaningful"] else f"{title}: random weights, PSNR is meaningless",
+        fontsize=10,
+    )
     return figure
 
 
@@ -229,7 +278,14 @@ def _plot_curves(axes: Any, rows: list[dict[str, Any]], speed: str) -> None:
     for method, points in curves.items():
         xs, ys = zip(*sorted(points))
         mine = method in ours
-        axes.plot(xs, ys, marker="o" if mine else "s", linestyle="-" if mine else "--", linewidth=2.2 if mine else 1.2, label=method)
+        axes.plot(
+            xs,
+            ys,
+            marker="o" if mine else "s",
+            linestyle="-" if mine else "--",
+            linewidth=2.2 if mine else 1.2,
+            label=method,
+        )
     if curves:
         axes.legend(fontsize=8)
 

@@ -16,24 +16,34 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from dit_accel.profiler.flops import count_flops
 from dit_accel.harness.captions import EVALUATION
 from dit_accel.harness.metrics import psnr, ssim
 from dit_accel.harness.prompts import PromptSpec, read_prompt_file
+from dit_accel.profiler.flops import count_flops
 from dit_accel.runtime.adapters import get_adapter
 
 from .errors import BenchError
 from .measure import CallCounter, Lpips, MemorySampler, caching_bound, non_block_share, peak_cuda_bytes, timed
 from .models import BenchModel, VideoRunner, load_model
 from .peers import PEERS, calibrate_mag_ratios, not_applicable
-from .variants import FIT_PRESETS, Variant, activated, baseline_variant, check_plan, file_plans, fitted_plans, peer_variants
+from .variants import (
+    FIT_PRESETS,
+    Variant,
+    activated,
+    baseline_variant,
+    check_plan,
+    file_plans,
+    fitted_plans,
+    peer_variants,
+)
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
@@ -198,16 +208,32 @@ def run_bench(options: BenchOptions) -> BenchRun:
         measured = _measure(variants, inputs.prompts, runner, model, options.repeats, bar)
     finally:
         bar.close()
-    return BenchRun(options, model, inputs.steps, inputs.guidance, inputs.size, inputs.prompts, variants, measured, skipped,
-                    inputs.not_fitted, {"magcache": calibration} if calibration else {}, lpips)
+    return BenchRun(
+        options,
+        model,
+        inputs.steps,
+        inputs.guidance,
+        inputs.size,
+        inputs.prompts,
+        variants,
+        measured,
+        skipped,
+        inputs.not_fitted,
+        {"magcache": calibration} if calibration else {},
+        lpips,
+    )
 
 
-def _generation_settings(options: BenchOptions, profiles: Any, plans: list[Variant]) -> tuple[int, float, dict[str, int]]:
+def _generation_settings(
+    options: BenchOptions, profiles: Any, plans: list[Variant]
+) -> tuple[int, float, dict[str, int]]:
     """Steps, guidance and video size: the options, else the profile's, else the first plan's steps, else defaults."""
     settings = profiles.header.settings if profiles is not None else {}
     steps = options.steps or (profiles.num_steps if profiles is not None else None)
     steps = steps or (plans[0].plan.num_inference_steps if plans else DEFAULT_STEPS)
-    guidance = options.guidance if options.guidance is not None else float(settings.get("guidance_scale", DEFAULT_GUIDANCE))
+    guidance = (
+        options.guidance if options.guidance is not None else float(settings.get("guidance_scale", DEFAULT_GUIDANCE))
+    )
     profiled_size = {k.removeprefix("size_"): int(v) for k, v in settings.items() if k.startswith("size_")}
     return steps, guidance, options.size or profiled_size
 
@@ -218,7 +244,9 @@ def _calibration_prompts(options: BenchOptions, profiles: Any) -> list[PromptSpe
     if options.calibration_prompts:
         return read_prompt_file(options.calibration_prompts)
     if profiles is not None:
-        return [PromptSpec(p.prompt, p.negative_prompt, p.seed) for profile in profiles.profiles for p in profile.prompts]
+        return [
+            PromptSpec(p.prompt, p.negative_prompt, p.seed) for profile in profiles.profiles for p in profile.prompts
+        ]
     return list(DEFAULT_CALIBRATION_PROMPTS)
 
 
@@ -229,7 +257,9 @@ def _fit_grid(options: BenchOptions) -> tuple[tuple[float, ...], tuple[str, ...]
     return budgets, presets
 
 
-def _applicable_peers(options: BenchOptions, transformer: torch.nn.Module, guidance: float) -> tuple[dict[str, tuple[float, ...]], dict[str, str]]:
+def _applicable_peers(
+    options: BenchOptions, transformer: torch.nn.Module, guidance: float
+) -> tuple[dict[str, tuple[float, ...]], dict[str, str]]:
     """Grid values per peer that can run here, and the reason for each peer that cannot."""
     adapter = get_adapter(transformer)
     grids, skipped = {}, {}
@@ -243,8 +273,11 @@ def _applicable_peers(options: BenchOptions, transformer: torch.nn.Module, guida
     return grids, skipped
 
 
-def _calibrate(transformer: torch.nn.Module, runner: VideoRunner, prompts: list[PromptSpec], steps: int, bar: Any) -> dict[str, Any]:
+def _calibrate(
+    transformer: torch.nn.Module, runner: VideoRunner, prompts: list[PromptSpec], steps: int, bar: Any
+) -> dict[str, Any]:
     """MagCache's ratios on the calibration prompts, one progress step per generation."""
+
     def generate(spec: PromptSpec) -> None:
         runner(spec)
         bar.update()
@@ -252,7 +285,9 @@ def _calibrate(transformer: torch.nn.Module, runner: VideoRunner, prompts: list[
     return calibrate_mag_ratios(transformer, generate, prompts, steps)
 
 
-def _measure(variants: list[Variant], prompts: list[PromptSpec], runner: VideoRunner, model: BenchModel, repeats: int, bar: Any) -> dict[str, Measured]:
+def _measure(
+    variants: list[Variant], prompts: list[PromptSpec], runner: VideoRunner, model: BenchModel, repeats: int, bar: Any
+) -> dict[str, Measured]:
     """Warm-up, interleaved timed rounds, then the FLOP pass (see the module docstring)."""
     measured = {v.name: Measured() for v in variants}
     baseline, others = variants[0], variants[1:]
@@ -266,7 +301,9 @@ def _measure(variants: list[Variant], prompts: list[PromptSpec], runner: VideoRu
                 result.times.append(0.0)
                 result.baseline_times.append(0.0)
             for spec in prompts:
-                _bracketed_cycle(baseline, others[shift:] + others[:shift], measured, spec, runner, model, counter, repeat == 0, bar)
+                _bracketed_cycle(
+                    baseline, others[shift:] + others[:shift], measured, spec, runner, model, counter, repeat == 0, bar
+                )
         for variant in variants:
             _flop_pass(variant, measured[variant.name], prompts[0], runner, model)
             bar.update()
@@ -280,12 +317,21 @@ def bracketed(order: list[Variant], baseline: Variant, every: int = BASELINE_EVE
     lies between two un-accelerated runs."""
     sequence = []
     for start in range(0, len(order), every):
-        sequence += [baseline, *order[start:start + every]]
+        sequence += [baseline, *order[start : start + every]]
     return sequence + [baseline]
 
 
-def _bracketed_cycle(baseline: Variant, order: list[Variant], measured: dict[str, Measured], spec: PromptSpec, runner: VideoRunner,
-                     model: BenchModel, counter: CallCounter, first: bool, bar: Any) -> None:
+def _bracketed_cycle(
+    baseline: Variant,
+    order: list[Variant],
+    measured: dict[str, Measured],
+    spec: PromptSpec,
+    runner: VideoRunner,
+    model: BenchModel,
+    counter: CallCounter,
+    first: bool,
+    bar: Any,
+) -> None:
     """Run one prompt through the bracketed order; each variant's time is set against the mean of the two
     un-accelerated runs around it, which cancels machine-load drift slower than two generations."""
     sequence = bracketed(order, baseline)
@@ -305,8 +351,15 @@ def _bracketed_cycle(baseline: Variant, order: list[Variant], measured: dict[str
                 result.baseline_times[-1] += (times[before] + times[after]) / 2
 
 
-def _timed_run(variant: Variant, result: Measured, spec: PromptSpec, runner: VideoRunner, model: BenchModel,
-               counter: CallCounter, keep: bool) -> float | None:
+def _timed_run(
+    variant: Variant,
+    result: Measured,
+    spec: PromptSpec,
+    runner: VideoRunner,
+    model: BenchModel,
+    counter: CallCounter,
+    keep: bool,
+) -> float | None:
     """Seconds of one generation with the variant on (None once it failed); `keep` stores the video and calls."""
     if variant.error is not None:
         return None
@@ -375,48 +428,93 @@ def summarise(run: BenchRun) -> dict[str, Any]:
 
 def _model_info(run: BenchRun, block_ids: list[str]) -> dict[str, Any]:
     adapter = get_adapter(run.model.transformer)
-    return {"name": run.model.name, "transformer_class": type(run.model.transformer).__name__, "blocks": len(block_ids),
-            "adapter": adapter.name, "cfg_mode": adapter.cfg_mode, "weights": run.model.weights,
-            "fidelity_meaningful": run.model.fidelity_meaningful}
+    return {
+        "name": run.model.name,
+        "transformer_class": type(run.model.transformer).__name__,
+        "blocks": len(block_ids),
+        "adapter": adapter.name,
+        "cfg_mode": adapter.cfg_mode,
+        "weights": run.model.weights,
+        "fidelity_meaningful": run.model.fidelity_meaningful,
+    }
 
 
 def _settings_info(run: BenchRun) -> dict[str, Any]:
     import diffusers
 
     parameter = next(run.model.transformer.parameters())
-    return {"steps": run.steps, "guidance": run.guidance, "size": run.size, "repeats": run.options.repeats,
-            "prompts": [{"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": p.seed} for p in run.prompts],
-            "device": str(parameter.device), "dtype": str(parameter.dtype).removeprefix("torch."),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads()}
+    return {
+        "steps": run.steps,
+        "guidance": run.guidance,
+        "size": run.size,
+        "repeats": run.options.repeats,
+        "prompts": [{"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": p.seed} for p in run.prompts],
+        "device": str(parameter.device),
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def _row(variant: Variant, result: Measured, baseline: Measured, prompts: Sequence[PromptSpec], rho: float, root: str, lpips: Lpips | None) -> dict[str, Any]:
+def _row(
+    variant: Variant,
+    result: Measured,
+    baseline: Measured,
+    prompts: Sequence[PromptSpec],
+    rho: float,
+    root: str,
+    lpips: Lpips | None,
+) -> dict[str, Any]:
     """Every number of one variant against the baseline."""
-    row: dict[str, Any] = {"name": variant.name, "method": variant.method, "kind": variant.kind, "setting": variant.setting}
+    row: dict[str, Any] = {
+        "name": variant.name,
+        "method": variant.method,
+        "kind": variant.kind,
+        "setting": variant.setting,
+    }
     if variant.hooked is not None:
         row["hooks_installed"] = variant.hooked
     if variant.error is not None:
         return {**row, "status": f"failed: {variant.error}"}
     speedups = [full / own for full, own in zip(result.baseline_times, result.times)]
     computed, total = result.counts.get("blocks", 0), baseline.counts["blocks"]
-    per_prompt = [_fidelity(video, reference, spec, lpips) for video, reference, spec in zip(result.videos, baseline.videos, prompts)]
-    skipped_nothing = variant.kind != "baseline" and all(result.counts.get(k, 0) >= n for k, n in baseline.counts.items())
+    per_prompt = [
+        _fidelity(video, reference, spec, lpips)
+        for video, reference, spec in zip(result.videos, baseline.videos, prompts)
+    ]
+    skipped_nothing = variant.kind != "baseline" and all(
+        result.counts.get(k, 0) >= n for k, n in baseline.counts.items()
+    )
     bound = caching_bound(computed / total, rho)
     wall_speedup, flop_speedup = statistics.median(speedups), baseline.flops / max(result.flops, 1)
-    row.update({
-        "status": "reference" if variant.kind == "baseline" else "skipped nothing" if skipped_nothing else "ok",
-        "wall_s": statistics.median(result.times), "wall_s_rounds": result.times, "baseline_s_rounds": result.baseline_times,
-        "run_seconds": result.samples,
-        "wall_speedup": wall_speedup, "wall_speedup_rounds": speedups,
-        "flops": result.flops, "flop_speedup": flop_speedup,
-        "transformer_flop_speedup": baseline.per_module.get(root, 0) / max(result.per_module.get(root, 0), 1),
-        **_pooled_fidelity(per_prompt), "per_prompt": per_prompt,
-        "block_calls": {"computed": computed, "total": total, "fraction": computed / total},
-        "attention_calls": {k.removeprefix("attention_"): {"computed": result.counts.get(k, 0), "total": n}
-                            for k, n in baseline.counts.items() if k.startswith("attention_")},
-        "cache_bytes": result.cache_bytes, "peak_cuda_bytes": result.peak_cuda_bytes,
-        "bound": bound, "wall_of_bound": wall_speedup / bound, "flop_of_bound": flop_speedup / bound,
-    })
+    row.update(
+        {
+            "status": "reference" if variant.kind == "baseline" else "skipped nothing" if skipped_nothing else "ok",
+            "wall_s": statistics.median(result.times),
+            "wall_s_rounds": result.times,
+            "baseline_s_rounds": result.baseline_times,
+            "run_seconds": result.samples,
+            "wall_speedup": wall_speedup,
+            "wall_speedup_rounds": speedups,
+            "flops": result.flops,
+            "flop_speedup": flop_speedup,
+            "transformer_flop_speedup": baseline.per_module.get(root, 0) / max(result.per_module.get(root, 0), 1),
+            **_pooled_fidelity(per_prompt),
+            "per_prompt": per_prompt,
+            "block_calls": {"computed": computed, "total": total, "fraction": computed / total},
+            "attention_calls": {
+                k.removeprefix("attention_"): {"computed": result.counts.get(k, 0), "total": n}
+                for k, n in baseline.counts.items()
+                if k.startswith("attention_")
+            },
+            "cache_bytes": result.cache_bytes,
+            "peak_cuda_bytes": result.peak_cuda_bytes,
+            "bound": bound,
+            "wall_of_bound": wall_speedup / bound,
+            "flop_of_bound": flop_speedup / bound,
+        }
+    )
     return row
 
 
@@ -426,7 +524,9 @@ def _pooled_fidelity(per_prompt: list[dict[str, Any]]) -> dict[str, Any]:
     PSNR comes from the MSE averaged over prompts, not from averaged decibels: one prompt a method left untouched
     (PSNR ∞) would otherwise make the whole row ∞ however much the other prompts changed.
     """
-    mean = {key: float(np.mean([p[key] for p in per_prompt])) if key in per_prompt[0] else None for key in ("ssim", "lpips")}
+    mean = {
+        key: float(np.mean([p[key] for p in per_prompt])) if key in per_prompt[0] else None for key in ("ssim", "lpips")
+    }
     mse = float(np.mean([10.0 ** (-p["psnr"] / 10.0) for p in per_prompt]))
     pooled = math.inf if mse == 0 else -10.0 * math.log10(mse)
     return {"psnr": pooled, **mean, "psnr_min": min(p["psnr"] for p in per_prompt)}

@@ -7,9 +7,10 @@ to switch it on around a generation (`activated`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -73,8 +74,12 @@ def check_plan(plan: Plan, transformer: torch.nn.Module, steps: int, source: str
 def plan_variant(plan: Plan, name: str, setting: dict[str, Any], plan_file: str | None = None) -> Variant:
     """A plan's row: its curve is the planner method that made it (from its provenance)."""
     method = str(plan.provenance.get("method", "plan"))
-    info = {**setting, "policy": plan.policy.get("kind"), "predicted_speedup": plan.predicted.get("speedup"),
-            "fitted_steps": plan.num_inference_steps}
+    info = {
+        **setting,
+        "policy": plan.policy.get("kind"),
+        "predicted_speedup": plan.predicted.get("speedup"),
+        "fitted_steps": plan.num_inference_steps,
+    }
     return Variant(name, method, "plan", info, plan=plan, plan_file=plan_file)
 
 
@@ -83,7 +88,9 @@ def file_plans(paths: Sequence[str]) -> list[Variant]:
     return [plan_variant(load_plan(path), Path(path).name, {"source": str(path)}) for path in paths]
 
 
-def fitted_plans(profiles: ProfileSet, budgets: Sequence[float], presets: Sequence[str]) -> tuple[list[Variant], dict[str, str]]:
+def fitted_plans(
+    profiles: ProfileSet, budgets: Sequence[float], presets: Sequence[str]
+) -> tuple[list[Variant], dict[str, str]]:
     """`auto` at every budget and each preset at its paper defaults; a fit the planner refuses is reported, not fatal."""
     requests = [(f"auto @{b:g}x", "auto", b) for b in budgets] + [(p, p, None) for p in presets]
     source = "fitted from " + ", ".join(Path(s.path).name for s in profiles.sources)
@@ -95,11 +102,15 @@ def fitted_plans(profiles: ProfileSet, budgets: Sequence[float], presets: Sequen
             refused[name] = str(exc)
             continue
         slug = name.replace(" @", "-").replace(" ", "-")
-        variants.append(plan_variant(plan, name, {"source": source, "target_speedup": budget}, plan_file=f"plans/{slug}.plan"))
+        variants.append(
+            plan_variant(plan, name, {"source": source, "target_speedup": budget}, plan_file=f"plans/{slug}.plan")
+        )
     return variants, refused
 
 
-def peer_variants(name: str, values: Sequence[float], transformer: torch.nn.Module, steps: int, mag_ratios: Sequence[float] | None) -> list[Variant]:
+def peer_variants(
+    name: str, values: Sequence[float], transformer: torch.nn.Module, steps: int, mag_ratios: Sequence[float] | None
+) -> list[Variant]:
     """One variant per grid value of a peer."""
     knob = PEERS[name].knob
     variants = []

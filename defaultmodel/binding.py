@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,7 +32,9 @@ def _other(options: list[str], exclude: set[str], rng: random.Random) -> str:
     return rng.choice([o for o in options if o not in exclude])
 
 
-def _change_first_object(key: str, options: list[str], avoid_every_object: bool) -> Callable[[dict[str, Any], random.Random], str]:
+def _change_first_object(
+    key: str, options: list[str], avoid_every_object: bool
+) -> Callable[[dict[str, Any], random.Random], str]:
     """A change that gives the first object another ``key`` from ``options``: not its own value, nor (when
     ``avoid_every_object``) any other object's, so a colour is never renamed into the other shape's."""
 
@@ -81,7 +84,9 @@ def _loss(pipe: Any, x_t: torch.Tensor, sigma: float, target: torch.Tensor, capt
     return float(((prediction.float() - target) ** 2).mean())
 
 
-def binding_ratios(pipe: Any, n: int = 32, sigmas: tuple[float, ...] = DEFAULT_SIGMAS, seed: int = 0) -> dict[str, dict[str, float]]:
+def binding_ratios(
+    pipe: Any, n: int = 32, sigmas: tuple[float, ...] = DEFAULT_SIGMAS, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """``{category: {sigma: loss with changed words / loss with the true caption}}`` on held-out seeds ``0..n-1``.
 
     Each category is measured on the videos it applies to (direction: the moving ones); noise is drawn once per

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-from .text import WordTokenizer, TinyTextEncoder
+from .text import TinyTextEncoder, WordTokenizer
 
 #: Exact WanTransformer3DModel configuration of the shipped model.
 WAN_CONFIG: dict[str, Any] = {

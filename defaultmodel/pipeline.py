@@ -87,7 +87,7 @@ class TinyVideoPipeline(DiffusionPipeline):
         )
 
     @classmethod
-    def from_scratch(cls) -> "TinyVideoPipeline":
+    def from_scratch(cls) -> TinyVideoPipeline:
         """A randomly initialised pipeline with the shipped architecture (for export and tests)."""
         tokenizer = WordTokenizer.from_package()
         transformer, text_encoder = build_transformer().eval(), build_text_encoder(tokenizer).eval()
@@ -106,7 +106,7 @@ class TinyVideoPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None, **_: object
-    ) -> "TinyVideoPipeline":
+    ) -> TinyVideoPipeline:
         """Load a folder written by :meth:`save_pretrained`; local files only, never the hub."""
         folder = Path(pretrained_model_name_or_path)
         if not (folder / cls.config_name).is_file():

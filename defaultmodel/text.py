@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from torch import nn
 
 PACKAGE_VOCAB = Path(__file__).with_name("vocab.json")
 VOCAB_FILENAME = "vocab.json"
@@ -87,7 +87,7 @@ class WordTokenizer:
         (Path(folder) / VOCAB_FILENAME).write_text(json.dumps(payload, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **_: object) -> "WordTokenizer":
+    def from_pretrained(cls, folder: str | os.PathLike, **_: object) -> WordTokenizer:
         """Load a tokenizer written by :meth:`save_pretrained` (or the package ``vocab.json``)."""
         path = Path(folder)
         path = path / VOCAB_FILENAME if path.is_dir() else path
@@ -97,7 +97,7 @@ class WordTokenizer:
         return cls(payload)
 
     @classmethod
-    def from_package(cls) -> "WordTokenizer":
+    def from_package(cls) -> WordTokenizer:
         """The tokenizer for the package's own ``vocab.json``."""
         return cls.from_pretrained(PACKAGE_VOCAB)
 
@@ -134,4 +134,3 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         x = self.token_embedding(input_ids) + self.position_embedding[: input_ids.shape[1]]
         x = self.encoder(x, src_key_padding_mask=padding)
         return self.final_norm(x) * (~padding).unsqueeze(-1).to(x.dtype)
-

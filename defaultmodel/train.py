@@ -122,9 +122,7 @@ class Trainer:
             {"transformer": build_transformer(), "text_encoder": build_text_encoder(self.tokenizer)}
         )
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01
-        )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
         self.direction_head = DirectionHead(WAN_CONFIG["num_attention_heads"] * WAN_CONFIG["attention_head_dim"])
         self.head_optimizer = torch.optim.AdamW(self.direction_head.parameters(), lr=args.lr, betas=(0.9, 0.99))
         self.noise_rng = torch.Generator().manual_seed(args.seed)
@@ -329,11 +327,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.998)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--uniform-frac", type=float, default=0.5, help="share of noise levels drawn uniformly")
-    p.add_argument("--uniform-min", type=float, default=0.7,
-                   help="lower end of the uniform noise levels; raise it to train more at high noise, where "
-                        "only the caption can say which way things move")
-    p.add_argument("--direction-weight", type=float, default=0.1,
-                   help="weight of the training-only direction head's loss (0 from step 0 to about 7,800)")
+    p.add_argument(
+        "--uniform-min",
+        type=float,
+        default=0.7,
+        help="lower end of the uniform noise levels; raise it to train more at high noise, where "
+        "only the caption can say which way things move",
+    )
+    p.add_argument(
+        "--direction-weight",
+        type=float,
+        default=0.1,
+        help="weight of the training-only direction head's loss (0 from step 0 to about 7,800)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--threads-every", type=int, default=3, help="steps between thread-count checks")

@@ -75,9 +75,11 @@ class OnnxPlanRunner:
         feeds = {}
         for name in graph["inputs"]:
             if name.startswith(CACHE_IN):
-                key = name[len(CACHE_IN):]
+                key = name[len(CACHE_IN) :]
                 if key not in caches:
-                    raise ExportError(f"step {step} of branch '{branch}' reuses cache {key}, which no earlier step computed; run steps in order from 0")
+                    raise ExportError(
+                        f"step {step} of branch '{branch}' reuses cache {key}, which no earlier step computed; run steps in order from 0"
+                    )
                 feeds[name] = self._advanced(caches[key], slopes.get(key), self._advance(entry, key))
             elif name.startswith(BLEND):
                 feeds[name] = np.array([entry["blend"][name]], dtype=np.float32)
@@ -87,13 +89,19 @@ class OnnxPlanRunner:
                 raise ExportError(f"graph {graph['file']} needs input '{name}'; pass it in `inputs`")
         outputs = self.session(entry["graph"]).run(graph["outputs"], feeds)
         for name, value in zip(graph["outputs"][1:], outputs[1:]):
-            key = name[len(CACHE_OUT):]
+            key = name[len(CACHE_OUT) :]
             caches[key] = value
             self._store_slope(computed, slopes, key, value, step)
         return outputs[0]
 
-    def _store_slope(self, computed: dict[str, tuple[np.ndarray, int]], slopes: dict[str, np.ndarray], key: str,
-                     residual: np.ndarray, step: int) -> None:
+    def _store_slope(
+        self,
+        computed: dict[str, tuple[np.ndarray, int]],
+        slopes: dict[str, np.ndarray],
+        key: str,
+        residual: np.ndarray,
+        step: int,
+    ) -> None:
         """In slope modes, the residual's slope per step since the previous computed one (as the torch runtime)."""
         if self.reuse_mode not in ("extrapolate", "slope"):
             return
@@ -119,8 +127,14 @@ class OnnxPlanRunner:
         return residual + slope if advance == 1.0 else residual + slope * np.float32(advance)
 
 
-def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None,
-            guidance_scale: float = 5.0, condition: np.ndarray | None = None) -> np.ndarray:
+def denoise(
+    runner: OnnxPlanRunner,
+    latents: np.ndarray,
+    cond: np.ndarray,
+    uncond: np.ndarray | None,
+    guidance_scale: float = 5.0,
+    condition: np.ndarray | None = None,
+) -> np.ndarray:
     """Flow-matching Euler sampling with classifier-free guidance as separate cond/uncond calls (Wan's loop).
 
     `latents` is the initial noise, `cond` / `uncond` the prompt embeddings; timesteps and sigmas come from the
@@ -131,7 +145,9 @@ def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncon
     schedule = runner.manifest.get("scheduler") or {}
     timesteps, sigmas = schedule.get("timesteps"), schedule.get("sigmas")
     if not timesteps or not sigmas or len(sigmas) < len(timesteps) + 1:
-        raise ExportError("the manifest has no flow-matching timesteps and sigmas; this export cannot be denoised by `denoise`")
+        raise ExportError(
+            "the manifest has no flow-matching timesteps and sigmas; this export cannot be denoised by `denoise`"
+        )
     runner.reset()
     latents = latents.astype(np.float32)
     use_cfg = guidance_scale > 1.0 and uncond is not None
@@ -139,9 +155,13 @@ def denoise(runner: OnnxPlanRunner, latents: np.ndarray, cond: np.ndarray, uncon
     for i, t in enumerate(timesteps):
         timestep = np.full((latents.shape[0],), t, dtype=np.float32)
         model_input = latents if condition is None else np.concatenate([latents, condition], axis=1)
-        prediction = runner.step("cond", i, {"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": cond})
+        prediction = runner.step(
+            "cond", i, {"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": cond}
+        )
         if use_cfg:
-            unconditional = runner.step("uncond", i, {"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": uncond})
+            unconditional = runner.step(
+                "uncond", i, {"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": uncond}
+            )
             prediction = unconditional + guidance_scale * (prediction - unconditional)
         latents = latents + np.float32(sigmas[i + 1] - sigmas[i]) * prediction.astype(np.float32)
     return latents

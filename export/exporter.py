@@ -50,13 +50,12 @@ import torch
 from diffusers.hooks import HookRegistry
 from onnx.external_data_helper import set_external_data
 
+from dit_accel.harness.files import replace_folder, staging_folder
 from dit_accel.runtime.adapters import find_transformer, get_adapter
-from dit_accel.runtime.plan import Plan
 from dit_accel.runtime.branches import BranchStates
+from dit_accel.runtime.plan import Plan
 from dit_accel.runtime.replay import BranchState, PlanHandle, check_plan_matches, install_block_hooks
 from dit_accel.runtime.replay_table import CompiledSchedule, StepTable
-
-from dit_accel.harness.files import replace_folder, staging_folder
 
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, WEIGHTS_NAME, ExportError, is_export_folder
 
@@ -117,8 +116,15 @@ class PlannedStep(torch.nn.Module):
     Outputs: the transformer's first output, then `cache_out.*` tensors.
     """
 
-    def __init__(self, transformer: torch.nn.Module, branches: BranchStates, schedule: CompiledSchedule,
-                 key: ActionKey, model_inputs: list[str], has_encoder_cache: bool) -> None:
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        branches: BranchStates,
+        schedule: CompiledSchedule,
+        key: ActionKey,
+        model_inputs: list[str],
+        has_encoder_cache: bool,
+    ) -> None:
         super().__init__()
         self.transformer, self.branches, self.schedule, self.key = transformer, branches, schedule, key
         self.model_inputs = model_inputs
@@ -127,9 +133,14 @@ class PlannedStep(torch.nn.Module):
         read_spans = [s for s, (a, b) in enumerate(schedule.spans) if reuse[s] or any(blend[a:b])]
         self.cache_inputs = [(s, f"cache_in.{s}.{x}") for s in read_spans for x in suffixes]
         self.blend_inputs = [(b, f"blend.{b}") for b, on in enumerate(blend) if on]
-        self.cache_outputs = [(s, f"cache_out.{s}.{x}") for s in range(len(schedule.spans)) if not reuse[s] for x in suffixes]
+        self.cache_outputs = [
+            (s, f"cache_out.{s}.{x}") for s in range(len(schedule.spans)) if not reuse[s] for x in suffixes
+        ]
         self.table = StepTable(
-            1, tuple((r,) for r in reuse), tuple((not r,) for r in reuse), tuple((p,) for p in prune),
+            1,
+            tuple((r,) for r in reuse),
+            tuple((not r,) for r in reuse),
+            tuple((p,) for p in prune),
             tuple((0.5 if b else 1.0,) for b in blend),  # placeholder < 1 marks a blend; the weight is an input
         )
 
@@ -189,8 +200,15 @@ def _export_graph(step: PlannedStep, example: list[torch.Tensor]) -> onnx.ModelP
             except Exception as exc:  # torch.export raises many types; its first line says what it could not trace
                 raise ExportError(f"ONNX export failed while tracing the model: {_first_line(exc)}") from None
             try:
-                converted = torch.onnx.export(program, dynamo=True, opset_version=OPSET, input_names=step.input_names,
-                                              output_names=step.output_names, external_data=False, verbose=False)
+                converted = torch.onnx.export(
+                    program,
+                    dynamo=True,
+                    opset_version=OPSET,
+                    input_names=step.input_names,
+                    output_names=step.output_names,
+                    external_data=False,
+                    verbose=False,
+                )
             except Exception as exc:  # the converter raises many types; name the op and module it failed on
                 raise ExportError(f"ONNX export failed: {_conversion_failure(exc, program)}") from None
     finally:
@@ -213,7 +231,11 @@ def _conversion_failure(exc: BaseException, program: torch.export.ExportedProgra
             node = nodes[match.group(1)]
             stack = node.meta.get("nn_module_stack") or {}
             path = next(reversed(stack.values()))[0] if stack else ""
-            module = path.removeprefix("transformer.") if path.startswith("transformer.") else "the transformer's own forward"
+            module = (
+                path.removeprefix("transformer.")
+                if path.startswith("transformer.")
+                else "the transformer's own forward"
+            )
             return f"op {node.target} in module '{module}' has no ONNX conversion (opset {OPSET}); replace the op or register an ONNX translation for it"
         cause = cause.__cause__ or cause.__context__
     return _first_line(exc)
@@ -232,7 +254,9 @@ def save_with_shared_weights(models: dict[str, onnx.ModelProto], folder: Path, m
             for tensor in model.graph.initializer:
                 if not tensor.HasField("raw_data") or len(tensor.raw_data) < min_bytes:
                     continue
-                key = hashlib.sha256(tensor.raw_data).hexdigest()  # by content: the exporter names folded copies val_<n>
+                key = hashlib.sha256(
+                    tensor.raw_data
+                ).hexdigest()  # by content: the exporter names folded copies val_<n>
                 if key not in offsets:
                     weights.write(b"\0" * (-weights.tell() % 64))
                     offsets[key] = (weights.tell(), len(tensor.raw_data))
@@ -247,7 +271,12 @@ def save_with_shared_weights(models: dict[str, onnx.ModelProto], folder: Path, m
             onnx.save(model, str(folder / file_name))
 
 
-def _example_inputs(step: PlannedStep, model_example: dict[str, torch.Tensor], hidden_like: torch.Tensor, encoder_like: torch.Tensor | None) -> list[torch.Tensor]:
+def _example_inputs(
+    step: PlannedStep,
+    model_example: dict[str, torch.Tensor],
+    hidden_like: torch.Tensor,
+    encoder_like: torch.Tensor | None,
+) -> list[torch.Tensor]:
     tensors = [model_example[n] for n in step.model_inputs]
     for _, name in step.cache_inputs:
         like = hidden_like if name.endswith(".hidden") else encoder_like
@@ -256,7 +285,9 @@ def _example_inputs(step: PlannedStep, model_example: dict[str, torch.Tensor], h
     return tensors
 
 
-def _residual_shapes(transformer: torch.nn.Module, example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _residual_shapes(
+    transformer: torch.nn.Module, example: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Example tensors shaped like a block's hidden (and encoder) residual, from one plain call."""
     adapter = get_adapter(transformer)
     _, block, spec = adapter.iter_blocks(transformer)[0]
@@ -281,11 +312,21 @@ def check_exportable(plan: Plan) -> None:
     """Refuse plans whose decisions are not known before run time (adaptive policies)."""
     kind = plan.policy.get("kind")
     if kind != "static":
-        raise ExportError(f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with --method auto, profilingdit or unicp)")
+        raise ExportError(
+            f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with --method auto, profilingdit or unicp)"
+        )
 
 
-def export_onnx(pipe: Any, plan: Plan, output_dir: str | os.PathLike, prompt: str, *, size: dict[str, int] | None = None,
-                force: bool = False, progress: Any = None) -> dict[str, Any]:
+def export_onnx(
+    pipe: Any,
+    plan: Plan,
+    output_dir: str | os.PathLike,
+    prompt: str,
+    *,
+    size: dict[str, int] | None = None,
+    force: bool = False,
+    progress: Any = None,
+) -> dict[str, Any]:
     """Export one ONNX graph per distinct action set of `plan` plus `manifest.json` into `output_dir`.
 
     The folder is written atomically: everything goes to a temporary sibling that replaces `output_dir` only when
@@ -344,13 +385,29 @@ def check_export_destination(output_dir: str | os.PathLike) -> Path:
 def _graph_entry(index: int, key: ActionKey, step: PlannedStep, plan: Plan) -> dict[str, Any]:
     reuse, prune, _ = key
     spans = step.schedule.spans
-    actions = ["reuse" if reuse[step.schedule.span_of_block[b]] else "prune" if prune[b] else "compute" for b in range(plan.num_blocks)]
-    return {"file": f"graph_{index}.onnx", "actions": actions, "inputs": step.input_names, "outputs": step.output_names,
-            "spans": [list(s) for s in spans]}
+    actions = [
+        "reuse" if reuse[step.schedule.span_of_block[b]] else "prune" if prune[b] else "compute"
+        for b in range(plan.num_blocks)
+    ]
+    return {
+        "file": f"graph_{index}.onnx",
+        "actions": actions,
+        "inputs": step.input_names,
+        "outputs": step.output_names,
+        "spans": [list(s) for s in spans],
+    }
 
 
-def _manifest(pipe: Any, plan: Plan, example: dict[str, torch.Tensor], schedule: CompiledSchedule, graphs: list[dict[str, Any]],
-              keys: list[ActionKey], distinct: list[ActionKey], table: StepTable) -> dict[str, Any]:
+def _manifest(
+    pipe: Any,
+    plan: Plan,
+    example: dict[str, torch.Tensor],
+    schedule: CompiledSchedule,
+    graphs: list[dict[str, Any]],
+    keys: list[ActionKey],
+    distinct: list[ActionKey],
+    table: StepTable,
+) -> dict[str, Any]:
     steps = []
     for step, key in enumerate(keys):
         blend = {f"blend.{b}": table.blend[b][step] for b, on in enumerate(key[2]) if on}
@@ -362,15 +419,26 @@ def _manifest(pipe: Any, plan: Plan, example: dict[str, torch.Tensor], schedule:
     schedule_info: dict[str, Any] = {}
     if scheduler is not None and hasattr(scheduler, "set_timesteps"):
         scheduler.set_timesteps(plan.num_inference_steps)
-        schedule_info = {"timesteps": [float(t) for t in scheduler.timesteps],
-                         "sigmas": [float(s) for s in getattr(scheduler, "sigmas", [])]}
+        schedule_info = {
+            "timesteps": [float(t) for t in scheduler.timesteps],
+            "sigmas": [float(s) for s in getattr(scheduler, "sigmas", [])],
+        }
     return {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "opset": OPSET,
-        "plan": {"content_sha256": plan.content_hash(), "policy": plan.policy.get("kind"),
-                 "num_inference_steps": plan.num_inference_steps},
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "opset": OPSET,
+        "plan": {
+            "content_sha256": plan.content_hash(),
+            "policy": plan.policy.get("kind"),
+            "num_inference_steps": plan.num_inference_steps,
+        },
         "reuse": schedule.reuse_mode,
         "model": plan.model.to_json(),
-        "inputs": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in example.items()},
+        "inputs": {
+            name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for name, t in example.items()
+        },
         "spans": [list(s) for s in schedule.spans],
-        "graphs": graphs, "steps": steps, "scheduler": schedule_info,
+        "graphs": graphs,
+        "steps": steps,
+        "scheduler": schedule_info,
     }

@@ -49,11 +49,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ExportError(f"{path} is not a dit-accel ONNX manifest")
     if manifest.get("version") not in SUPPORTED_VERSIONS:
-        raise ExportError(f"{path} has manifest version {manifest.get('version')}; this driver reads {SUPPORTED_VERSIONS}")
+        raise ExportError(
+            f"{path} has manifest version {manifest.get('version')}; this driver reads {SUPPORTED_VERSIONS}"
+        )
     graphs, steps = manifest.get("graphs"), manifest.get("steps")
     if not isinstance(graphs, list) or not isinstance(steps, list) or not steps:
         raise ExportError(f"{path} lists no graphs or steps")
     if any(not isinstance(s, dict) or not 0 <= s.get("graph", -1) < len(graphs) for s in steps):
         raise ExportError(f"{path} maps a step to a graph it does not list")
     return manifest
-

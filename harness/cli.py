@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -84,17 +85,30 @@ def emit_report(report: dict[str, Any], as_json: bool, render: Callable[[dict[st
 
 
 #: `--model FOLDER`: a local diffusers pipeline folder; the embedded default model when omitted.
-MODEL = click.option("--model", default=None, type=click.Path(file_okay=False),
-                     help="Local diffusers pipeline folder (default: the embedded default model).")
+MODEL = click.option(
+    "--model",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Local diffusers pipeline folder (default: the embedded default model).",
+)
 #: `--device`: where the pipeline runs.
 DEVICE = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 #: `--dtype`: the dtype the pipeline is loaded in.
-DTYPE = click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)),
-                     help="dtype the pipeline is loaded in.")
+DTYPE = click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=click.Choice(list(DTYPES)),
+    help="dtype the pipeline is loaded in.",
+)
 #: `--frames/--height/--width`: video size; each defaults to the pipeline's (or the profile's, where one is given).
 FRAMES = click.option("--frames", default=None, type=click.IntRange(1), help="Video frames (default: the pipeline's).")
-HEIGHT = click.option("--height", default=None, type=click.IntRange(8), help="Video height in pixels (default: the pipeline's).")
-WIDTH = click.option("--width", default=None, type=click.IntRange(8), help="Video width in pixels (default: the pipeline's).")
+HEIGHT = click.option(
+    "--height", default=None, type=click.IntRange(8), help="Video height in pixels (default: the pipeline's)."
+)
+WIDTH = click.option(
+    "--width", default=None, type=click.IntRange(8), help="Video width in pixels (default: the pipeline's)."
+)
 #: `--json`: the report as one JSON object on stdout.
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 #: `--quiet`: no progress bars.

@@ -47,7 +47,9 @@ def _load(model: str | None, dtype: torch.dtype) -> Any:
         return load_default_pipeline(dtype=dtype)
     index = Path(model) / "model_index.json"
     if not index.is_file():
-        raise DitAccelError(f"model folder {model} is not a local diffusers pipeline folder (no model_index.json); pass a folder saved with save_pretrained")
+        raise DitAccelError(
+            f"model folder {model} is not a local diffusers pipeline folder (no model_index.json); pass a folder saved with save_pretrained"
+        )
     if json.loads(index.read_text()).get("_class_name") == "TinyVideoPipeline":
         from dit_accel.defaultmodel import TinyVideoPipeline
 
@@ -64,8 +66,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def generate(pipe: Any, spec: PromptSpec, steps: int, guidance: float, size: dict[str, int], output_type: str = "np",
-             text_inputs: dict[str, Any] | None = None) -> Any:
+def generate(
+    pipe: Any,
+    spec: PromptSpec,
+    steps: int,
+    guidance: float,
+    size: dict[str, int],
+    output_type: str = "np",
+    text_inputs: dict[str, Any] | None = None,
+) -> Any:
     """One generation of `spec` with a CPU generator seeded by `spec.seed`; returns the pipeline's frames.
 
     Args:
@@ -82,8 +91,14 @@ def generate(pipe: Any, spec: PromptSpec, steps: int, guidance: float, size: dic
         text_inputs = {"prompt": spec.prompt}
         if spec.negative_prompt:
             text_inputs["negative_prompt"] = spec.negative_prompt
-    result = pipe(**text_inputs, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                  output_type=output_type, **size)
+    result = pipe(
+        **text_inputs,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
+        output_type=output_type,
+        **size,
+    )
     return result.frames
 
 

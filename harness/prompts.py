@@ -31,7 +31,9 @@ def read_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
         raise DitAccelError(f"prompts file {path} is not UTF-8 text") from None
     except OSError as exc:
         raise DitAccelError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
-    entries = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    entries = [
+        (n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not entries:
         raise DitAccelError(f"prompts file {path} holds no prompt (one per line, or JSON lines with a 'prompt' key)")
     if path.suffix == ".jsonl":

@@ -38,7 +38,12 @@ class Simulation:
         return np.broadcast_to(1.0 - self.reuse.mean(axis=0), (blocks, self.reuse.shape[1])).astype(np.float32)
 
     def predicted(self) -> dict[str, float]:
-        return {"speedup": self.speedup, "compute_fraction": float(1.0 - self.reuse.mean()), "error": self.error, "simulated_runs": int(self.reuse.shape[0])}
+        return {
+            "speedup": self.speedup,
+            "compute_fraction": float(1.0 - self.reuse.mean()),
+            "error": self.error,
+            "simulated_runs": int(self.reuse.shape[0]),
+        }
 
 
 def simulate(reuse: np.ndarray, predictor: Predictor) -> Simulation:
@@ -53,7 +58,7 @@ def simulate(reuse: np.ndarray, predictor: Predictor) -> Simulation:
 def unprotected(steps: int, protect_first: int, protect_last: int) -> np.ndarray:
     """Boolean [steps]: steps where an adaptive policy may reuse (and step 0, which has no drift, excluded)."""
     mask = np.zeros(steps, dtype=bool)
-    mask[max(protect_first, 1): max(steps - protect_last, 0)] = True
+    mask[max(protect_first, 1) : max(steps - protect_last, 0)] = True
     return mask
 
 
@@ -80,7 +85,13 @@ def moreg_settings(motion: np.ndarray | None, steps: np.ndarray) -> dict[str, An
     The paper's norm (0.385) makes (m / norm)^8 ≈ 1 for typical motion in its models; the median of this model's
     motion at the probe over the active steps plays the same role here (paper value when no motion is positive).
     """
-    settings = {"enabled": motion is not None, "norm": MOREG_PAPER_NORM, "exponent": MOREG_EXPONENT, "gradient_scale": MOREG_GRADIENT_SCALE, "active": list(MOREG_ACTIVE)}
+    settings = {
+        "enabled": motion is not None,
+        "norm": MOREG_PAPER_NORM,
+        "exponent": MOREG_EXPONENT,
+        "gradient_scale": MOREG_GRADIENT_SCALE,
+        "active": list(MOREG_ACTIVE),
+    }
     if motion is None:
         return settings
     values = motion[:, steps & _active_steps(motion.shape[1], MOREG_ACTIVE)]
@@ -93,7 +104,9 @@ def _active_steps(steps: int, active: tuple[float, float] | list[float]) -> np.n
     return (fraction >= active[0]) & (fraction < active[1])
 
 
-def adjacent_distances(probe_drift: np.ndarray, motion: np.ndarray | None, moreg: dict[str, Any], steps: np.ndarray) -> np.ndarray:
+def adjacent_distances(
+    probe_drift: np.ndarray, motion: np.ndarray | None, moreg: dict[str, Any], steps: np.ndarray
+) -> np.ndarray:
     """The distances AdaCache would measure one step apart, MoReg applied, over all prompts and reusable steps."""
     distances = probe_drift.copy()
     if moreg["enabled"]:
@@ -105,7 +118,15 @@ def adjacent_distances(probe_drift: np.ndarray, motion: np.ndarray | None, moreg
     return distances[:, steps].ravel()
 
 
-def adacache_policy(distances: np.ndarray, scale: float, steps: int, probe: int, moreg: dict[str, Any], protect_first: int, protect_last: int) -> dict[str, Any]:
+def adacache_policy(
+    distances: np.ndarray,
+    scale: float,
+    steps: int,
+    probe: int,
+    moreg: dict[str, Any],
+    protect_first: int,
+    protect_last: int,
+) -> dict[str, Any]:
     """AdaCache policy whose codebook thresholds are `scale` × quantiles (1/6 … 5/6) of the profiled distances.
 
     Reuse lengths fall evenly from round(T/6) (lowest distances) to 0; the last threshold is large, catching all.
@@ -116,25 +137,43 @@ def adacache_policy(distances: np.ndarray, scale: float, steps: int, probe: int,
     longest = max(1, round(steps / 6))
     reuse = [int(round(r)) for r in np.linspace(longest, 0, CODEBOOK_SIZE)]
     return {
-        "kind": "adacache", "probe_block": int(probe), "codebook": [[t, r] for t, r in zip(thresholds, reuse)],
-        "moreg": moreg, "protect_first": int(protect_first), "protect_last": int(protect_last),
+        "kind": "adacache",
+        "probe_block": int(probe),
+        "codebook": [[t, r] for t, r in zip(thresholds, reuse)],
+        "moreg": moreg,
+        "protect_first": int(protect_first),
+        "protect_last": int(protect_last),
     }
 
 
 def simulate_adacache(policy: dict[str, Any], probe_drift: np.ndarray, motion: np.ndarray | None) -> np.ndarray:
     """Reuse [n, steps] of the runtime's AdaCache decisions replayed on each profiled probe drift series [n, steps]."""
-    return np.stack([
-        _replay(AdaCacheDecisions(policy), probe_drift[i], None if motion is None else motion[i])
-        for i in range(len(probe_drift))
-    ])
+    return np.stack(
+        [
+            _replay(AdaCacheDecisions(policy), probe_drift[i], None if motion is None else motion[i])
+            for i in range(len(probe_drift))
+        ]
+    )
 
 
-def bwcache_policy(indicator: np.ndarray, quantile: float, indicator_blocks: list[int], reuse_steps: int, refresh_every: int, protect_first: int, protect_last: int) -> dict[str, Any]:
+def bwcache_policy(
+    indicator: np.ndarray,
+    quantile: float,
+    indicator_blocks: list[int],
+    reuse_steps: int,
+    refresh_every: int,
+    protect_first: int,
+    protect_last: int,
+) -> dict[str, Any]:
     """BWCache policy whose threshold is the `quantile` of the profiled indicator distribution."""
     return {
-        "kind": "bwcache", "threshold": float(np.quantile(indicator, quantile)), "reuse_steps": int(reuse_steps),
-        "indicator_blocks": [int(b) for b in indicator_blocks], "protect_first": int(protect_first),
-        "protect_last": int(protect_last), "refresh_every": int(refresh_every),
+        "kind": "bwcache",
+        "threshold": float(np.quantile(indicator, quantile)),
+        "reuse_steps": int(reuse_steps),
+        "indicator_blocks": [int(b) for b in indicator_blocks],
+        "protect_first": int(protect_first),
+        "protect_last": int(protect_last),
+        "refresh_every": int(refresh_every),
     }
 
 
@@ -157,6 +196,6 @@ def _replay(decisions: StepDecisions, drift: np.ndarray, motion: np.ndarray | No
         reuse[step] = decisions.reuses(step, steps)
         if not reuse[step]:
             last = decisions.last_computed
-            distance = None if last is None else float(drift[last + 1: step + 1].sum())
+            distance = None if last is None else float(drift[last + 1 : step + 1].sum())
             decisions.computed(step, steps, distance, None if motion is None else float(motion[step]))
     return reuse

@@ -10,8 +10,9 @@ prediction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def _round(value: float) -> float:
 def closed_loop_from_profile(pipe: Any, prompts: Sequence[Any], settings: dict[str, Any], limit: int = 6) -> ClosedLoop:
     """A closed loop on the first `limit` profiled prompts, with the guidance and size the profile was recorded at."""
     specs = [PromptSpec(p.prompt, p.negative_prompt, p.seed) for p in prompts[:limit]]
-    size = {key[len("size_"):]: int(value) for key, value in settings.items() if key.startswith("size_")}
+    size = {key[len("size_") :]: int(value) for key, value in settings.items() if key.startswith("size_")}
     return ClosedLoop(pipe, specs, float(settings.get("guidance_scale", 5.0)), size)
 
 
@@ -87,5 +88,7 @@ def load_closed_loop(profiles: Any, model: str | None, device: str = "cpu", dtyp
     pipe = load_pipeline(model, device=device, dtype=dtype)
     if fingerprint_model(find_transformer(pipe)) != profiles.header.fingerprint:
         where = model or "the embedded default model"
-        raise PlannerError(f"{where} is not the model the profiles were recorded on; pass it with --model, or fit with --no-closed-loop")
+        raise PlannerError(
+            f"{where} is not the model the profiles were recorded on; pass it with --model, or fit with --no-closed-loop"
+        )
     return closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)

@@ -9,7 +9,9 @@ from .predict import Predictor, step_weights
 from .profiles import DRIFT_FIELDS, ProfileSet
 
 
-def normalised_drift(rel_l1: np.ndarray, residual_norm: np.ndarray, output_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def normalised_drift(
+    rel_l1: np.ndarray, residual_norm: np.ndarray, output_norm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(drift, share) on [..., step, block]: drift[s] = rel_l1[s]·‖r_{s−1}‖ / ‖h_out,s‖ (0 at step 0), share = ‖r_s‖ / ‖h_out,s‖.
 
     `h_out` is the last block's output, so both are fractions of what the block stack hands to the output head.
@@ -28,12 +30,19 @@ def mean_drift(profiles: ProfileSet) -> tuple[np.ndarray, np.ndarray]:
         drift, share = normalised_drift(*(profiles.stack(name).astype(np.float64) for name in DRIFT_FIELDS))
     for name, table in (("drift", drift[..., 1:, :]), ("norm share", share)):
         if not np.all(np.isfinite(table)):
-            raise PlannerError(f"the profile's residual {name} (from {', '.join(DRIFT_FIELDS)}) holds non-finite values after step 0")
+            raise PlannerError(
+                f"the profile's residual {name} (from {', '.join(DRIFT_FIELDS)}) holds non-finite values after step 0"
+            )
     return drift.mean(axis=(0, 1)).T, share.mean(axis=(0, 1)).T
 
 
-def build_predictor(profiles: ProfileSet, block_weight: np.ndarray, prune_distortion: np.ndarray | None = None, pruned_flops: np.ndarray | None = None,
-                    sensitivity: np.ndarray | None = None) -> Predictor:
+def build_predictor(
+    profiles: ProfileSet,
+    block_weight: np.ndarray,
+    prune_distortion: np.ndarray | None = None,
+    pruned_flops: np.ndarray | None = None,
+    sensitivity: np.ndarray | None = None,
+) -> Predictor:
     """The cost and error model of a profile; pruning enters with each block's relative attention distortion and the
     measured `step_sensitivity` [prompt, step], when given, rescales the step weights."""
     drift, share = mean_drift(profiles)

@@ -39,10 +39,12 @@ class BlockLabels:
 def foreground_scores(attention: np.ndarray, foreground: np.ndarray, quantile: float) -> tuple[np.ndarray, float]:
     """(score per block, chance level) from attention [prompt, astep, block, F, H, W] and masks [prompt, F, H, W]."""
     if attention.shape[-3:] != foreground.shape[-3:]:
-        raise PlannerError(f"attention maps have grid {attention.shape[-3:]} but foreground masks {foreground.shape[-3:]}")
+        raise PlannerError(
+            f"attention maps have grid {attention.shape[-3:]} but foreground masks {foreground.shape[-3:]}"
+        )
     prompts, asteps, blocks, frames = attention.shape[:4]
     received = attention.astype(np.float32).reshape(prompts, asteps, blocks, frames, -1)
-    mask = (foreground.reshape(prompts, 1, 1, frames, -1) > 0)
+    mask = foreground.reshape(prompts, 1, 1, frames, -1) > 0
     high = received >= np.quantile(received, quantile, axis=-1, keepdims=True)
     inside = (high & mask).sum(axis=-1)
     valid = np.broadcast_to(mask.any(axis=-1), inside.shape)
@@ -54,7 +56,9 @@ def foreground_scores(attention: np.ndarray, foreground: np.ndarray, quantile: f
     return scores, chance
 
 
-def label_blocks(scores: np.ndarray, chance: float, rule: str = "threshold", threshold: float | None = None) -> BlockLabels:
+def label_blocks(
+    scores: np.ndarray, chance: float, rule: str = "threshold", threshold: float | None = None
+) -> BlockLabels:
     """Label blocks from their scores by `rule` (see the module docstring)."""
     if rule not in RULES:
         raise PlannerError(f"unknown label rule {rule!r} (known: {', '.join(RULES)})")
@@ -68,11 +72,21 @@ def label_blocks(scores: np.ndarray, chance: float, rule: str = "threshold", thr
 def _kmeans_threshold(scores: np.ndarray) -> float:
     from sklearn.cluster import KMeans
 
-    centres = KMeans(n_clusters=2, n_init=10, random_state=0).fit(scores.reshape(-1, 1).astype(np.float64)).cluster_centers_.ravel()
+    centres = (
+        KMeans(n_clusters=2, n_init=10, random_state=0)
+        .fit(scores.reshape(-1, 1).astype(np.float64))
+        .cluster_centers_.ravel()
+    )
     return float(centres.mean())
 
 
-def fit_labels(attention: np.ndarray, foreground: np.ndarray, quantile: float = 0.8, rule: str = "threshold", threshold: float | None = None) -> BlockLabels:
+def fit_labels(
+    attention: np.ndarray,
+    foreground: np.ndarray,
+    quantile: float = 0.8,
+    rule: str = "threshold",
+    threshold: float | None = None,
+) -> BlockLabels:
     """Scores and labels of every block from profiled attention and foreground masks."""
     if not 0.0 <= quantile < 1.0:
         raise PlannerError(f"label quantile must be in [0, 1), got {quantile}")

@@ -19,23 +19,32 @@ paper's defaults (`auto`: target speedup 2, or the most reachable below that). T
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from dit_accel.runtime.plan import COMPUTE, REUSE, Plan
 from dit_accel.runtime.replay_table import REUSE_MODES
 
+from .adaptive_fit import (
+    adacache_policy,
+    adjacent_distances,
+    bwcache_policy,
+    choose_probe_block,
+    indicator_blocks,
+    moreg_settings,
+    simulate,
+    simulate_adacache,
+    simulate_bwcache,
+    unprotected,
+)
+from .closed_loop import FAIL_RATIO, ClosedLoop
 from .drift import build_predictor, normalised_drift, sensitivity_weights
 from .errors import PlannerError
 from .labels import BlockLabels, fit_labels
 from .pca import PcaBases, fit_pca_bases, pruned_block_flops
-from .closed_loop import FAIL_RATIO, ClosedLoop
-from .adaptive_fit import (
-    adacache_policy, adjacent_distances, bwcache_policy, choose_probe_block, indicator_blocks, moreg_settings, simulate,
-    simulate_adacache, simulate_bwcache, unprotected,
-)
 from .predict import Predictor, step_weights
 from .profiles import ProfileSet, load_profiles
 from .reuse_costs import REUSE_COST_FIELDS, ReuseCosts, reuse_costs
@@ -140,8 +149,10 @@ def fit_profiles(profiles: ProfileSet, options: FitOptions, closed_loop: ClosedL
     if options.method == "auto" and measured_search_applies(context):
         result = fit_auto_measured(context, closed_loop)
     elif options.reuse == "slope":
-        raise PlannerError("--reuse slope needs a profile with measured reuse costs (dit-profile --reuse-lags) and a "
-                           "whole-stack schedule (no --prune, --granularity stack)")
+        raise PlannerError(
+            "--reuse slope needs a profile with measured reuse costs (dit-profile --reuse-lags) and a "
+            "whole-stack schedule (no --prune, --granularity stack)"
+        )
     else:
         result = METHOD_FITTERS[options.method](context)
     return assemble_plan(context, result)
@@ -153,8 +164,12 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         raise PlannerError(f"unknown method {options.method!r} (known: {', '.join(METHODS)})")
     if not options.foreground_weight > 0:
         raise PlannerError(f"--foreground-weight must be positive, got {options.foreground_weight}")
-    if options.reuse not in (None, *REUSE_MODES) or (options.reuse in ("extrapolate", "slope") and options.method != "auto"):
-        raise PlannerError(f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' / 'slope' are for --method auto only (the presets follow their papers), got {options.reuse!r} for {options.method}")
+    if options.reuse not in (None, *REUSE_MODES) or (
+        options.reuse in ("extrapolate", "slope") and options.method != "auto"
+    ):
+        raise PlannerError(
+            f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' / 'slope' are for --method auto only (the presets follow their papers), got {options.reuse!r} for {options.method}"
+        )
     budget = Budget(options.target_speedup, options.max_error)
     steps = profiles.num_steps
     sensitivity = profiles.stack_recorded("step_sensitivity")
@@ -162,8 +177,16 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
     warmup, protect_last, max_reuse = _resolve_steps(options, steps, measured)
     labels = _labels(profiles, options)
     pca = _pca(profiles, options)
-    weights = np.ones(profiles.num_blocks) if labels is None else np.where(~labels.background, options.foreground_weight, 1.0)
-    predictor = build_predictor(profiles, weights, None if pca is None else pca.distortion, None if pca is None else _pruned_flops(profiles, pca), sensitivity)
+    weights = (
+        np.ones(profiles.num_blocks) if labels is None else np.where(~labels.background, options.foreground_weight, 1.0)
+    )
+    predictor = build_predictor(
+        profiles,
+        weights,
+        None if pca is None else pca.distortion,
+        None if pca is None else _pruned_flops(profiles, pca),
+        sensitivity,
+    )
     return FitContext(profiles, options, budget, warmup, protect_last, max_reuse, labels, pca, predictor, measured)
 
 
@@ -177,7 +200,9 @@ def _resolve_steps(options: FitOptions, steps: int, sensitivity_measured: bool) 
     warmup_default, last_default = defaults.get(options.method, (round(0.1 * steps), round(0.04 * steps)))
     warmup = max(1, warmup_default) if options.warmup is None else options.warmup
     protect_last = max(1, last_default) if options.protect_last is None else options.protect_last
-    max_reuse = max(1, round(steps / (5 if sensitivity_measured else 6))) if options.max_reuse is None else options.max_reuse
+    max_reuse = (
+        max(1, round(steps / (5 if sensitivity_measured else 6))) if options.max_reuse is None else options.max_reuse
+    )
     if warmup < 1:
         raise PlannerError(f"--warmup must be at least 1 (step 0 has nothing cached), got {warmup}")
     if protect_last < 0 or max_reuse < 1:
@@ -191,7 +216,13 @@ def _labels(profiles: ProfileSet, options: FitOptions) -> BlockLabels | None:
         profiles.require(LABEL_FIELDS, "method profilingdit (block labels)")
     elif not profiles.has(*LABEL_FIELDS):
         return None
-    return fit_labels(profiles.stack("attention_received"), profiles.stack("foreground"), options.label_quantile, options.label_rule, options.label_threshold)
+    return fit_labels(
+        profiles.stack("attention_received"),
+        profiles.stack("foreground"),
+        options.label_quantile,
+        options.label_rule,
+        options.label_threshold,
+    )
 
 
 def _pca(profiles: ProfileSet, options: FitOptions) -> PcaBases | None:
@@ -207,14 +238,18 @@ def _pca(profiles: ProfileSet, options: FitOptions) -> PcaBases | None:
 def _pruned_flops(profiles: ProfileSet, pca: PcaBases) -> np.ndarray:
     frames, height, width = profiles.header.grid
     heads, head_dim = pca.bases[0].shape[:2]
-    return pruned_block_flops(profiles.header.block_flops.astype(np.float64), frames * height * width, head_dim, pca.ranks, heads)
+    return pruned_block_flops(
+        profiles.header.block_flops.astype(np.float64), frames * height * width, head_dim, pca.ranks, heads
+    )
 
 
 def _static_candidate(context: FitContext, actions: np.ndarray, params: dict[str, Any]) -> Candidate:
     return Candidate(params, context.predictor.speedup(actions), context.predictor.error(actions), actions)
 
 
-def _pick(context: FitContext, values: Sequence[Any], default: Any, build: Callable[[Any], Candidate], method: str) -> Candidate:
+def _pick(
+    context: FitContext, values: Sequence[Any], default: Any, build: Callable[[Any], Candidate], method: str
+) -> Candidate:
     """The candidate for the default knob value, or the best of the sweep under the budget."""
     if not context.budget.given:
         return build(default)
@@ -225,7 +260,9 @@ def fit_profilingdit(context: FitContext) -> MethodResult:
     """ProfilingDiT: background blocks cached with warm-up and shrinking refresh intervals, foreground computed."""
     background = context.labels.background
     if not background.any() and (context.budget.target_speedup or 1.0) > 1.0:
-        raise PlannerError("method profilingdit caches background blocks only, and the profile labels every block foreground")
+        raise PlannerError(
+            "method profilingdit caches background blocks only, and the profile labels every block foreground"
+        )
 
     def build(longest: int) -> Candidate:
         shortest = max(2, round(longest / 2))
@@ -241,10 +278,14 @@ def fit_profilingdit(context: FitContext) -> MethodResult:
 def fit_adacache(context: FitContext) -> MethodResult:
     """AdaCache (+MoReg): codebook thresholds from quantiles of the profiled probe distances, simulated per prompt."""
     fields = ("residual_rel_l1", "motion") if context.options.moreg else ("residual_rel_l1",)
-    context.profiles.require(fields, "method adacache" + (" with MoReg (or pass --no-moreg)" if context.options.moreg else ""))
+    context.profiles.require(
+        fields, "method adacache" + (" with MoReg (or pass --no-moreg)" if context.options.moreg else "")
+    )
     steps = _reusable_steps(context)
     rel_l1 = _replays(context.profiles, "residual_rel_l1")
-    stack = normalised_drift(rel_l1, _replays(context.profiles, "residual_norm"), _replays(context.profiles, "output_norm"))[0].sum(axis=-1)
+    stack = normalised_drift(
+        rel_l1, _replays(context.profiles, "residual_norm"), _replays(context.profiles, "output_norm")
+    )[0].sum(axis=-1)
     probe = choose_probe_block(rel_l1, stack, steps)
     motion = _replays(context.profiles, "motion")[..., probe] if context.options.moreg else None
     moreg = moreg_settings(motion, steps)
@@ -269,7 +310,15 @@ def fit_bwcache(context: FitContext) -> MethodResult:
     refresh_every = 2 * (reuse_steps + 1)
 
     def build(quantile: float) -> Candidate:
-        policy = bwcache_policy(indicator[:, steps].ravel(), quantile, blocks, reuse_steps, refresh_every, context.warmup, context.protect_last)
+        policy = bwcache_policy(
+            indicator[:, steps].ravel(),
+            quantile,
+            blocks,
+            reuse_steps,
+            refresh_every,
+            context.warmup,
+            context.protect_last,
+        )
         run = simulate(simulate_bwcache(policy, indicator), context.predictor)
         return Candidate({"indicator_quantile": quantile}, run.speedup, run.error, (policy, run))
 
@@ -280,7 +329,9 @@ def fit_bwcache(context: FitContext) -> MethodResult:
 def _reusable_steps(context: FitContext) -> np.ndarray:
     steps = unprotected(context.steps, context.warmup, context.protect_last)
     if not steps.any():
-        raise PlannerError(f"no step is left to reuse: {context.steps} steps, warm-up {context.warmup}, {context.protect_last} protected final steps")
+        raise PlannerError(
+            f"no step is left to reuse: {context.steps} steps, warm-up {context.warmup}, {context.protect_last} protected final steps"
+        )
     return steps
 
 
@@ -294,14 +345,20 @@ def _replays(profiles: ProfileSet, name: str) -> np.ndarray:
     if name.endswith("rel_l1"):
         array[:, 0] = 0.0
     if not np.all(np.isfinite(array)):
-        hint = {"motion": " (videos of one frame have no motion; pass --no-moreg)", "residual_rel_l1": " after step 0", "output_rel_l1": " after step 0"}
+        hint = {
+            "motion": " (videos of one frame have no motion; pass --no-moreg)",
+            "residual_rel_l1": " after step 0",
+            "output_rel_l1": " after step 0",
+        }
         raise PlannerError(f"profile field {name} holds non-finite values{hint.get(name, '')}")
     return array
 
 
 def _adaptive_result(context: FitContext, policy: dict[str, Any], run: Any, chosen: dict[str, Any]) -> MethodResult:
     actions = np.zeros((context.blocks, context.steps), dtype=np.uint8)
-    return MethodResult(actions, policy, run.predicted(), chosen, {"expected_compute": run.expected_compute(context.blocks)})
+    return MethodResult(
+        actions, policy, run.predicted(), chosen, {"expected_compute": run.expected_compute(context.blocks)}
+    )
 
 
 def fit_unicp(context: FitContext) -> MethodResult:
@@ -332,7 +389,15 @@ def fit_auto(context: FitContext) -> MethodResult:
     budget = context.budget if context.budget.given else Budget(target_speedup=AUTO_DEFAULT_SPEEDUP)
     labels = context.labels.labels if context.labels else ("unlabelled",) * context.blocks
     units = block_units(context.blocks, context.options.granularity, labels)
-    actions = greedy_schedule(context.predictor, context.protected, budget, context.max_reuse, context.pca is not None, units, strict=context.budget.given)
+    actions = greedy_schedule(
+        context.predictor,
+        context.protected,
+        budget,
+        context.max_reuse,
+        context.pca is not None,
+        units,
+        strict=context.budget.given,
+    )
     policy = {"kind": "static", "reuse": context.options.reuse or "extrapolate"}
     return MethodResult(actions, policy, context.predictor.summary(actions), {"budget": budget.to_json()})
 
@@ -340,8 +405,12 @@ def fit_auto(context: FitContext) -> MethodResult:
 def measured_search_applies(context: FitContext) -> bool:
     """Whether `auto` can search on measured reuse costs: the profile has them and the schedule is whole-stack."""
     options = context.options
-    return (context.profiles.has(*REUSE_COST_FIELDS) and options.granularity == "stack" and not options.prune
-            and options.reuse in (None, "hold", "slope"))
+    return (
+        context.profiles.has(*REUSE_COST_FIELDS)
+        and options.granularity == "stack"
+        and not options.prune
+        and options.reuse in (None, "hold", "slope")
+    )
 
 
 def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> MethodResult:
@@ -357,7 +426,7 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     forced = np.zeros(context.steps, dtype=bool)
     forced[: options.warmup or 0] = True
     if options.protect_last:
-        forced[context.steps - options.protect_last:] = True
+        forced[context.steps - options.protect_last :] = True
     modes = [(m, r) for m, r in MEASURED_CANDIDATES if options.reuse in (None, m)]
     candidates = _measured_candidates(context, costs, weights, forced, budget, modes)
     if closed_loop is not None:
@@ -370,7 +439,11 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     policy = {"kind": "static", "reuse": best["mode"]}
     if best["mode"] == "slope":
         policy["slope_scale"] = [float(b) for b in costs.beta]
-    predicted = {**context.predictor.summary(best["actions"]), "error": best["error"], "error_model": ERROR_MODEL_MEASURED}
+    predicted = {
+        **context.predictor.summary(best["actions"]),
+        "error": best["error"],
+        "error_model": ERROR_MODEL_MEASURED,
+    }
     if closed_loop is not None:
         predicted["closed_loop"] = _closed_loop_summary(candidates, best)
     chosen = {"budget": budget.to_json(), "reuse": best["mode"], "objective": best["robust"], "max_run": costs.max_run}
@@ -395,8 +468,14 @@ def _measured_weights(context: FitContext, costs: ReuseCosts) -> np.ndarray:
     return sensitivity_weights(weights, single[None, :], measured)
 
 
-def _measured_candidates(context: FitContext, costs: ReuseCosts, weights: np.ndarray, forced: np.ndarray,
-                         budget: Budget, modes: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+def _measured_candidates(
+    context: FitContext,
+    costs: ReuseCosts,
+    weights: np.ndarray,
+    forced: np.ndarray,
+    budget: Budget,
+    modes: Sequence[tuple[str, str]],
+) -> list[dict[str, Any]]:
     """One least-cost schedule per (reuse mode, robust aggregate) under the budget, duplicates dropped."""
     candidates, seen = [], set()
     for mode, robust in modes:
@@ -410,8 +489,14 @@ def _measured_candidates(context: FitContext, costs: ReuseCosts, weights: np.nda
     return candidates
 
 
-def _schedule_with(context: FitContext, costs: ReuseCosts, weights: np.ndarray, forced: np.ndarray,
-                   mode: tuple[str, str], computed: int) -> dict[str, Any] | None:
+def _schedule_with(
+    context: FitContext,
+    costs: ReuseCosts,
+    weights: np.ndarray,
+    forced: np.ndarray,
+    mode: tuple[str, str],
+    computed: int,
+) -> dict[str, Any] | None:
     """The least-cost candidate of one (reuse mode, aggregate) with exactly `computed` computed steps, if any."""
     result = search(cell_costs(costs, *mode), weights, forced)
     if not np.isfinite(result.cost[computed]):
@@ -419,14 +504,22 @@ def _schedule_with(context: FitContext, costs: ReuseCosts, weights: np.ndarray, 
     return _candidate(context, costs, weights, mode, result.schedule(computed))
 
 
-def _candidate(context: FitContext, costs: ReuseCosts, weights: np.ndarray, mode: tuple[str, str],
-               reuse: np.ndarray) -> dict[str, Any]:
+def _candidate(
+    context: FitContext, costs: ReuseCosts, weights: np.ndarray, mode: tuple[str, str], reuse: np.ndarray
+) -> dict[str, Any]:
     """A schedule as a candidate: whole-stack actions, predicted worst-prompt error and FLOP speedup."""
     predictor = context.predictor
     actions = np.where(reuse[None, :], REUSE, COMPUTE).astype(np.uint8).repeat(context.blocks, axis=0)
     worst = walk_cost(reuse, cell_costs(costs, mode[0], "max"), weights)
-    return {"mode": mode[0], "robust": mode[1], "actions": actions, "reuse": reuse, "error": worst,
-            "speedup": predictor.speedup(actions), "beta": costs.beta}
+    return {
+        "mode": mode[0],
+        "robust": mode[1],
+        "actions": actions,
+        "reuse": reuse,
+        "error": worst,
+        "speedup": predictor.speedup(actions),
+        "beta": costs.beta,
+    }
 
 
 def _closed_loop_summary(candidates: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
@@ -435,9 +528,17 @@ def _closed_loop_summary(candidates: list[dict[str, Any]], best: dict[str, Any])
         "prompts": int(best["measured"].size),
         "measured_worst": float(best["measured"].max()),
         "measured_mean": float(best["measured"].mean()),
-        "candidates": [{"reuse": c["mode"], "objective": c["robust"], "speedup": float(c["speedup"]),
-                        "predicted": float(c["error"]), "measured_worst": float(c["measured"].max()),
-                        "measured_mean": float(c["measured"].mean())} for c in candidates],
+        "candidates": [
+            {
+                "reuse": c["mode"],
+                "objective": c["robust"],
+                "speedup": float(c["speedup"]),
+                "predicted": float(c["error"]),
+                "measured_worst": float(c["measured"].max()),
+                "measured_mean": float(c["measured"].mean()),
+            }
+            for c in candidates
+        ],
     }
 
 
@@ -448,12 +549,16 @@ def _computed_steps(context: FitContext, cost: np.ndarray, reachable: np.ndarray
     if budget.max_error is not None:
         within = [n for n in speedups if cost[n] <= budget.max_error]
         if not within:
-            raise PlannerError(f"max error {budget.max_error:g} is impossible: the least predicted error is {cost[max(speedups)]:.4g}")
+            raise PlannerError(
+                f"max error {budget.max_error:g} is impossible: the least predicted error is {cost[max(speedups)]:.4g}"
+            )
         return min(within)
     fast = [n for n, s in speedups.items() if s >= budget.target_speedup - 1e-9]
     if not fast:
         best = max(speedups.values())
-        raise PlannerError(f"target speedup {budget.target_speedup:g}x is impossible: at most {best:.3f}x with reuse runs of at most {max_run} steps")
+        raise PlannerError(
+            f"target speedup {budget.target_speedup:g}x is impossible: at most {best:.3f}x with reuse runs of at most {max_run} steps"
+        )
     return min(fast, key=lambda n: (cost[n], n))
 
 
@@ -468,12 +573,25 @@ def _candidate_plan(context: FitContext, candidate: dict[str, Any]) -> Plan:
         policy["slope_scale"] = [float(b) for b in candidate["beta"]]
     header = context.profiles.header
     spans = ((0, context.blocks),) if context.blocks > 1 else ()
-    return Plan(model=header.fingerprint, timesteps=header.timesteps, sigmas=header.sigmas, actions=candidate["actions"],
-                spans=spans, policy=policy)
+    return Plan(
+        model=header.fingerprint,
+        timesteps=header.timesteps,
+        sigmas=header.sigmas,
+        actions=candidate["actions"],
+        spans=spans,
+        policy=policy,
+    )
 
 
-def _check_closed_loop(context: FitContext, best: dict[str, Any], costs: ReuseCosts, weights: np.ndarray,
-                       forced: np.ndarray, modes: Sequence[tuple[str, str]], closed_loop: ClosedLoop) -> None:
+def _check_closed_loop(
+    context: FitContext,
+    best: dict[str, Any],
+    costs: ReuseCosts,
+    weights: np.ndarray,
+    forced: np.ndarray,
+    modes: Sequence[tuple[str, str]],
+    closed_loop: ClosedLoop,
+) -> None:
     """Refuse a plan whose measured worst-prompt error exceeds its prediction by more than 3 dB.
 
     The refusal names the fastest speedup whose best schedule passes (found by bisection on the computed steps).
@@ -486,7 +604,10 @@ def _check_closed_loop(context: FitContext, best: dict[str, Any], costs: ReuseCo
     while low <= high:
         middle = (low + high) // 2
         trial = _schedule_with(context, costs, weights, forced, modes[0], middle)
-        if trial is not None and float(closed_loop.measure(_candidate_plan(context, trial)).max()) <= trial["error"] * FAIL_RATIO:
+        if (
+            trial is not None
+            and float(closed_loop.measure(_candidate_plan(context, trial)).max()) <= trial["error"] * FAIL_RATIO
+        ):
             passing, high = middle, middle - 1
         else:
             low = middle + 1
@@ -494,11 +615,16 @@ def _check_closed_loop(context: FitContext, best: dict[str, Any], costs: ReuseCo
     raise PlannerError(
         f"the {best['speedup']:.2f}x plan fails its closed loop: worst calibration prompt measured error {worst:.4g}, "
         f"{20 * np.log10(worst / max(best['error'], 1e-12)):.1f} dB worse than predicted ({best['error']:.4g}); "
-        f"at most {reachable:.2f}x passes at {context.steps} steps (more steps, or a lower --target-speedup)")
+        f"at most {reachable:.2f}x passes at {context.steps} steps (more steps, or a lower --target-speedup)"
+    )
 
 
 METHOD_FITTERS: dict[str, Callable[[FitContext], MethodResult]] = {
-    "profilingdit": fit_profilingdit, "adacache": fit_adacache, "bwcache": fit_bwcache, "unicp": fit_unicp, "auto": fit_auto,
+    "profilingdit": fit_profilingdit,
+    "adacache": fit_adacache,
+    "bwcache": fit_bwcache,
+    "unicp": fit_unicp,
+    "auto": fit_auto,
 }
 
 
@@ -523,7 +649,10 @@ def assemble_plan(context: FitContext, result: MethodResult) -> Plan:
         spans=spans,
         policy=result.policy,
         provenance=_provenance(context, result),
-        predicted={"error_model": ERROR_MODEL_SENSITIVITY if context.sensitivity_measured else ERROR_MODEL, **_finite(result.predicted)},
+        predicted={
+            "error_model": ERROR_MODEL_SENSITIVITY if context.sensitivity_measured else ERROR_MODEL,
+            **_finite(result.predicted),
+        },
         arrays=arrays,
     )
 
@@ -532,16 +661,30 @@ def _provenance(context: FitContext, result: MethodResult) -> dict[str, Any]:
     provenance: dict[str, Any] = {
         "planner_version": PLANNER_VERSION,
         "method": context.options.method,
-        "parameters": {**context.options.to_json(), "warmup": context.warmup, "protect_last": context.protect_last, "max_reuse": context.max_reuse},
+        "parameters": {
+            **context.options.to_json(),
+            "warmup": context.warmup,
+            "protect_last": context.protect_last,
+            "max_reuse": context.max_reuse,
+        },
         "chosen": result.chosen,
         "profiles": [source.to_json() for source in context.profiles.sources],
         "profile_settings": context.profiles.header.settings,
     }
     if context.labels is not None:
         labels = context.labels
-        provenance["labels"] = {"threshold": labels.threshold, "chance": labels.chance, "rule": context.options.label_rule, "quantile": context.options.label_quantile}
+        provenance["labels"] = {
+            "threshold": labels.threshold,
+            "chance": labels.chance,
+            "rule": context.options.label_rule,
+            "quantile": context.options.label_quantile,
+        }
     if context.pca is not None:
-        provenance["pca"] = {"variance": context.options.pca_variance, "ranks": [int(r) for r in context.pca.ranks], "distortion": [float(d) for d in context.pca.distortion]}
+        provenance["pca"] = {
+            "variance": context.options.pca_variance,
+            "ranks": [int(r) for r in context.pca.ranks],
+            "distortion": [float(d) for d in context.pca.distortion],
+        }
     return provenance
 
 

@@ -8,8 +8,8 @@ labels and PCA explained variance.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -47,9 +47,13 @@ def expected_compute_axes(ax: Axes, expected: np.ndarray, block_ids: Sequence[st
     ax.set_title("adaptive policy: expected compute in profiled replays")
 
 
-def labels_axes(ax: Axes, scores: np.ndarray, labels: Sequence[str], block_ids: Sequence[str], threshold: float | None = None) -> None:
+def labels_axes(
+    ax: Axes, scores: np.ndarray, labels: Sequence[str], block_ids: Sequence[str], threshold: float | None = None
+) -> None:
     """Foreground scores per block, coloured by label, with the labelling threshold."""
-    colours = ["#c53030" if label == "foreground" else "#718096" if label == "background" else "#cbd5e0" for label in labels]
+    colours = [
+        "#c53030" if label == "foreground" else "#718096" if label == "background" else "#cbd5e0" for label in labels
+    ]
     ax.bar(np.arange(len(scores)), scores, color=colours)
     if threshold is not None:
         ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.2f}")
@@ -78,7 +82,9 @@ def _block_axis(ax: Axes, block_ids: Sequence[str]) -> None:
     ax.set_ylabel("block")
 
 
-def schedule_spans_axes(ax: Axes, actions: np.ndarray, block_ids: Sequence[str], spans: Sequence[tuple[int, int]]) -> None:
+def schedule_spans_axes(
+    ax: Axes, actions: np.ndarray, block_ids: Sequence[str], spans: Sequence[tuple[int, int]]
+) -> None:
     """The schedule grid with the plan's spans (blocks cached as one residual) outlined."""
     schedule_axes(ax, actions, block_ids)
     for start, stop in spans:
@@ -106,8 +112,14 @@ def frames_figure(frames: np.ndarray, title: str, cmap: str = "viridis", images:
     for index, ax in enumerate(axes):
         if images is not None:
             ax.imshow(images[index], extent=(-0.5, frames.shape[2] - 0.5, frames.shape[1] - 0.5, -0.5))
-        image = ax.imshow(frames[index], cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.55 if images is not None else 1.0,
-                          interpolation="nearest")
+        image = ax.imshow(
+            frames[index],
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            alpha=0.55 if images is not None else 1.0,
+            interpolation="nearest",
+        )
         ax.set_title(f"frame {index}", fontsize=8)
         ax.set_axis_off()
     figure.colorbar(image, ax=list(axes), shrink=0.8)
@@ -115,7 +127,9 @@ def frames_figure(frames: np.ndarray, title: str, cmap: str = "viridis", images:
     return figure
 
 
-def cross_attention_figure(cross: np.ndarray, query_index: np.ndarray, grid: tuple[int, int, int], words: Sequence[str]) -> Figure:
+def cross_attention_figure(
+    cross: np.ndarray, query_index: np.ndarray, grid: tuple[int, int, int], words: Sequence[str]
+) -> Figure:
     """Cross-attention of the sampled video queries to each text token, placed on the (height, width) grid.
 
     `cross` is [query, text_token]; `query_index` the flat (frame, height, width) token index of every query. Each
@@ -147,8 +161,13 @@ def motion_axes(ax: Axes, motion: np.ndarray, branches: Sequence[str]) -> None:
     ax.legend()
 
 
-def prediction_axes(ax: Axes, predicted_error: Sequence[float], psnr: Sequence[float], names: Sequence[str],
-                    offset_db: float | None = None) -> None:
+def prediction_axes(
+    ax: Axes,
+    predicted_error: Sequence[float],
+    psnr: Sequence[float],
+    names: Sequence[str],
+    offset_db: float | None = None,
+) -> None:
     """Validated PSNR against the planner's predicted error (log x), with the model PSNR ≈ C − 20·log10(error)."""
     errors = np.asarray(predicted_error, dtype=np.float64)
     ax.scatter(errors, psnr, color="#2b6cb0", zorder=3)
@@ -156,7 +175,13 @@ def prediction_axes(ax: Axes, predicted_error: Sequence[float], psnr: Sequence[f
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if offset_db is not None and errors.size:
         line = np.geomspace(errors.min() * 0.8, errors.max() * 1.25, 50)
-        ax.plot(line, offset_db - 20 * np.log10(line), color="#dd6b20", linestyle="--", label=f"{offset_db:.1f} − 20·log10(error)")
+        ax.plot(
+            line,
+            offset_db - 20 * np.log10(line),
+            color="#dd6b20",
+            linestyle="--",
+            label=f"{offset_db:.1f} − 20·log10(error)",
+        )
         ax.legend()
     ax.set_xscale("log")
     ax.set_xlabel("predicted error")
@@ -186,7 +211,12 @@ def plan_figure(plan: Plan, drift: np.ndarray | None = None) -> Figure:
             labels_axes(ax, plan.label_scores, plan.labels, ids, plan.provenance.get("labels", {}).get("threshold"))
         else:
             blocks = range(plan.num_blocks)
-            pca_axes(ax, [plan.arrays[f"pca_explained.{b}"] for b in blocks], [plan.arrays[f"pca.{b}"].shape[-1] for b in blocks], ids)
+            pca_axes(
+                ax,
+                [plan.arrays[f"pca_explained.{b}"] for b in blocks],
+                [plan.arrays[f"pca.{b}"].shape[-1] for b in blocks],
+                ids,
+            )
     return figure
 
 

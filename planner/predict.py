@@ -31,7 +31,15 @@ from dit_accel.runtime.plan import PRUNE, REUSE, Plan
 
 from .errors import PlannerError
 
-ARRAY_NAMES = ("error.drift", "error.prune", "error.step_weight", "error.block_weight", "cost.block_flops", "cost.pruned_flops", "cost.other_flops")
+ARRAY_NAMES = (
+    "error.drift",
+    "error.prune",
+    "error.step_weight",
+    "error.block_weight",
+    "cost.block_flops",
+    "cost.pruned_flops",
+    "cost.other_flops",
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,9 @@ class Predictor:
 
     def _flop_table(self, blocks: np.ndarray | slice = slice(None)) -> np.ndarray:
         """FLOPs of each block (rows) per action code (columns: compute, reuse, prune)."""
-        return np.stack([self.block_flops[blocks], np.zeros_like(self.block_flops[blocks]), self.pruned_flops[blocks]], axis=-1)
+        return np.stack(
+            [self.block_flops[blocks], np.zeros_like(self.block_flops[blocks]), self.pruned_flops[blocks]], axis=-1
+        )
 
     def error(self, actions: np.ndarray) -> float:
         """Predicted relative error of the final latent under `actions` (blocks × steps)."""
@@ -92,7 +102,11 @@ class Predictor:
 
     def summary(self, actions: np.ndarray) -> dict[str, float]:
         """The `predicted` entry of a static plan."""
-        return {"speedup": self.speedup(actions), "compute_fraction": float(np.mean(actions != REUSE)), "error": self.error(actions)}
+        return {
+            "speedup": self.speedup(actions),
+            "compute_fraction": float(np.mean(actions != REUSE)),
+            "error": self.error(actions),
+        }
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The model as named plan arrays (see `ARRAY_NAMES`)."""
@@ -107,7 +121,7 @@ class Predictor:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Predictor":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Predictor:
         """Rebuild the model from plan arrays; float32 values round-trip exactly, so predictions repeat."""
         return cls(
             drift=arrays["error.drift"].astype(np.float64),
@@ -119,7 +133,7 @@ class Predictor:
             other_flops=float(arrays["cost.other_flops"][0]),
         )
 
-    def rounded(self) -> "Predictor":
+    def rounded(self) -> Predictor:
         """The same model with its float arrays rounded through float32, as a plan stores them."""
         return Predictor.from_arrays(self.to_arrays())
 
@@ -128,7 +142,9 @@ def predictor_from_plan(plan: Plan) -> Predictor:
     """The error and cost model a fitted plan carries; refuses plans that were not made by dit-plan fit."""
     missing = [name for name in ARRAY_NAMES if name not in plan.arrays]
     if missing:
-        raise PlannerError(f"the plan carries no error model (missing arrays {', '.join(missing)}); make it with dit-plan fit")
+        raise PlannerError(
+            f"the plan carries no error model (missing arrays {', '.join(missing)}); make it with dit-plan fit"
+        )
     predictor = Predictor.from_arrays(plan.arrays)
     if predictor.shape != plan.actions.shape:
         raise PlannerError(f"the plan's error model has shape {predictor.shape}, its actions {plan.actions.shape}")
@@ -149,7 +165,9 @@ def cache_errors(actions: np.ndarray, drift: np.ndarray, prune: np.ndarray) -> t
         action = actions[..., step]
         stale = stale + drift[..., step]
         cached[..., step] = current = cache + stale
-        cell = np.where(action == REUSE, current, np.where(action == PRUNE, blended_error(prune[..., step], current), 0.0))
+        cell = np.where(
+            action == REUSE, current, np.where(action == PRUNE, blended_error(prune[..., step], current), 0.0)
+        )
         cells[..., step] = cell
         refresh = action != REUSE
         cache, stale = np.where(refresh, cell, cache), np.where(refresh, 0.0, stale)

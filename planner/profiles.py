@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -58,7 +58,9 @@ class ProfileSet:
         """Refuse (one line) when a field `purpose` needs is missing from some prompt."""
         missing = [name for name in fields if not self.has(name)]
         if missing:
-            raise PlannerError(f"{purpose} needs profile field(s) {', '.join(missing)}, which the profile does not hold for every prompt (re-profile recording them)")
+            raise PlannerError(
+                f"{purpose} needs profile field(s) {', '.join(missing)}, which the profile does not hold for every prompt (re-profile recording them)"
+            )
 
     def stack_recorded(self, field: str) -> np.ndarray | None:
         """Field `field` of the prompts that recorded it (some fields are recorded for the first prompts only), or None."""

@@ -13,7 +13,7 @@ def protected_steps(steps: int, warmup: int, protect_last: int) -> np.ndarray:
     """Boolean [steps]: the first `warmup` and last `protect_last` steps, which every plan computes in full."""
     mask = np.zeros(steps, dtype=bool)
     mask[:warmup] = True
-    mask[max(steps - protect_last, 0):] = True
+    mask[max(steps - protect_last, 0) :] = True
     return mask
 
 
@@ -38,7 +38,12 @@ def group_spans(actions: np.ndarray, alone: np.ndarray | None = None) -> tuple[t
     spans = []
     start = 0
     for block in range(1, actions.shape[0] + 1):
-        if block == actions.shape[0] or alone[block] or alone[start] or not np.array_equal(actions[block], actions[start]):
+        if (
+            block == actions.shape[0]
+            or alone[block]
+            or alone[start]
+            or not np.array_equal(actions[block], actions[start])
+        ):
             if block - start >= 2 and np.any(actions[start] == REUSE):
                 spans.append((start, block))
             start = block
@@ -66,11 +71,13 @@ def interval_row(steps: int, start: int, protect_last: int, longest: int, shorte
         row[step] = COMPUTE
         interval = longest - (longest - shortest) * (step - start) / max(steps - start, 1)
         step += max(int(round(interval)), 1)
-    row[max(steps - protect_last, 0):] = COMPUTE
+    row[max(steps - protect_last, 0) :] = COMPUTE
     return row
 
 
-def edcw_actions(predictor: Predictor, threshold: float, protected: np.ndarray, max_window: int, prune: bool) -> np.ndarray:
+def edcw_actions(
+    predictor: Predictor, threshold: float, protected: np.ndarray, max_window: int, prune: bool
+) -> np.ndarray:
     """UniCP EDCW windows with PCAS prune steps: a block reuses while its reuse error stays under its threshold.
 
     The error of reusing block b at step s is the step-weighted error of its cache, ω_s·cached[b, s] (see
@@ -87,7 +94,9 @@ def edcw_actions(predictor: Predictor, threshold: float, protected: np.ndarray, 
     return actions
 
 
-def _window_row(predictor: Predictor, block: int, limit: float, protected: np.ndarray, max_window: int, prune: bool) -> np.ndarray:
+def _window_row(
+    predictor: Predictor, block: int, limit: float, protected: np.ndarray, max_window: int, prune: bool
+) -> np.ndarray:
     """One block's EDCW row, stepping through the cache error exactly as `predict.cache_errors` does."""
     drift, weight, prune_error = predictor.drift[block], predictor.step_weight, predictor.prune_error[block]
     row = np.zeros(len(drift), dtype=np.uint8)

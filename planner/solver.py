@@ -15,8 +15,9 @@ best candidate that meets the budget (`choose_candidate`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,11 @@ class _Search:
     def _candidates(self, unit: int) -> dict[str, np.ndarray]:
         blocks = self.units[unit]
         row = self.actions[blocks[0]]
-        pairs = sorted((int(s), index) for index, (source, _) in enumerate(self.transitions) for s in np.flatnonzero((row == source) & self.movable))
+        pairs = sorted(
+            (int(s), index)
+            for index, (source, _) in enumerate(self.transitions)
+            for s in np.flatnonzero((row == source) & self.movable)
+        )
         steps = np.array([s for s, _ in pairs], dtype=np.int64)
         targets = np.array([self.transitions[i][1] for _, i in pairs], dtype=np.uint8)
         rows = np.repeat(row[None], len(pairs) + 1, axis=0)
@@ -120,8 +125,15 @@ def block_units(blocks: int, granularity: str, labels: Sequence[str]) -> list[np
     return [np.arange(start, stop) for start, stop in zip(starts, starts[1:] + [blocks])]
 
 
-def greedy_schedule(predictor: Predictor, protected: np.ndarray, budget: Budget, max_run: int, prune: bool,
-                    units: Sequence[np.ndarray] | None = None, strict: bool = True) -> np.ndarray:
+def greedy_schedule(
+    predictor: Predictor,
+    protected: np.ndarray,
+    budget: Budget,
+    max_run: int,
+    prune: bool,
+    units: Sequence[np.ndarray] | None = None,
+    strict: bool = True,
+) -> np.ndarray:
     """The least-error schedule found by greedy search that meets `budget` (see the module docstring).
 
     `units` are groups of blocks that share one schedule (default: every block alone). An unreachable target speedup
@@ -135,13 +147,21 @@ def greedy_schedule(predictor: Predictor, protected: np.ndarray, budget: Budget,
         move = search.best(cap)
         if move is None:
             if budget.target_speedup is not None and strict:
-                raise PlannerError(f"target speedup {budget.target_speedup:g}x is impossible: at most {search.speedup():.3f}x with {int(protected.sum())} protected steps and at most {max_run} reuses in a row")
+                raise PlannerError(
+                    f"target speedup {budget.target_speedup:g}x is impossible: at most {search.speedup():.3f}x with {int(protected.sum())} protected steps and at most {max_run} reuses in a row"
+                )
             break
         search.apply(*move)
     return search.actions
 
 
-def restore_schedule(predictor: Predictor, actions: np.ndarray, max_error: float, min_cells: int, units: Sequence[np.ndarray] | None = None) -> np.ndarray:
+def restore_schedule(
+    predictor: Predictor,
+    actions: np.ndarray,
+    max_error: float,
+    min_cells: int,
+    units: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
     """Recompute cells (most error removed per FLOP first) until error ≤ `max_error` and ≥ `min_cells` cells changed.
 
     `units` (blocks sharing one row, e.g. a plan's spans) change together, so synchronised schedules stay synchronised.
@@ -174,11 +194,14 @@ def choose_candidate(candidates: Sequence[Candidate], budget: Budget, method: st
         fit = [c for c in candidates if c.speedup >= budget.target_speedup - TOLERANCE]
         if not fit:
             best = max(c.speedup for c in candidates)
-            raise PlannerError(f"target speedup {budget.target_speedup:g}x is impossible for method {method}: at most {best:.3f}x on this profile")
+            raise PlannerError(
+                f"target speedup {budget.target_speedup:g}x is impossible for method {method}: at most {best:.3f}x on this profile"
+            )
         return min(fit, key=lambda c: (c.error, -c.speedup))
     fit = [c for c in candidates if c.error <= budget.max_error + TOLERANCE]
     if not fit:
         least = min(c.error for c in candidates)
-        raise PlannerError(f"max error {budget.max_error:g} is impossible for method {method}: its most accurate plan has predicted error {least:.4g}")
+        raise PlannerError(
+            f"max error {budget.max_error:g} is impossible for method {method}: its most accurate plan has predicted error {least:.4g}"
+        )
     return max(fit, key=lambda c: (c.speedup, -c.error))
-

@@ -30,8 +30,12 @@ def plan_report(plan: Plan) -> dict[str, Any]:
     for index, block_id in enumerate(plan.model.block_ids):
         row = plan.actions[index]
         entry = {
-            "id": block_id, "label": plan.labels[index], "score": float(plan.label_scores[index]),
-            "schedule": schedule_string(row), "computed": int(np.sum(row == COMPUTE)), "reused": int(np.sum(row == REUSE)),
+            "id": block_id,
+            "label": plan.labels[index],
+            "score": float(plan.label_scores[index]),
+            "schedule": schedule_string(row),
+            "computed": int(np.sum(row == COMPUTE)),
+            "reused": int(np.sum(row == REUSE)),
             "pruned": int(np.sum(row == PRUNE)),
         }
         if f"pca.{index}" in plan.arrays:
@@ -42,7 +46,11 @@ def plan_report(plan: Plan) -> dict[str, Any]:
             entry["expected_compute"] = expected_string(plan.arrays["expected_compute"][index])
         blocks.append(entry)
     return {
-        "model": {"transformer_class": plan.model.transformer_class, "config_hash": plan.model.config_hash, "blocks": plan.num_blocks},
+        "model": {
+            "transformer_class": plan.model.transformer_class,
+            "config_hash": plan.model.config_hash,
+            "blocks": plan.num_blocks,
+        },
         "num_inference_steps": plan.num_inference_steps,
         "policy": plan.policy,
         "method": plan.provenance.get("method"),
@@ -68,7 +76,11 @@ def render_report(report: dict[str, Any]) -> str:
         *_grid(report["blocks"], steps, "schedule"),
     ]
     if any("expected_compute" in b for b in report["blocks"]):
-        lines += ["", "expected compute in profiled replays (# ≥ 3/4, + ≥ 1/2, - ≥ 1/4, . less):", *_grid(report["blocks"], steps, "expected_compute")]
+        lines += [
+            "",
+            "expected compute in profiled replays (# ≥ 3/4, + ≥ 1/2, - ≥ 1/4, . less):",
+            *_grid(report["blocks"], steps, "expected_compute"),
+        ]
     lines += ["", "spans: " + (" ".join(f"[{a}, {b})" for a, b in report["spans"]) or "none")]
     ranks = [f"{b['id']}:{b['pca_rank']}" for b in report["blocks"] if "pca_rank" in b]
     if ranks:
@@ -141,5 +153,8 @@ def provenance_drift(plan: Plan) -> tuple[np.ndarray | None, str | None]:
     except (DitAccelError, OSError, KeyError) as exc:
         return None, f"drift heatmap skipped: {str(exc).splitlines()[0]}"
     if drift.shape != plan.actions.shape:
-        return None, f"drift heatmap skipped: profile {path} has {drift.shape[0]} blocks × {drift.shape[1]} steps, the plan {plan.actions.shape}"
+        return (
+            None,
+            f"drift heatmap skipped: profile {path} has {drift.shape[0]} blocks × {drift.shape[1]} steps, the plan {plan.actions.shape}",
+        )
     return drift, None

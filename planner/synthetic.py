@@ -54,12 +54,22 @@ def foreground_mask() -> np.ndarray:
 
 
 def synthetic_header(spec: SyntheticSpec) -> ProfileHeader:
-    fingerprint = ModelFingerprint(spec.transformer_class, spec.config_hash, tuple(f"{spec.block_prefix}.{b}" for b in range(spec.blocks)))
+    fingerprint = ModelFingerprint(
+        spec.transformer_class, spec.config_hash, tuple(f"{spec.block_prefix}.{b}" for b in range(spec.blocks))
+    )
     return ProfileHeader(
-        fingerprint=fingerprint, settings={"num_inference_steps": spec.steps, **spec.settings}, branches=("cond", "uncond"), grid=GRID,
-        adapter="wan", cfg_mode="separate", timesteps=np.linspace(999.0, 0.0, spec.steps), sigmas=np.linspace(1.0, 1.0 / spec.steps, spec.steps),
-        block_flops=np.full(spec.blocks, BLOCK_FLOPS, dtype=np.int64), block_seconds=np.full(spec.blocks, 1e-3),
-        model_flops=spec.blocks * BLOCK_FLOPS + OTHER_FLOPS, model_seconds=spec.blocks * 1e-3,
+        fingerprint=fingerprint,
+        settings={"num_inference_steps": spec.steps, **spec.settings},
+        branches=("cond", "uncond"),
+        grid=GRID,
+        adapter="wan",
+        cfg_mode="separate",
+        timesteps=np.linspace(999.0, 0.0, spec.steps),
+        sigmas=np.linspace(1.0, 1.0 / spec.steps, spec.steps),
+        block_flops=np.full(spec.blocks, BLOCK_FLOPS, dtype=np.int64),
+        block_seconds=np.full(spec.blocks, 1e-3),
+        model_flops=spec.blocks * BLOCK_FLOPS + OTHER_FLOPS,
+        model_seconds=spec.blocks * 1e-3,
     )
 
 
@@ -70,8 +80,13 @@ def synthetic_arrays(spec: SyntheticSpec, rng: np.random.Generator) -> dict[str,
     rel[:, 0] = np.nan
     ones = np.ones((branches, steps, blocks))
     arrays = {
-        "residual_rel_l1": rel, "output_rel_l1": rel / 10, "residual_cos": 1 - rel, "output_cos": 1 - rel / 10,
-        "residual_norm": ones, "output_norm": 10 * ones, "motion": np.full((branches, steps, blocks), 0.3),
+        "residual_rel_l1": rel,
+        "output_rel_l1": rel / 10,
+        "residual_cos": 1 - rel,
+        "output_cos": 1 - rel / 10,
+        "residual_norm": ones,
+        "output_norm": 10 * ones,
+        "motion": np.full((branches, steps, blocks), 0.3),
         "model_output_rel_l1": rel.mean(axis=-1),
         "attention_steps": np.array([0, steps // 2]),
         "attention_received": _attention(spec, rng),
@@ -105,6 +120,9 @@ def write_synthetic_profile(path: str | os.PathLike, spec: SyntheticSpec = Synth
     """Write a complete synthetic profile to `path`, replacing any file there (same spec and seed, same content)."""
     rng = np.random.default_rng(seed)
     Path(path).unlink(missing_ok=True)
-    prompts = [(PromptInfo(prompt_key(i), i, f"synthetic prompt {i}", "", seed + i), synthetic_arrays(spec, rng)) for i in range(spec.prompts)]
+    prompts = [
+        (PromptInfo(prompt_key(i), i, f"synthetic prompt {i}", "", seed + i), synthetic_arrays(spec, rng))
+        for i in range(spec.prompts)
+    ]
     ProfileWriter(path, synthetic_header(spec)).add_prompts(prompts)
     return str(path)

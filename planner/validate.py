@@ -16,17 +16,18 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from dit_accel.profiler.flops import count_flops
 from dit_accel.harness.metrics import psnr, ssim
 from dit_accel.harness.pipelines import first_video, generate
 from dit_accel.harness.prompts import PromptSpec
-from dit_accel.runtime.plan import COMPUTE, Plan
+from dit_accel.profiler.flops import count_flops
 from dit_accel.runtime.adapters import find_transformer
+from dit_accel.runtime.plan import COMPUTE, Plan
 from dit_accel.runtime.replay import apply_plan
 from dit_accel.runtime.replay_table import remap_actions
 
@@ -95,7 +96,9 @@ class ValidationReport:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["prompts"] = [_finite_json(asdict(p)) for p in self.prompts]
-        data.update(wall_speedup=self.wall_speedup, min_psnr=_json_number(self.min_psnr), calibration_db=self.calibration_db())
+        data.update(
+            wall_speedup=self.wall_speedup, min_psnr=_json_number(self.min_psnr), calibration_db=self.calibration_db()
+        )
         return data
 
 
@@ -111,12 +114,22 @@ def _finite_json(data: dict[str, Any]) -> dict[str, Any]:
 def profiled_generation(plan: Plan) -> tuple[float, dict[str, int]]:
     """(guidance scale, video size kwargs) the plan's profile was recorded with (5.0 and the pipeline's size if unknown)."""
     settings = plan.provenance.get("profile_settings", {})
-    size = {key[len("size_"):]: int(value) for key, value in settings.items() if key.startswith("size_")}
+    size = {key[len("size_") :]: int(value) for key, value in settings.items() if key.startswith("size_")}
     return float(settings.get("guidance_scale", 5.0)), size
 
 
-def validate_plan(plan: Plan, runner: PipelineRunner, prompts: Sequence[str], *, steps: int | None = None, repeats: int = 3, seed: int = 0,
-                  flops: bool = True, warmup: bool = True, progress: bool = True) -> ValidationReport:
+def validate_plan(
+    plan: Plan,
+    runner: PipelineRunner,
+    prompts: Sequence[str],
+    *,
+    steps: int | None = None,
+    repeats: int = 3,
+    seed: int = 0,
+    flops: bool = True,
+    warmup: bool = True,
+    progress: bool = True,
+) -> ValidationReport:
     """Run full and planned generations of every prompt (interleaved) and report speed and fidelity.
 
     `warmup` runs one untimed generation first (first-call overheads); `flops` counts FLOPs on the first prompt.
@@ -142,13 +155,26 @@ def validate_plan(plan: Plan, runner: PipelineRunner, prompts: Sequence[str], *,
                 times[variant].append(elapsed)
                 videos.setdefault(variant, video)
                 bar.update()
-        results.append(PromptResult(prompt, seed + index, psnr(videos["plan"], videos["full"]), ssim(videos["plan"], videos["full"])))
+        results.append(
+            PromptResult(
+                prompt, seed + index, psnr(videos["plan"], videos["full"]), ssim(videos["plan"], videos["full"])
+            )
+        )
     bar.close()
-    flop_speedup, pipeline_flop_speedup = _flop_speedups(runner, plan, prompts[0], seed, steps) if flops else (None, None)
+    flop_speedup, pipeline_flop_speedup = (
+        _flop_speedups(runner, plan, prompts[0], seed, steps) if flops else (None, None)
+    )
     predicted = plan.predicted
     return ValidationReport(
-        steps, repeats, tuple(results), statistics.median(times["full"]), statistics.median(times["plan"]),
-        flop_speedup, pipeline_flop_speedup, predicted.get("speedup"), predicted.get("error"),
+        steps,
+        repeats,
+        tuple(results),
+        statistics.median(times["full"]),
+        statistics.median(times["plan"]),
+        flop_speedup,
+        pipeline_flop_speedup,
+        predicted.get("speedup"),
+        predicted.get("error"),
     )
 
 
@@ -180,15 +206,30 @@ def _flop_speedups(runner: PipelineRunner, plan: Plan, prompt: str, seed: int, s
     root = type(find_transformer(runner.pipe)).__name__
     full_total, full_modules = count_flops(lambda: _generate(runner, None, prompt, seed, steps))
     plan_total, plan_modules = count_flops(lambda: _generate(runner, plan, prompt, seed, steps))
-    return full_modules.get(root, full_total) / max(plan_modules.get(root, plan_total), 1), full_total / max(plan_total, 1)
+    return full_modules.get(root, full_total) / max(plan_modules.get(root, plan_total), 1), full_total / max(
+        plan_total, 1
+    )
 
 
-def tighten_plan(plan: Plan, runner: PipelineRunner, prompts: Sequence[str], min_psnr: float, *, max_rounds: int = 8, **validate_kwargs: Any) -> tuple[Plan, list[ValidationReport]]:
+def tighten_plan(
+    plan: Plan,
+    runner: PipelineRunner,
+    prompts: Sequence[str],
+    min_psnr: float,
+    *,
+    max_rounds: int = 8,
+    **validate_kwargs: Any,
+) -> tuple[Plan, list[ValidationReport]]:
     """Validate, and recompute more cells until every prompt reaches `min_psnr` dB; returns the plan and every report."""
     predictor = predictor_from_plan(plan)
     reports = []
     for round_index in range(max_rounds):
-        report = validate_plan(plan, runner, prompts, **{**validate_kwargs, "warmup": round_index == 0 and validate_kwargs.get("warmup", True)})
+        report = validate_plan(
+            plan,
+            runner,
+            prompts,
+            **{**validate_kwargs, "warmup": round_index == 0 and validate_kwargs.get("warmup", True)},
+        )
         reports.append(report)
         if report.min_psnr >= min_psnr:
             return plan, reports
@@ -199,7 +240,9 @@ def tighten_plan(plan: Plan, runner: PipelineRunner, prompts: Sequence[str], min
         spans = [np.arange(start, stop) for start, stop in sorted(set(plan.span_of_block()))]
         actions = restore_schedule(predictor, plan.actions, target, math.ceil(skipped / 4), spans)
         plan = _with_actions(plan, predictor, actions, {"min_psnr": min_psnr, "rounds": len(reports)})
-    raise PlannerError(f"could not reach {min_psnr:g} dB on every prompt within {len(reports)} rounds (worst prompt {reports[-1].min_psnr:.2f} dB)")
+    raise PlannerError(
+        f"could not reach {min_psnr:g} dB on every prompt within {len(reports)} rounds (worst prompt {reports[-1].min_psnr:.2f} dB)"
+    )
 
 
 def _with_actions(plan: Plan, predictor: Predictor, actions: np.ndarray, tightened: dict[str, Any]) -> Plan:
@@ -209,7 +252,13 @@ def _with_actions(plan: Plan, predictor: Predictor, actions: np.ndarray, tighten
         arrays["dws_weight"] = predictor.dws_weights(actions)
     spans = group_spans(actions, blending_blocks(actions, arrays.get("dws_weight")))
     predicted = {**plan.predicted, **predictor.summary(actions)}
-    return plan.with_changes(actions=actions, spans=spans, arrays=arrays, predicted=predicted, provenance={**plan.provenance, "tightened": tightened})
+    return plan.with_changes(
+        actions=actions,
+        spans=spans,
+        arrays=arrays,
+        predicted=predicted,
+        provenance={**plan.provenance, "tightened": tightened},
+    )
 
 
 def render_validation(report: dict[str, Any]) -> str:
@@ -219,9 +268,15 @@ def render_validation(report: dict[str, Any]) -> str:
         f"wall speedup {report['wall_speedup']:.2f}x (full {report['wall_full_s']:.3f}s, plan {report['wall_plan_s']:.3f}s)",
     ]
     if report["flop_speedup"] is not None:
-        lines.append(f"FLOP speedup {report['flop_speedup']:.2f}x in the transformer (predicted {_fmt(report['predicted_speedup'])}x), {report['pipeline_flop_speedup']:.2f}x for the whole pipeline")
-    lines.append(f"predicted error {_fmt(report['predicted_error'])}; PSNR ≈ C − 20·log10(error) with measured C = {_fmt(report['calibration_db'])} dB")
-    lines += [f"  PSNR {_fmt(p['psnr'])} dB  SSIM {p['ssim']:.4f}  seed {p['seed']}  {p['prompt']}" for p in report["prompts"]]
+        lines.append(
+            f"FLOP speedup {report['flop_speedup']:.2f}x in the transformer (predicted {_fmt(report['predicted_speedup'])}x), {report['pipeline_flop_speedup']:.2f}x for the whole pipeline"
+        )
+    lines.append(
+        f"predicted error {_fmt(report['predicted_error'])}; PSNR ≈ C − 20·log10(error) with measured C = {_fmt(report['calibration_db'])} dB"
+    )
+    lines += [
+        f"  PSNR {_fmt(p['psnr'])} dB  SSIM {p['ssim']:.4f}  seed {p['seed']}  {p['prompt']}" for p in report["prompts"]
+    ]
     if report.get("output"):
         lines.append(f"tightened plan written to {report['output']} after {report['rounds']} validation rounds")
     return "\n".join(lines)

@@ -46,4 +46,6 @@ def bytes_per_prompt(shape: ModelShape, settings: RecordSettings) -> dict[str, i
     return {name: count * np.dtype(FIELDS[name].dtype).itemsize for name, count in counts.items()}
 
 
-WAN_1_3B_480P = ModelShape(blocks=30, grid=(21, 30, 52), heads=12, head_dim=128, text_tokens=512, video_bytes=81 * 480 * 832 * 3)
+WAN_1_3B_480P = ModelShape(
+    blocks=30, grid=(21, 30, 52), heads=12, head_dim=128, text_tokens=512, video_bytes=81 * 480 * 832 * 3
+)

@@ -11,12 +11,24 @@ from typing import Any
 import click
 
 from dit_accel.harness.cli import (
-    DEVICE, DTYPE, FRAMES, HEIGHT, JSON, MODEL, QUIET, WIDTH, OneLineErrorGroup, emit_report, user_errors, video_size,
+    DEVICE,
+    DTYPE,
+    FRAMES,
+    HEIGHT,
+    JSON,
+    MODEL,
+    QUIET,
+    WIDTH,
+    OneLineErrorGroup,
+    emit_report,
+    user_errors,
+    video_size,
 )
-from .recorder import RecordSettings
-from .run import check_output_location, merge_profiles, profile_distributed
 from dit_accel.harness.pipelines import load_pipeline
 from dit_accel.harness.prompts import read_prompt_file
+
+from .recorder import RecordSettings
+from .run import check_output_location, merge_profiles, profile_distributed
 
 
 class _DefaultToRun(OneLineErrorGroup):
@@ -53,40 +65,107 @@ def _render(report: dict[str, Any]) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HDF5 profile to write.")
 @MODEL
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(2, 1000), help="Denoising steps.")
-@click.option("--guidance", default=5.0, show_default=True, type=float, help="Classifier-free guidance scale (<= 1 records the cond branch only).")
+@click.option(
+    "--guidance",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="Classifier-free guidance scale (<= 1 records the cond branch only).",
+)
 @FRAMES
 @HEIGHT
 @WIDTH
 @DTYPE
 @DEVICE
-@click.option("--attention-every", default=2, show_default=True, type=click.IntRange(1), help="Record attention maps and PCA features every N steps.")
-@click.option("--query-samples", default=64, show_default=True, type=click.IntRange(1), help="Queries sampled per attention map.")
-@click.option("--cross-tokens", default=32, show_default=True, type=click.IntRange(1), help="Text tokens kept in cross-attention maps.")
-@click.option("--feature-samples", default=256, show_default=True, type=click.IntRange(1), help="Query/key samples per block per prompt for PCA.")
+@click.option(
+    "--attention-every",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Record attention maps and PCA features every N steps.",
+)
+@click.option(
+    "--query-samples", default=64, show_default=True, type=click.IntRange(1), help="Queries sampled per attention map."
+)
+@click.option(
+    "--cross-tokens",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Text tokens kept in cross-attention maps.",
+)
+@click.option(
+    "--feature-samples",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Query/key samples per block per prompt for PCA.",
+)
 @click.option("--no-attention", is_flag=True, help="Do not record attention maps.")
 @click.option("--no-features", is_flag=True, help="Do not record PCA feature samples.")
-@click.option("--sensitivity-steps", default=6, show_default=True, type=click.IntRange(0),
-              help="Steps at which to measure what reusing the whole stack does to the final latent (one generation each; 0: off).")
-@click.option("--sensitivity-prompts", default=1, show_default=True, type=click.IntRange(0),
-              help="How many of the first prompts get the step-sensitivity measurement.")
-@click.option("--reuse-lags", default=8, show_default=True, type=click.IntRange(0, 32),
-              help="Longest reuse run whose measured cost is recorded (whole stack; 0: off). dit-plan's auto needs it.")
+@click.option(
+    "--sensitivity-steps",
+    default=6,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Steps at which to measure what reusing the whole stack does to the final latent (one generation each; 0: off).",
+)
+@click.option(
+    "--sensitivity-prompts",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0),
+    help="How many of the first prompts get the step-sensitivity measurement.",
+)
+@click.option(
+    "--reuse-lags",
+    default=8,
+    show_default=True,
+    type=click.IntRange(0, 32),
+    help="Longest reuse run whose measured cost is recorded (whole stack; 0: off). dit-plan's auto needs it.",
+)
 @click.option("--resume", is_flag=True, help="Complete an interrupted profile (same model and options).")
 @JSON
 @QUIET
 @user_errors
-def run_command(prompts: str, output: str, model: str | None, steps: int, guidance: float, frames: int | None,
-                height: int | None, width: int | None, dtype: str, device: str, attention_every: int,
-                query_samples: int, cross_tokens: int, feature_samples: int, no_attention: bool, no_features: bool,
-                sensitivity_steps: int, sensitivity_prompts: int, reuse_lags: int, resume: bool, as_json: bool,
-                quiet: bool) -> None:
+def run_command(
+    prompts: str,
+    output: str,
+    model: str | None,
+    steps: int,
+    guidance: float,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    dtype: str,
+    device: str,
+    attention_every: int,
+    query_samples: int,
+    cross_tokens: int,
+    feature_samples: int,
+    no_attention: bool,
+    no_features: bool,
+    sensitivity_steps: int,
+    sensitivity_prompts: int,
+    reuse_lags: int,
+    resume: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Profile the prompts of PROMPTS (.txt: one per line; .jsonl: prompt, negative_prompt, seed)."""
     specs = read_prompt_file(prompts)
     check_output_location(output)
     settings = RecordSettings(
-        num_inference_steps=steps, guidance_scale=guidance, attention_every=attention_every, query_samples=query_samples,
-        cross_tokens=cross_tokens, feature_samples=feature_samples, record_attention=not no_attention,
-        record_features=not no_features, sensitivity_steps=sensitivity_steps, sensitivity_prompts=sensitivity_prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        attention_every=attention_every,
+        query_samples=query_samples,
+        cross_tokens=cross_tokens,
+        feature_samples=feature_samples,
+        record_attention=not no_attention,
+        record_features=not no_features,
+        sensitivity_steps=sensitivity_steps,
+        sensitivity_prompts=sensitivity_prompts,
         reuse_lags=reuse_lags,
     )
     size = video_size(frames, height, width)

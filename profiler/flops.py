@@ -7,7 +7,8 @@ same formula torch uses for the CUDA kernels (two batched matmuls) for that op, 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count, shape_wrapper
@@ -15,7 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 _CPU_SDPA_OPS = ("_scaled_dot_product_flash_attention_for_cpu",)
 
 
-def _cpu_sdpa_flop(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _cpu_sdpa_flop(
+    query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 

@@ -11,8 +11,13 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 
-def latent_to_token_features(latent: np.ndarray, layout: str, patch: tuple[int, int, int], grid: tuple[int, int, int],
-                             latent_channels: int | None = None) -> np.ndarray:
+def latent_to_token_features(
+    latent: np.ndarray,
+    layout: str,
+    patch: tuple[int, int, int],
+    grid: tuple[int, int, int],
+    latent_channels: int | None = None,
+) -> np.ndarray:
     """One sample's latent as (frames, height, width, features) on the token grid.
 
     `latent` is one batch row in the transformer's input layout (`CFHW`, `FCHW`, or `tokens` = (N, C)). For

@@ -26,15 +26,22 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.overrides import TorchFunctionMode
 
-from dit_accel.runtime.adapters import AttentionModule, BlockList, ModelAdapter
-from dit_accel.runtime.adapters import block_inputs, block_outputs
+from dit_accel.runtime.adapters import AttentionModule, BlockList, ModelAdapter, block_inputs, block_outputs
 from dit_accel.runtime.branches import BranchStates, StepState
 from dit_accel.runtime.replay import StepHook
 
 PROBE_STEP_HOOK = "dit_profile_step"
 PROBE_BLOCK_HOOK = "dit_profile_block"
 PROBE_OUTPUT_HOOK = "dit_profile_output"
-DRIFT_METRICS = ("residual_rel_l1", "residual_cos", "output_rel_l1", "output_cos", "residual_norm", "output_norm", "motion")
+DRIFT_METRICS = (
+    "residual_rel_l1",
+    "residual_cos",
+    "output_rel_l1",
+    "output_cos",
+    "residual_norm",
+    "output_norm",
+    "motion",
+)
 _EPS = 1e-12
 
 
@@ -90,7 +97,9 @@ class ProbeState(StepState):
         """Store per-sample values (shape [batch]) of metric `name` at (step, block)."""
         store = self.metrics.get(name)
         if store is None:
-            store = self.metrics[name] = torch.full((self.num_steps, self.num_blocks, values.shape[0]), math.nan, device=values.device)
+            store = self.metrics[name] = torch.full(
+                (self.num_steps, self.num_blocks, values.shape[0]), math.nan, device=values.device
+            )
         store[step, block] = values
 
 
@@ -158,7 +167,7 @@ class ProbeBranches(BranchStates):
 class BlockProbe(ModelHook):
     """Reads one block's input and output hidden states and records drift, norms and motion."""
 
-    def __init__(self, recorder: "Recorder", index: int, spec: BlockList) -> None:
+    def __init__(self, recorder: Recorder, index: int, spec: BlockList) -> None:
         super().__init__()
         self.recorder, self.index, self.spec = recorder, index, spec
 
@@ -194,7 +203,7 @@ class BlockProbe(ModelHook):
 class ModelOutputProbe(ModelHook):
     """Reads the transformer's input latent (for the foreground mask) and its output (for output drift)."""
 
-    def __init__(self, recorder: "Recorder") -> None:
+    def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self.recorder = recorder
 
@@ -208,7 +217,9 @@ class ModelOutputProbe(ModelHook):
         with torch.no_grad():
             if state.prev_model_output is not None:
                 if state.model_output_rel_l1 is None:
-                    state.model_output_rel_l1 = torch.full((state.num_steps, prediction.shape[0]), math.nan, device=prediction.device)
+                    state.model_output_rel_l1 = torch.full(
+                        (state.num_steps, prediction.shape[0]), math.nan, device=prediction.device
+                    )
                 state.model_output_rel_l1[state.step] = rel_l1(prediction, state.prev_model_output)
             state.prev_model_output = prediction.detach()
         self.recorder.attention_active = False
@@ -218,7 +229,7 @@ class ModelOutputProbe(ModelHook):
 class _AttentionObserver(TorchFunctionMode):
     """Sees the `scaled_dot_product_attention` calls of one attention module and hands q/k to the recorder."""
 
-    def __init__(self, recorder: "Recorder", block: int, spec: AttentionModule) -> None:
+    def __init__(self, recorder: Recorder, block: int, spec: AttentionModule) -> None:
         super().__init__()
         self.recorder, self.block, self.spec = recorder, block, spec
 
@@ -253,7 +264,9 @@ class Recorder:
     # -- installation -------------------------------------------------------------------------------------------
     def _install(self) -> None:
         for index, (_, block, spec) in enumerate(self.blocks):
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(BlockProbe(self, index, spec), PROBE_BLOCK_HOOK)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(
+                BlockProbe(self, index, spec), PROBE_BLOCK_HOOK
+            )
             if self.settings.record_attention or self.settings.record_features:
                 for attention in self.adapter.attention:
                     self._watch_attention(getattr(block, attention.attr), index, attention)
@@ -304,7 +317,7 @@ class Recorder:
         if is_cond and state.step == self.settings.num_inference_steps - 1:
             self.final_latent = hidden[self.cond_row].detach().float().cpu().numpy()
 
-    def observe_stack(self, state: "ProbeState", residual: torch.Tensor, output: torch.Tensor) -> None:
+    def observe_stack(self, state: ProbeState, residual: torch.Tensor, output: torch.Tensor) -> None:
         """Record the Gram matrix of `R_{s−i} − R_s` (i = 1 … L) for the whole-stack residual R, and ‖h_out‖².
 
         Only ⟨R_s, R_{s−i}⟩ is new at step s; earlier pairs are kept, so a step costs L + 1 dot products (in float64,
@@ -316,7 +329,9 @@ class Recorder:
             return
         if state.reuse_gram is None:
             batch, device = residual.shape[0], residual.device
-            state.reuse_gram = torch.full((state.num_steps, lags, lags, batch), math.nan, dtype=torch.float64, device=device)
+            state.reuse_gram = torch.full(
+                (state.num_steps, lags, lags, batch), math.nan, dtype=torch.float64, device=device
+            )
             state.stack_output_sq = torch.full((state.num_steps, batch), math.nan, dtype=torch.float64, device=device)
         current = residual.detach()
         state.stack_history = {s: r for s, r in state.stack_history.items() if step - lags <= s < step}
@@ -334,7 +349,9 @@ class Recorder:
                 state.reuse_gram[step, i - 1, k - 1] = state.reuse_gram[step, k - 1, i - 1] = value
         state.stack_history[step] = current
 
-    def observe_attention(self, block: int, spec: AttentionModule, query: torch.Tensor, key: torch.Tensor, scale: float | None) -> None:
+    def observe_attention(
+        self, block: int, spec: AttentionModule, query: torch.Tensor, key: torch.Tensor, scale: float | None
+    ) -> None:
         """Record received attention, cross-attention and q/k samples from one attention call (cond row)."""
         q, k = query[self.cond_row].float(), key[self.cond_row].float()  # (heads, tokens, dim)
         video = math.prod(self.grid)
@@ -349,7 +366,9 @@ class Recorder:
             scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
             probs = torch.softmax(q_video[:, index] @ k.transpose(-1, -2) * scale, dim=-1).mean(dim=0)  # (query, key)
             if spec.kind != "cross":
-                self._buffer("received", self.grid)[astep, block] = probs[:, video_slice].mean(dim=0).reshape(self.grid).cpu().numpy()
+                self._buffer("received", self.grid)[astep, block] = (
+                    probs[:, video_slice].mean(dim=0).reshape(self.grid).cpu().numpy()
+                )
             if text_slice is not None:
                 text = probs[:, text_slice][:, : self.settings.cross_tokens]
                 self._buffer("cross", tuple(text.shape))[astep, block] = text.cpu().numpy()
@@ -400,7 +419,9 @@ class Recorder:
             arrays["stack_output_sq"] = np.stack([per_branch[b]["stack_output_sq"] for b in branch_names])
         if self.settings.record_attention:
             arrays["attention_steps"] = np.asarray(self.attention_steps, np.int32)
-            arrays["query_index"] = (self.query_index if self.query_index is not None else torch.zeros(0)).numpy().astype(np.int32)
+            arrays["query_index"] = (
+                (self.query_index if self.query_index is not None else torch.zeros(0)).numpy().astype(np.int32)
+            )
             if self.received is not None:
                 arrays["attention_received"] = self.received
             if self.cross is not None:
@@ -423,15 +444,22 @@ class Recorder:
             context, row = self._locate(branch, states)
             state = states[context]
             nan = np.full((self.settings.num_inference_steps, len(self.blocks)), np.nan, np.float32)
-            metrics = {name: state.metrics[name][..., row].cpu().numpy() if name in state.metrics else nan for name in DRIFT_METRICS}
+            metrics = {
+                name: state.metrics[name][..., row].cpu().numpy() if name in state.metrics else nan
+                for name in DRIFT_METRICS
+            }
             model_out = state.model_output_rel_l1
-            metrics["model_output_rel_l1"] = (model_out[:, row].cpu().numpy() if model_out is not None else nan[:, 0])
+            metrics["model_output_rel_l1"] = model_out[:, row].cpu().numpy() if model_out is not None else nan[:, 0]
             lags, steps = self.settings.recorded_lags, self.settings.num_inference_steps
             gram, output_sq = state.reuse_gram, state.stack_output_sq
-            metrics["reuse_gram"] = (gram[..., row].float().cpu().numpy() if gram is not None
-                                     else np.full((steps, lags, lags), np.nan, np.float32))
-            metrics["stack_output_sq"] = (output_sq[:, row].float().cpu().numpy() if output_sq is not None
-                                          else np.full(steps, np.nan, np.float32))
+            metrics["reuse_gram"] = (
+                gram[..., row].float().cpu().numpy()
+                if gram is not None
+                else np.full((steps, lags, lags), np.nan, np.float32)
+            )
+            metrics["stack_output_sq"] = (
+                output_sq[:, row].float().cpu().numpy() if output_sq is not None else np.full(steps, np.nan, np.float32)
+            )
             result[branch] = metrics
         return result
 

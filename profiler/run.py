@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dit_accel.runtime.adapters import find_transformer, fingerprint_model, get_adapter, noisy_latent_channels
 from dit_accel.harness.errors import DitAccelError
 from dit_accel.harness.pipelines import generate
 from dit_accel.harness.prompts import PromptSpec
+from dit_accel.runtime.adapters import find_transformer, fingerprint_model, get_adapter, noisy_latent_channels
 
 from .flops import count_flops
 from .foreground import foreground_mask, latent_to_token_features
@@ -64,17 +64,23 @@ def measure_cost(pipe: Any, spec: PromptSpec, guidance: float, size: dict[str, i
         sync()
         calls[-1] = time.perf_counter() - calls[-1]
 
-    handles = [transformer.register_forward_pre_hook(model_pre, with_kwargs=True), transformer.register_forward_hook(model_post)]
+    handles = [
+        transformer.register_forward_pre_hook(model_pre, with_kwargs=True),
+        transformer.register_forward_hook(model_post),
+    ]
+
     def block_pre(times: list[float]) -> Any:
         def hook(*_: Any) -> None:
             sync()
             times.append(time.perf_counter())
+
         return hook
 
     def block_post(times: list[float]) -> Any:
         def hook(*_: Any) -> None:
             sync()
             times[-1] = time.perf_counter() - times[-1]
+
         return hook
 
     for times, (_, block, _) in zip(block_times, blocks):
@@ -88,9 +94,17 @@ def measure_cost(pipe: Any, spec: PromptSpec, guidance: float, size: dict[str, i
             handle.remove()
     timed_calls = len(calls) // 2  # the first pass is timed; the second ran under the FLOP counter
     root = type(transformer).__name__
-    block_flops = np.array([per_module.get(f"{root}.{block_id}", 0) // timed_calls for block_id, _, _ in blocks], np.int64)
+    block_flops = np.array(
+        [per_module.get(f"{root}.{block_id}", 0) // timed_calls for block_id, _, _ in blocks], np.int64
+    )
     seconds = np.array([statistics.median(t[1:timed_calls] or t[:1]) for t in block_times], np.float64)
-    return Cost(block_flops, seconds, per_module.get(root, 0) // timed_calls, statistics.median(calls[1:timed_calls] or calls[:1]), grid[0])
+    return Cost(
+        block_flops,
+        seconds,
+        per_module.get(root, 0) // timed_calls,
+        statistics.median(calls[1:timed_calls] or calls[:1]),
+        grid[0],
+    )
 
 
 def branch_names(cfg_mode: str, guidance: float) -> tuple[str, ...]:
@@ -133,7 +147,11 @@ def profile_prompts(
     output = Path(output)
     transformer = find_transformer(pipe)
     adapter = get_adapter(transformer)
-    run_settings = {**asdict(settings), **{f"size_{k}": v for k, v in sorted(size.items())}, "pipeline": type(pipe).__name__}
+    run_settings = {
+        **asdict(settings),
+        **{f"size_{k}": v for k, v in sorted(size.items())},
+        "pipeline": type(pipe).__name__,
+    }
     done = _check_existing(output, fingerprint_model(transformer), run_settings, resume)
     mine = [(index, spec) for index, spec in enumerate(prompts) if index % world_size == rank]
     todo = [(index, spec) for index, spec in mine if index not in done]
@@ -141,32 +159,53 @@ def profile_prompts(
     writer = ProfileWriter(output, None) if output.exists() else None
     cost = measure_cost(pipe, todo[0][1], settings.guidance_scale, size) if todo and writer is None else None
     recorder = Recorder(transformer, adapter, settings)
-    bar = tqdm(total=len(todo) * settings.num_inference_steps, desc=f"profiling {output.name}", unit="step", disable=not progress)
+    bar = tqdm(
+        total=len(todo) * settings.num_inference_steps,
+        desc=f"profiling {output.name}",
+        unit="step",
+        disable=not progress,
+    )
     recorder.progress = bar
     try:
         for index, spec in todo:
             arrays = _profile_one(pipe, recorder, spec, settings, size, adapter)
-            if index < settings.sensitivity_prompts and sensitivity_steps(settings.num_inference_steps, settings.sensitivity_steps):
+            if index < settings.sensitivity_prompts and sensitivity_steps(
+                settings.num_inference_steps, settings.sensitivity_steps
+            ):
                 recorder.remove()  # the sensitivity runs replay plans; they must not be recorded
                 bar.set_postfix_str("step sensitivity")
-                arrays["step_sensitivity"] = measure_sensitivity(pipe, spec.prompt, spec.negative_prompt, spec.seed, settings, size)
+                arrays["step_sensitivity"] = measure_sensitivity(
+                    pipe, spec.prompt, spec.negative_prompt, spec.seed, settings, size
+                )
                 bar.set_postfix_str("")
                 recorder = Recorder(transformer, adapter, settings)
                 recorder.progress = bar
             if writer is None:
                 writer = ProfileWriter(output, _header(pipe, transformer, adapter, settings, run_settings, cost))
-            writer.add_prompt(PromptInfo(prompt_key(index), index, spec.prompt, spec.negative_prompt, spec.seed), arrays)
+            writer.add_prompt(
+                PromptInfo(prompt_key(index), index, spec.prompt, spec.negative_prompt, spec.seed), arrays
+            )
     finally:
         bar.close()
         recorder.remove()
     elapsed = time.perf_counter() - started
     size_bytes = output.stat().st_size if output.exists() else 0
     complete = len(done) + len(todo)
-    return RunSummary(str(output), len(mine), len(todo), len(mine) - len(todo), elapsed, elapsed / max(len(todo), 1),
-                      size_bytes, size_bytes / max(complete, 1))
+    return RunSummary(
+        str(output),
+        len(mine),
+        len(todo),
+        len(mine) - len(todo),
+        elapsed,
+        elapsed / max(len(todo), 1),
+        size_bytes,
+        size_bytes / max(complete, 1),
+    )
 
 
-def _profile_one(pipe: Any, recorder: Recorder, spec: PromptSpec, settings: RecordSettings, size: dict[str, int], adapter: Any) -> dict[str, np.ndarray]:
+def _profile_one(
+    pipe: Any, recorder: Recorder, spec: PromptSpec, settings: RecordSettings, size: dict[str, int], adapter: Any
+) -> dict[str, np.ndarray]:
     recorder.begin_prompt(spec.seed)
     with torch.no_grad():
         video = generate(pipe, spec, settings.num_inference_steps, settings.guidance_scale, size)
@@ -174,8 +213,9 @@ def _profile_one(pipe: Any, recorder: Recorder, spec: PromptSpec, settings: Reco
     if recorder.final_latent is not None:
         transformer = recorder.transformer
         patch = _patch(transformer.config, adapter)
-        features = latent_to_token_features(recorder.final_latent, adapter.grid.layout, patch, recorder.grid,
-                                            noisy_latent_channels(transformer.config))
+        features = latent_to_token_features(
+            recorder.final_latent, adapter.grid.layout, patch, recorder.grid, noisy_latent_channels(transformer.config)
+        )
         arrays["foreground"] = foreground_mask(features, seed=spec.seed)
     frames = np.asarray(video[0]) if isinstance(video, np.ndarray) else None
     if frames is not None and frames.size <= MAX_STORED_VIDEO_BYTES:
@@ -190,7 +230,9 @@ def _patch(config: Any, adapter: Any) -> tuple[int, int, int]:
     return (1, 1, 1) if adapter.grid.layout == "tokens" else (temporal, spatial, spatial)
 
 
-def _header(pipe: Any, transformer: Any, adapter: Any, settings: RecordSettings, run_settings: dict, cost: Cost) -> ProfileHeader:
+def _header(
+    pipe: Any, transformer: Any, adapter: Any, settings: RecordSettings, run_settings: dict, cost: Cost
+) -> ProfileHeader:
     steps = settings.num_inference_steps
     timesteps = np.asarray(pipe.scheduler.timesteps, dtype=np.float64)[:steps]
     sigmas = getattr(pipe.scheduler, "sigmas", None)
@@ -230,14 +272,24 @@ def _check_existing(output: Path, fingerprint: Any, run_settings: dict, resume: 
     try:
         existing = open_profile(output)
     except ProfileError as exc:
-        raise DitAccelError(f"{output} exists and is not a readable profile ({exc}); choose another output path") from None
+        raise DitAccelError(
+            f"{output} exists and is not a readable profile ({exc}); choose another output path"
+        ) from None
     if existing.header.fingerprint != fingerprint:
-        raise DitAccelError(f"{output} exists and holds a profile of another model ({existing.header.fingerprint.transformer_class}); choose another output path")
+        raise DitAccelError(
+            f"{output} exists and holds a profile of another model ({existing.header.fingerprint.transformer_class}); choose another output path"
+        )
     if not resume:
         raise DitAccelError(f"{output} already exists; pass --resume to complete it or choose another output path")
     if existing.header.settings != run_settings:
-        differ = sorted(k for k in set(run_settings) | set(existing.header.settings) if run_settings.get(k) != existing.header.settings.get(k))
-        raise DitAccelError(f"{output} was recorded with different settings ({', '.join(differ)}); resume with the same options")
+        differ = sorted(
+            k
+            for k in set(run_settings) | set(existing.header.settings)
+            if run_settings.get(k) != existing.header.settings.get(k)
+        )
+        raise DitAccelError(
+            f"{output} was recorded with different settings ({', '.join(differ)}); resume with the same options"
+        )
     return {p.index for p in existing.prompts}
 
 
@@ -258,7 +310,9 @@ def merge_profiles(inputs: list[str | os.PathLike], output: str | os.PathLike) -
     for profile in profiles:
         for info, arrays in iter_prompt_groups(profile.path):
             if info.index in seen:
-                raise DitAccelError(f"prompt index {info.index} appears in more than one profile ({profile.path}); were the shards made from one prompts file?")
+                raise DitAccelError(
+                    f"prompt index {info.index} appears in more than one profile ({profile.path}); were the shards made from one prompts file?"
+                )
             seen.add(info.index)
             entries.append((info, arrays))
     entries.sort(key=lambda e: e[0].index)
@@ -278,7 +332,9 @@ def shard_path(output: str | os.PathLike, rank: int) -> Path:
     return output.with_name(f"{output.stem}.rank{rank}{output.suffix}")
 
 
-def profile_distributed(pipe: Any, prompts: list[PromptSpec], output: str | os.PathLike, settings: RecordSettings, **kwargs: Any) -> RunSummary:
+def profile_distributed(
+    pipe: Any, prompts: list[PromptSpec], output: str | os.PathLike, settings: RecordSettings, **kwargs: Any
+) -> RunSummary:
     """Each rank profiles its shard into `<output>.rank<r>.h5`; after a barrier, rank 0 merges them into `output`."""
     rank, world = distributed_rank()
     if world == 1:

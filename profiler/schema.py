@@ -25,9 +25,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -40,7 +41,9 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "dit-profile"
 USERBLOCK_BYTES = 512
 SEAL_MAGIC = b"DIT-PROFILE-SHA256:"
-MAX_FIELD_VALUES = 1 << 28  # 268 M values per field: 10x Wan-1.3B's largest field, a stated bound on what a read allocates
+MAX_FIELD_VALUES = (
+    1 << 28
+)  # 268 M values per field: 10x Wan-1.3B's largest field, a stated bound on what a read allocates
 
 
 class ProfileError(DitAccelError):
@@ -67,7 +70,9 @@ FIELDS: dict[str, Field] = {
     "model_output_rel_l1": Field("model_output/rel_l1", ("branch", "step"), "float32"),
     "motion": Field("motion", ("branch", "step", "block"), "float32"),
     "attention_steps": Field("attention/steps", ("attention_step",), "int32"),
-    "attention_received": Field("attention/received", ("attention_step", "block", "frame", "height", "width"), "float16"),
+    "attention_received": Field(
+        "attention/received", ("attention_step", "block", "frame", "height", "width"), "float16"
+    ),
     "query_index": Field("attention/query_index", ("query",), "int32"),
     "cross_attention": Field("attention/cross", ("attention_step", "block", "query", "text_token"), "float16"),
     "foreground": Field("foreground", ("frame", "height", "width"), "uint8"),
@@ -103,12 +108,14 @@ class ProfileHeader:
     model_flops: int
     model_seconds: float
 
-    def compatible_with(self, other: "ProfileHeader") -> str | None:
+    def compatible_with(self, other: ProfileHeader) -> str | None:
         """Why two profiles cannot be merged (a one-line reason), or None if they can."""
         if self.fingerprint != other.fingerprint:
             return f"profiles are of different models ({self.fingerprint.transformer_class} {self.fingerprint.config_hash[:12]}… vs {other.fingerprint.transformer_class} {other.fingerprint.config_hash[:12]}…)"
         if self.settings != other.settings:
-            differ = sorted(k for k in set(self.settings) | set(other.settings) if self.settings.get(k) != other.settings.get(k))
+            differ = sorted(
+                k for k in set(self.settings) | set(other.settings) if self.settings.get(k) != other.settings.get(k)
+            )
             return f"profiles were recorded with different settings ({', '.join(differ)})"
         return None
 
@@ -137,7 +144,6 @@ class ProfileWriter:
             if header is None:
                 raise ProfileError(f"{self.path} does not exist and no header was given to create it")
             self._atomic(lambda f: _write_header(f, header), copy=False)
-
 
     def add_prompt(self, info: PromptInfo, arrays: dict[str, np.ndarray]) -> None:
         """Append one complete prompt (fields by `FIELDS` name); the file is replaced atomically."""
@@ -192,7 +198,9 @@ def _write_prompt(f: h5py.File, info: PromptInfo, arrays: dict[str, np.ndarray])
         compress = {"compression": "gzip", "compression_opts": 4, "chunks": True} if data.size >= 1024 else {}
         dataset = group.create_dataset(spec.path, data=data, **compress)
         dataset.attrs["dims"] = json.dumps(spec.dims)
-    group.attrs.update({"index": info.index, "prompt": info.prompt, "negative_prompt": info.negative_prompt, "seed": info.seed})
+    group.attrs.update(
+        {"index": info.index, "prompt": info.prompt, "negative_prompt": info.negative_prompt, "seed": info.seed}
+    )
     group.attrs["complete"] = True
 
 
@@ -216,7 +224,9 @@ def seal(path: str | os.PathLike) -> None:
     with open(path, "rb") as handle:
         head = handle.read(USERBLOCK_BYTES + len(_HDF5_SIGNATURE))
     if head[USERBLOCK_BYTES:] != _HDF5_SIGNATURE:
-        raise ProfileError(f"{path}: not an HDF5 file with a {USERBLOCK_BYTES}-byte user block; only profiles written by this version can be sealed")
+        raise ProfileError(
+            f"{path}: not an HDF5 file with a {USERBLOCK_BYTES}-byte user block; only profiles written by this version can be sealed"
+        )
     stamp = SEAL_MAGIC + _content_digest(path).encode()
     with open(path, "r+b") as handle:
         handle.write(stamp.ljust(USERBLOCK_BYTES, b"\0"))
@@ -229,7 +239,9 @@ def _verify_seal(path: Path) -> None:
         raise ProfileError(f"{path}: not a dit-profile file (no profile seal; written by another tool or damaged)")
     expected = block[len(SEAL_MAGIC) : len(SEAL_MAGIC) + 64].decode("ascii", "replace")
     if _content_digest(path) != expected:
-        raise ProfileError(f"{path}: profile content does not match its checksum (truncated, damaged or edited); re-profile or restore it")
+        raise ProfileError(
+            f"{path}: profile content does not match its checksum (truncated, damaged or edited); re-profile or restore it"
+        )
 
 
 def prompt_key(index: int) -> str:
@@ -275,7 +287,9 @@ class Profile:
         except ProfileError:
             raise
         except Exception as exc:
-            raise ProfileError(f"{self.path}: damaged profile ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
+            raise ProfileError(
+                f"{self.path}: damaged profile ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+            ) from None
 
     def stack(self, name: str) -> np.ndarray:
         """Field `name` of every prompt, stacked along a new leading `prompt` axis."""
@@ -293,7 +307,9 @@ class Profile:
 def _read_dataset(dataset: h5py.Dataset, path: Path) -> np.ndarray:
     """A dataset's values, refusing declared sizes beyond any real profile field before reading."""
     if dataset.size > MAX_FIELD_VALUES:
-        raise ProfileError(f"{path}: dataset {dataset.name} declares {dataset.size} values, more than any profile field")
+        raise ProfileError(
+            f"{path}: dataset {dataset.name} declares {dataset.size} values, more than any profile field"
+        )
     return dataset[()]
 
 
@@ -310,7 +326,9 @@ def open_profile(path: str | os.PathLike) -> Profile:
     except ProfileError:
         raise
     except Exception as exc:  # h5py raises OSError/KeyError/ValueError/RuntimeError for damaged files
-        raise ProfileError(f"{path}: not a readable profile ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged file'})") from None
+        raise ProfileError(
+            f"{path}: not a readable profile ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged file'})"
+        ) from None
     return Profile(path, header, prompts)
 
 
@@ -319,7 +337,9 @@ def _read_header(f: h5py.File, path: Path) -> ProfileHeader:
         raise ProfileError(f"{path}: not a dit-profile file")
     version = int(f.attrs.get("schema_version", -1))
     if version != SCHEMA_VERSION:
-        raise ProfileError(f"{path}: profile schema version {version} is not supported (this version reads {SCHEMA_VERSION}); re-profile")
+        raise ProfileError(
+            f"{path}: profile schema version {version} is not supported (this version reads {SCHEMA_VERSION}); re-profile"
+        )
     arrays = {name: np.asarray(f[p][()], dtype=dtype) for name, (p, _, dtype) in _ROOT_ARRAYS.items()}
     fingerprint = ModelFingerprint.from_json(json.loads(f.attrs["model_fingerprint"]))
     header = ProfileHeader(
@@ -334,7 +354,11 @@ def _read_header(f: h5py.File, path: Path) -> ProfileHeader:
         **arrays,
     )
     steps, blocks = header.timesteps.shape[0], len(fingerprint.block_ids)
-    if header.sigmas.shape != (steps,) or header.block_flops.shape != (blocks,) or header.block_seconds.shape != (blocks,):
+    if (
+        header.sigmas.shape != (steps,)
+        or header.block_flops.shape != (blocks,)
+        or header.block_seconds.shape != (blocks,)
+    ):
         raise ProfileError(f"{path}: profile header arrays do not match its {steps} steps and {blocks} blocks")
     return header
 
@@ -344,7 +368,11 @@ def _read_prompts(f: h5py.File) -> list[PromptInfo]:
     for key in sorted(f["prompts"]):
         attrs = f["prompts"][key].attrs
         if attrs.get("complete"):
-            prompts.append(PromptInfo(key, int(attrs["index"]), str(attrs["prompt"]), str(attrs["negative_prompt"]), int(attrs["seed"])))
+            prompts.append(
+                PromptInfo(
+                    key, int(attrs["index"]), str(attrs["prompt"]), str(attrs["negative_prompt"]), int(attrs["seed"])
+                )
+            )
     return sorted(prompts, key=lambda p: p.index)
 
 
@@ -354,5 +382,9 @@ def iter_prompt_groups(path: str | os.PathLike) -> Iterator[tuple[PromptInfo, di
     for info in profile.prompts:
         with profile._damage_as_error(), profile._open() as f:
             group = f["prompts"][info.key]
-            arrays = {name: _read_dataset(group[spec.path], profile.path) for name, spec in FIELDS.items() if spec.path in group}
+            arrays = {
+                name: _read_dataset(group[spec.path], profile.path)
+                for name, spec in FIELDS.items()
+                if spec.path in group
+            }
         yield info, arrays

@@ -33,8 +33,9 @@ def sensitivity_steps(num_steps: int, count: int) -> list[int]:
     return sorted({int(s) for s in np.rint(np.linspace(1, num_steps - 2, min(count, num_steps - 2)))})
 
 
-def measure_sensitivity(pipe: Any, prompt: str, negative_prompt: str, seed: int, settings: RecordSettings,
-                        size: dict[str, int]) -> np.ndarray:
+def measure_sensitivity(
+    pipe: Any, prompt: str, negative_prompt: str, seed: int, settings: RecordSettings, size: dict[str, int]
+) -> np.ndarray:
     """Final-latent relative error of reusing the whole stack at each measured step ([steps], NaN where unmeasured)."""
     steps = settings.num_inference_steps
     transformer = find_transformer(pipe)
@@ -44,8 +45,15 @@ def measure_sensitivity(pipe: Any, prompt: str, negative_prompt: str, seed: int,
     def final_latent() -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
-            output = pipe(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                          guidance_scale=settings.guidance_scale, generator=generator, output_type="latent", **size)
+            output = pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_inference_steps=steps,
+                guidance_scale=settings.guidance_scale,
+                generator=generator,
+                output_type="latent",
+                **size,
+            )
         return output.frames.float()
 
     reference = final_latent()

@@ -14,7 +14,21 @@ from .plan import COMPUTE, PRUNE, REUSE, ModelFingerprint, Plan, load_plan, save
 from .replay import PlanHandle, apply_plan
 
 __all__ = [
-    "AdapterError", "COMPUTE", "DitAccelError", "ModelAdapter", "ModelFingerprint", "PRUNE", "Plan", "PlanError",
-    "PlanHandle", "REUSE", "apply_plan", "fingerprint_model", "get_adapter", "load_plan", "register_adapter",
-    "save_plan", "supported_classes",
+    "AdapterError",
+    "COMPUTE",
+    "DitAccelError",
+    "ModelAdapter",
+    "ModelFingerprint",
+    "PRUNE",
+    "Plan",
+    "PlanError",
+    "PlanHandle",
+    "REUSE",
+    "apply_plan",
+    "fingerprint_model",
+    "get_adapter",
+    "load_plan",
+    "register_adapter",
+    "save_plan",
+    "supported_classes",
 ]

@@ -103,7 +103,9 @@ class ModelAdapter:
             found.extend((f"{spec.attr}.{i}", block, spec) for i, block in enumerate(blocks))
         return found
 
-    def token_grid(self, config: Any, hidden_states: torch.Tensor, forward_kwargs: dict[str, Any]) -> tuple[int, int, int]:
+    def token_grid(
+        self, config: Any, hidden_states: torch.Tensor, forward_kwargs: dict[str, Any]
+    ) -> tuple[int, int, int]:
         """The (frames, height, width) token grid of one transformer call, from its input and config."""
         spatial, temporal = _patch_sizes(self.grid, config)
         if self.grid.layout == "tokens":
@@ -123,8 +125,10 @@ def _patch_sizes(grid: TokenGrid, config: Any) -> tuple[int, int]:
         return int(patch[1]), int(patch[0])
     temporal = None
     if grid.temporal_patch_key is not None:
-        temporal = config.get(grid.temporal_patch_key) if isinstance(config, dict) else getattr(
-            config, grid.temporal_patch_key, None
+        temporal = (
+            config.get(grid.temporal_patch_key)
+            if isinstance(config, dict)
+            else getattr(config, grid.temporal_patch_key, None)
         )
     return int(patch), int(temporal or 1)
 
@@ -242,7 +246,9 @@ register_adapter(
 def fingerprint_model(transformer: torch.nn.Module) -> ModelFingerprint:
     """The identity a plan records for `transformer`: class name, config hash and ordered block ids."""
     adapter = get_adapter(transformer)
-    return ModelFingerprint(type(transformer).__name__, config_hash(transformer.config), tuple(adapter.block_ids(transformer)))
+    return ModelFingerprint(
+        type(transformer).__name__, config_hash(transformer.config), tuple(adapter.block_ids(transformer))
+    )
 
 
 def noisy_latent_channels(config: Any) -> int | None:
@@ -259,7 +265,9 @@ def block_inputs(spec: BlockList, args: tuple, kwargs: dict) -> tuple[torch.Tens
     if spec.encoder_index is None:
         return hidden, None
     encoder_name, encoder_pos = spec.encoder_arg
-    encoder = kwargs.get(encoder_name) if encoder_name in kwargs else (args[encoder_pos] if len(args) > encoder_pos else None)
+    encoder = (
+        kwargs.get(encoder_name) if encoder_name in kwargs else (args[encoder_pos] if len(args) > encoder_pos else None)
+    )
     return hidden, encoder
 
 

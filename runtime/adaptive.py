@@ -195,7 +195,12 @@ class AdaptivePolicy:
         return step in self.reuse_steps
 
     def observe(
-        self, branch: str, block: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor, step: int,
+        self,
+        branch: str,
+        block: int,
+        hidden_in: torch.Tensor,
+        hidden_out: torch.Tensor,
+        step: int,
         tokens_per_frame: int,
     ) -> None:
         raise NotImplementedError
@@ -265,7 +270,8 @@ class BWCachePolicy(AdaptivePolicy):
 
     def __init__(self, policy: dict[str, Any], num_blocks: int) -> None:
         _expect_keys(
-            policy, ("threshold", "reuse_steps", "indicator_blocks", "protect_first", "protect_last", "refresh_every"),
+            policy,
+            ("threshold", "reuse_steps", "indicator_blocks", "protect_first", "protect_last", "refresh_every"),
         )
         self.indicators = [int(b) for b in policy["indicator_blocks"]]
         if not self.indicators or not all(0 <= b < num_blocks for b in self.indicators):

@@ -395,7 +395,8 @@ def _check_policy(policy: dict[str, Any], blocks: int) -> None:
     if policy.get("reuse") == "slope":
         scale = policy.get("slope_scale")
         _expect(
-            isinstance(scale, list) and 1 <= len(scale) <= MAX_POLICY_STEPS
+            isinstance(scale, list)
+            and 1 <= len(scale) <= MAX_POLICY_STEPS
             and all(_is_number(b) and 0.0 <= b <= len(scale) + 1 for b in scale),
             f"plan policy 'reuse: slope' needs 'slope_scale' as a list of 1 to {MAX_POLICY_STEPS} numbers in [0, run "
             f"length], got {_show(scale)}",
@@ -1000,7 +1001,9 @@ def _read_container(data: bytearray, source: str) -> tuple[dict[str, Any], dict[
     header_len = int.from_bytes(data[:8], "little")
     refuse(header_len <= len(data) - 8, "no valid safetensors header; a pickle or archive renamed .plan?")
     refuse(header_len <= MAX_HEADER_BYTES, f"its header is {header_len} bytes, more than {MAX_HEADER_BYTES}")
-    header = _parse_json(bytes(memoryview(data)[8 : 8 + header_len]), source, "not a dit-plan file: its container header")
+    header = _parse_json(
+        bytes(memoryview(data)[8 : 8 + header_len]), source, "not a dit-plan file: its container header"
+    )
     refuse(isinstance(header, dict), "the safetensors header is not an object")
     metadata = header.pop("__metadata__", {})
     refuse(

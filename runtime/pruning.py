@@ -53,7 +53,13 @@ class ProjectedAttention(TorchFunctionMode):
         return func(**kwargs)
 
 
-def load_bases(arrays: dict[str, Any], block_ids: tuple[str, ...], prune_blocks: list[int], device: torch.device, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+def load_bases(
+    arrays: dict[str, Any],
+    block_ids: tuple[str, ...],
+    prune_blocks: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[int, torch.Tensor]:
     """The PCA basis of every block that has prune steps (plan arrays `pca.<block index>`), ready on `device`."""
     bases = {}
     for block in prune_blocks:
@@ -61,6 +67,8 @@ def load_bases(arrays: dict[str, Any], block_ids: tuple[str, ...], prune_blocks:
         if array is None:
             raise PlanError(f"block {block_ids[block]} has prune steps but the plan has no basis 'pca.{block}'")
         if array.ndim != 3 or array.shape[2] > array.shape[1] or array.shape[2] < 1:
-            raise PlanError(f"plan basis 'pca.{block}' must have shape (heads, head_dim, rank) with 1 <= rank <= head_dim, got {array.shape}")
+            raise PlanError(
+                f"plan basis 'pca.{block}' must have shape (heads, head_dim, rank) with 1 <= rank <= head_dim, got {array.shape}"
+            )
         bases[block] = torch.as_tensor(array, dtype=dtype, device=device)
     return bases

@@ -38,13 +38,20 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .adapters import (
-    AttentionModule, BlockList, ModelAdapter, block_inputs, block_outputs, config_hash, find_transformer, get_adapter,
+    AttentionModule,
+    BlockList,
+    ModelAdapter,
+    block_inputs,
+    block_outputs,
+    config_hash,
+    find_transformer,
+    get_adapter,
     pack_block_outputs,
 )
-from .errors import PlanError
-from .plan import PRUNE, Plan
 from .adaptive import POLICIES, AdaptivePolicy
 from .branches import BranchStates, StepState
+from .errors import PlanError
+from .plan import PRUNE, Plan
 from .pruning import ProjectedAttention, load_bases
 from .replay_table import CompiledSchedule, StepActions, StepTable
 
@@ -129,9 +136,16 @@ class StepHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, branches: BranchStates, num_steps: int, scheduler: Any = None, schedule: CompiledSchedule | None = None,
-                 policy: AdaptivePolicy | None = None, adapter: ModelAdapter | None = None,
-                 current: CurrentBranch | None = None) -> None:
+    def __init__(
+        self,
+        branches: BranchStates,
+        num_steps: int,
+        scheduler: Any = None,
+        schedule: CompiledSchedule | None = None,
+        policy: AdaptivePolicy | None = None,
+        adapter: ModelAdapter | None = None,
+        current: CurrentBranch | None = None,
+    ) -> None:
         super().__init__()
         self.branches, self.num_steps, self.scheduler = branches, num_steps, scheduler
         self.schedule, self.policy, self.adapter, self.current = schedule, policy, adapter, current
@@ -147,7 +161,9 @@ class StepHook(ModelHook):
         state = self.branches.get_state()
         context = self.branches.current_context()
         steps = self._run_length(context)
-        step = int(context.step_index) if context is not None and context.step_index is not None else state.calls % steps
+        step = (
+            int(context.step_index) if context is not None and context.step_index is not None else state.calls % steps
+        )
         if step == 0:
             state.reset()
         state.step, state.calls = step, state.calls + 1
@@ -215,8 +231,17 @@ class AttentionPruneHook(ModelHook):
 class BlockHook(ModelHook):
     """Computes, prunes or reuses one block according to the step table and the adaptive policy."""
 
-    def __init__(self, current: CurrentBranch, block: int, span: tuple[int, int], span_index: int, spec: BlockList,
-                 policy: AdaptivePolicy | None, switch: PruneSwitch | None, extrapolate: bool = False) -> None:
+    def __init__(
+        self,
+        current: CurrentBranch,
+        block: int,
+        span: tuple[int, int],
+        span_index: int,
+        spec: BlockList,
+        policy: AdaptivePolicy | None,
+        switch: PruneSwitch | None,
+        extrapolate: bool = False,
+    ) -> None:
         super().__init__()
         self.current, self.block, self.span_index, self.spec = current, block, span_index, spec
         self.extrapolate = extrapolate
@@ -255,8 +280,9 @@ class BlockHook(ModelHook):
         """Hand the block's input and output to the adaptive policy, outside compiled graphs (it keys on the step)."""
         self.policy.observe(state.branch, self.block, hidden_in, hidden_out, state.step, state.tokens_per_frame)
 
-    def _cache_value(self, state: BranchState, scale: float | None,
-                     residual: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _cache_value(
+        self, state: BranchState, scale: float | None, residual: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Store the residual; in slope modes also its slope per step since the span's previous stored residual.
 
         `scale` is one over the steps between the two (`None` when there is no previous one: no slope yet). Where
@@ -268,7 +294,9 @@ class BlockHook(ModelHook):
                 state.slopes[self.span_index] = EMPTY
             else:
                 encoder = residual[1]
-                encoder_slope = None if encoder is None or encoder_before is None else (encoder - encoder_before) * scale
+                encoder_slope = (
+                    None if encoder is None or encoder_before is None else (encoder - encoder_before) * scale
+                )
                 state.slopes[self.span_index] = ((residual[0] - hidden_before) * scale, encoder_slope)
         return residual
 
@@ -344,7 +372,7 @@ class PlanHandle:
         """Steps of the last generation an adaptive policy reused the whole stack at (empty for static plans)."""
         return self.policy.reused_steps() if self.policy is not None else []
 
-    def __enter__(self) -> "PlanHandle":
+    def __enter__(self) -> PlanHandle:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -361,18 +389,26 @@ def check_plan_matches(plan: Plan, transformer: torch.nn.Module, adapter: ModelA
     if not force:
         actual_class = type(transformer).__name__
         if fingerprint.transformer_class != actual_class:
-            raise PlanError(f"plan is for transformer class {fingerprint.transformer_class}, model is {actual_class} (use force=True to apply anyway, unsafe)")
+            raise PlanError(
+                f"plan is for transformer class {fingerprint.transformer_class}, model is {actual_class} (use force=True to apply anyway, unsafe)"
+            )
         actual_hash = config_hash(transformer.config)
         if fingerprint.config_hash != actual_hash:
-            raise PlanError(f"plan's config_hash {fingerprint.config_hash[:12]}… differs from the model's {actual_hash[:12]}… (another size or variant; use force=True to apply anyway, unsafe)")
+            raise PlanError(
+                f"plan's config_hash {fingerprint.config_hash[:12]}… differs from the model's {actual_hash[:12]}… (another size or variant; use force=True to apply anyway, unsafe)"
+            )
     block_ids = tuple(adapter.block_ids(transformer))
     if len(block_ids) != len(fingerprint.block_ids):
         raise PlanError(f"plan has {len(fingerprint.block_ids)} blocks, model has {len(block_ids)}")
     if block_ids != fingerprint.block_ids:
         differ = next(i for i, (a, b) in enumerate(zip(block_ids, fingerprint.block_ids)) if a != b)
-        raise PlanError(f"plan's block_ids differ from the model's at position {differ}: {fingerprint.block_ids[differ]} vs {block_ids[differ]}")
+        raise PlanError(
+            f"plan's block_ids differ from the model's at position {differ}: {fingerprint.block_ids[differ]} vs {block_ids[differ]}"
+        )
     if plan.policy.get("kind") not in SUPPORTED_POLICIES:
-        raise PlanError(f"plan policy '{plan.policy.get('kind')}' is not supported by this runtime (supported: {', '.join(SUPPORTED_POLICIES)})")
+        raise PlanError(
+            f"plan policy '{plan.policy.get('kind')}' is not supported by this runtime (supported: {', '.join(SUPPORTED_POLICIES)})"
+        )
 
 
 def _pruned_attention(adapter: ModelAdapter) -> AttentionModule:
@@ -402,8 +438,9 @@ def apply_plan(pipe_or_transformer: Any, plan: Plan, *, force: bool = False) -> 
     handle = PlanHandle(transformer, BranchStates(BranchState), policy)
     install_block_hooks(handle, adapter, plan, schedule)
     scheduler = getattr(pipe_or_transformer, "scheduler", None)
-    step_hook = StepHook(handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter,
-                         handle.current)
+    step_hook = StepHook(
+        handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter, handle.current
+    )
     _register(handle, transformer, step_hook, STEP_HOOK)
     registry.invalidate_child_registries_cache()
     return handle
@@ -424,8 +461,16 @@ def install_block_hooks(handle: PlanHandle, adapter: ModelAdapter, plan: Plan, s
         if switch is not None:
             _register(handle, getattr(block, attention.attr), AttentionPruneHook(switch), ATTENTION_HOOK)
         span_index = schedule.span_of_block[index]
-        hook = BlockHook(handle.current, index, schedule.spans[span_index], span_index, spec, handle.policy, switch,
-                         schedule.extrapolate)
+        hook = BlockHook(
+            handle.current,
+            index,
+            schedule.spans[span_index],
+            span_index,
+            spec,
+            handle.policy,
+            switch,
+            schedule.extrapolate,
+        )
         _register(handle, block, hook, BLOCK_HOOK)
 
 

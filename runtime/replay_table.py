@@ -51,7 +51,9 @@ class StepActions:
     def reusing_all(self) -> StepActions:
         """These actions with every span reusing and nothing stored (an adaptive policy's whole-stack reuse)."""
         spans = len(self.reuse)
-        return replace(self, reuse=(True,) * spans, store=(False,) * spans, slope=(None,) * spans, advance=(0.0,) * spans)
+        return replace(
+            self, reuse=(True,) * spans, store=(False,) * spans, slope=(None,) * spans, advance=(0.0,) * spans
+        )
 
     def with_slopes(self, step: int, stored_at: dict[int, int]) -> StepActions:
         """These actions with extrapolation slopes for `step`, given each span's last store step (updated here).
@@ -124,12 +126,17 @@ def remap_actions(actions: np.ndarray, steps: int) -> np.ndarray:
     if lead:
         remapped[:, : max(1, round(lead * ratio))] = COMPUTE
     if trail:
-        remapped[:, steps - max(1, round(trail * ratio)):] = COMPUTE
+        remapped[:, steps - max(1, round(trail * ratio)) :] = COMPUTE
     return remapped
 
 
-def build_table(actions: np.ndarray, spans: list[tuple[int, int]], blend: np.ndarray | None, store_always: bool,
-                slope_scale: tuple[float, ...] = ()) -> StepTable:
+def build_table(
+    actions: np.ndarray,
+    spans: list[tuple[int, int]],
+    blend: np.ndarray | None,
+    store_always: bool,
+    slope_scale: tuple[float, ...] = (),
+) -> StepTable:
     """Decisions for one run length from (possibly remapped) actions.
 
     A span stores its residual after a computed step when the next step reuses it or prunes with a blend (DWS needs
@@ -144,13 +151,16 @@ def build_table(actions: np.ndarray, spans: list[tuple[int, int]], blend: np.nda
     reuse_rows, store_rows, advance_rows = [], [], []
     for start, stop in spans:
         reuse = tuple(bool(a == REUSE) for a in actions[start])
-        needs_cache = [reuse[s] or any(prune[b][s] and blend_rows[b][s] < 1.0 for b in range(start, stop)) for s in range(steps)]
+        needs_cache = [
+            reuse[s] or any(prune[b][s] and blend_rows[b][s] < 1.0 for b in range(start, stop)) for s in range(steps)
+        ]
         store = tuple(store_always or (not reuse[s] and s + 1 < steps and needs_cache[s + 1]) for s in range(steps))
         reuse_rows.append(reuse)
         store_rows.append(store)
         advance_rows.append(_advance_row(reuse, needs_cache, slope_scale))
-    return StepTable(steps, tuple(reuse_rows), tuple(store_rows), prune, blend_rows,
-                     tuple(advance_rows) if slope_scale else None)
+    return StepTable(
+        steps, tuple(reuse_rows), tuple(store_rows), prune, blend_rows, tuple(advance_rows) if slope_scale else None
+    )
 
 
 def _advance_row(reuse: tuple[bool, ...], uses_cache: list[bool], slope_scale: tuple[float, ...]) -> tuple[float, ...]:
@@ -176,7 +186,9 @@ class CompiledSchedule:
             raise PlanError(f"plan policy 'reuse' is {self.reuse_mode!r}; this runtime knows {', '.join(REUSE_MODES)}")
         blocks = plan.num_blocks
         self.spans: list[tuple[int, int]] = [(0, blocks)] if adaptive else sorted(set(plan.span_of_block()))
-        self.span_of_block = [next(i for i, (a, b) in enumerate(self.spans) if a <= block < b) for block in range(blocks)]
+        self.span_of_block = [
+            next(i for i, (a, b) in enumerate(self.spans) if a <= block < b) for block in range(blocks)
+        ]
         blend = plan.arrays.get("dws_weight")
         self._blend = None if blend is None else np.asarray(blend, np.float32)
         self._check_blend()
@@ -186,14 +198,18 @@ class CompiledSchedule:
         if self._blend is None:
             return
         if self._blend.shape != self.plan.actions.shape:
-            raise PlanError(f"plan array 'dws_weight' has shape {self._blend.shape}, expected {self.plan.actions.shape}")
+            raise PlanError(
+                f"plan array 'dws_weight' has shape {self._blend.shape}, expected {self.plan.actions.shape}"
+            )
         if np.any((self._blend < 0) | (self._blend > 1)):
             raise PlanError("plan array 'dws_weight' must hold weights in [0, 1]")
         for block, row in enumerate(self.plan.actions):
             blended = np.any((row == PRUNE) & (self._blend[block] < 1.0))
             start, stop = self.spans[self.span_of_block[block]]
             if blended and stop - start > 1:
-                raise PlanError(f"block {self.plan.model.block_ids[block]} blends pruned and cached outputs (DWS) but shares span [{start}, {stop}); DWS blocks must be cached alone")
+                raise PlanError(
+                    f"block {self.plan.model.block_ids[block]} blends pruned and cached outputs (DWS) but shares span [{start}, {stop}); DWS blocks must be cached alone"
+                )
 
     def action_sets(self, steps: int) -> set[StepActions]:
         """The distinct actions of a static plan over a run of `steps` steps (`torch.compile` builds one graph each)."""
@@ -206,8 +222,9 @@ class CompiledSchedule:
     def _table(self, steps: int) -> StepTable:
         actions = remap_actions(self.plan.actions, steps)
         blend = None if self._blend is None else self._blend[:, _source_steps(self.plan.num_inference_steps, steps)]
-        return build_table(actions, self.spans, blend, store_always=self.adaptive or self.extrapolate,
-                           slope_scale=self.slope_scale)
+        return build_table(
+            actions, self.spans, blend, store_always=self.adaptive or self.extrapolate, slope_scale=self.slope_scale
+        )
 
     @property
     def extrapolate(self) -> bool:

@@ -20,11 +20,21 @@ def tiny_wan_pipeline(num_layers: int = 3):
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(
-        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
     )
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tiny_wan(num_layers).eval(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=tiny_wan(num_layers).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -34,12 +44,23 @@ def tiny_cogvideox_pipeline():
 
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
-        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
     )
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tiny_cogvideox().eval(),
-                             scheduler=CogVideoXDDIMScheduler())
+    pipe = CogVideoXPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=tiny_cogvideox().eval(),
+        scheduler=CogVideoXDDIMScheduler(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -49,14 +70,31 @@ def tiny_ltx_pipeline():
 
     torch.manual_seed(0)
     vae = AutoencoderKLLTXVideo(
-        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8,) * 4,
-        decoder_block_out_channels=(8,) * 4, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8,) * 4,
+        decoder_block_out_channels=(8,) * 4,
+        layers_per_block=(1,) * 5,
+        decoder_layers_per_block=(1,) * 5,
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
     )
-    pipe = LTXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tiny_ltx().eval(),
-                       scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe = LTXPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        transformer=tiny_ltx().eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -69,8 +107,14 @@ def _embeds(seed: int, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 def run_pipeline(pipe, steps: int = 4, seed: int = 0):
     """One generation of a tiny pipeline with fixed random prompt embeddings; returns a numpy video."""
     cond, uncond = _embeds(seed)
-    kwargs = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps, guidance_scale=5.0,
-                  output_type="np", generator=torch.Generator().manual_seed(seed))
+    kwargs = dict(
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    )
     name = type(pipe).__name__
     if name == "WanPipeline":
         kwargs.update(height=16, width=16, num_frames=5)
@@ -78,7 +122,9 @@ def run_pipeline(pipe, steps: int = 4, seed: int = 0):
         kwargs.update(height=16, width=16, num_frames=9)
     else:
         mask = torch.ones(1, 8, dtype=torch.long)
-        kwargs.update(height=32, width=32, num_frames=9, prompt_attention_mask=mask, negative_prompt_attention_mask=mask)
+        kwargs.update(
+            height=32, width=32, num_frames=9, prompt_attention_mask=mask, negative_prompt_attention_mask=mask
+        )
     return pipe(**kwargs).frames
 
 

@@ -8,16 +8,21 @@ import sys
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from tiny_models import TINY_MODELS, make_inputs, tiny_wan
 
 from dit_accel.runtime import AdapterError, fingerprint_model, get_adapter, supported_classes
 from dit_accel.runtime.adapters import config_hash
-from tiny_models import TINY_MODELS, make_inputs, tiny_wan
 
 EXPECTED_BLOCKS = {
     "wan": ["blocks.0", "blocks.1", "blocks.2"],
     "skyreels_v2": ["blocks.0", "blocks.1", "blocks.2"],
     "cogvideox": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
-    "hunyuan_video": ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"],
+    "hunyuan_video": [
+        "transformer_blocks.0",
+        "transformer_blocks.1",
+        "single_transformer_blocks.0",
+        "single_transformer_blocks.1",
+    ],
     "ltx_video": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
     "mochi": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
 }

@@ -20,10 +20,22 @@ from dit_accel.runtime.adaptive import AdaCachePolicy, AdaptivePolicy, BWCachePo
 STEPS, BLOCKS = 20, 3
 POSITIONS = 2 * STEPS + 2
 MOREG = {"enabled": True, "norm": 0.385, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.1, 0.9]}
-ADACACHE = {"kind": "adacache", "probe_block": 1, "codebook": [[0.02, 3], [0.035, 2], [0.05, 1]], "moreg": MOREG,
-            "protect_first": 2, "protect_last": 2}
-BWCACHE = {"kind": "bwcache", "reuse_steps": 3, "indicator_blocks": [0, 2], "protect_first": 2, "protect_last": 2,
-           "refresh_every": 5}
+ADACACHE = {
+    "kind": "adacache",
+    "probe_block": 1,
+    "codebook": [[0.02, 3], [0.035, 2], [0.05, 1]],
+    "moreg": MOREG,
+    "protect_first": 2,
+    "protect_last": 2,
+}
+BWCACHE = {
+    "kind": "bwcache",
+    "reuse_steps": 3,
+    "indicator_blocks": [0, 2],
+    "protect_first": 2,
+    "protect_last": 2,
+    "refresh_every": 5,
+}
 
 Observed = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,7 +97,9 @@ class IndicatorOutputs:
 
 
 def replay(
-    policy: AdaptivePolicy, observed_at: Callable[[int, int | None], Observed], tokens_per_frame: int,
+    policy: AdaptivePolicy,
+    observed_at: Callable[[int, int | None], Observed],
+    tokens_per_frame: int,
 ) -> list[int]:
     """Reused steps of one generation driven through the runtime hooks, cond then uncond at every step.
 
@@ -115,7 +129,7 @@ def adacache_runtime(policy: dict, drift: np.ndarray, motion: np.ndarray) -> lis
     def observed_at(step: int, last: int | None) -> Observed:
         if step not in made:
             if last is not None:
-                residuals.advance(float(drift[last + 1: step + 1].sum()), float(motion[step]))
+                residuals.advance(float(drift[last + 1 : step + 1].sum()), float(motion[step]))
             made[step] = residuals.tensor()
         return {policy["probe_block"]: (torch.zeros_like(made[step]), made[step])}
 
@@ -132,7 +146,7 @@ def bwcache_runtime(policy: dict, indicator: np.ndarray) -> list[int]:
         if step not in made:
             for block, outputs in blocks.items():
                 if last is not None:
-                    outputs.advance(weights[block] * float(indicator[last + 1: step + 1].sum()))
+                    outputs.advance(weights[block] * float(indicator[last + 1 : step + 1].sum()))
             made[step] = {block: (torch.zeros(1, POSITIONS, 1), o.tensor()) for block, o in blocks.items()}
         return made[step]
 

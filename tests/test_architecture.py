@@ -5,10 +5,10 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ("harness", "runtime", "profiler", "planner", "export", "bench", "defaultmodel")
@@ -29,8 +29,11 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 
 
 def _modules() -> list[tuple[str, Path]]:
-    return [(f"{room}.{path.stem}" if path.stem != "__init__" else room, path)
-            for room in ROOMS for path in sorted((ROOT / room).glob("*.py"))]
+    return [
+        (f"{room}.{path.stem}" if path.stem != "__init__" else room, path)
+        for room in ROOMS
+        for path in sorted((ROOT / room).glob("*.py"))
+    ]
 
 
 def _project_imports(module: str, path: Path) -> set[str]:
@@ -63,7 +66,9 @@ def _allowed(module: str, target: str) -> bool:
 
 @pytest.mark.parametrize(("module", "path"), _modules(), ids=[m for m, _ in _modules()])
 def test_imports_follow_the_rooms_rules(module: str, path: Path) -> None:
-    forbidden = sorted(t for t in _project_imports(module, path) if t.startswith("top-level") or not _allowed(module, t))
+    forbidden = sorted(
+        t for t in _project_imports(module, path) if t.startswith("top-level") or not _allowed(module, t)
+    )
     assert not forbidden, f"{module} imports {forbidden}, which docs/architecture.md does not allow"
 
 

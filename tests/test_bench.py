@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import run_steps, tiny_cogvideox, tiny_wan
 
 from dit_accel.bench import BenchError
 from dit_accel.bench.cli import main
@@ -20,7 +21,6 @@ from dit_accel.bench.report import render_markdown, standing, write_outputs
 from dit_accel.bench.runner import bracketed
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import REUSE, Plan, fingerprint_model, get_adapter, load_plan, save_plan
-from tiny_models import run_steps, tiny_cogvideox, tiny_wan
 
 STEPS, BLOCKS = 4, 8
 SIZE = ("--frames", "2", "--height", "16", "--width", "16")
@@ -62,22 +62,68 @@ def inputs(tmp_path_factory, fingerprint):
     root = tmp_path_factory.mktemp("bench-inputs")
     actions = np.zeros((BLOCKS, STEPS), np.uint8)
     actions[2:6, [1, 2]] = REUSE
-    plan = Plan(model=fingerprint, timesteps=np.linspace(999.0, 0.0, STEPS), actions=actions, spans=((2, 6),), provenance={"method": "hand"})
-    spec = SyntheticSpec(steps=STEPS, blocks=BLOCKS, config_hash=fingerprint.config_hash, prompts=1, omit=("feature_queries", "feature_keys"))
+    plan = Plan(
+        model=fingerprint,
+        timesteps=np.linspace(999.0, 0.0, STEPS),
+        actions=actions,
+        spans=((2, 6),),
+        provenance={"method": "hand"},
+    )
+    spec = SyntheticSpec(
+        steps=STEPS,
+        blocks=BLOCKS,
+        config_hash=fingerprint.config_hash,
+        prompts=1,
+        omit=("feature_queries", "feature_keys"),
+    )
     (root / "prompts.txt").write_text(PROMPT + "\n")
     (root / "calibration.txt").write_text(CALIBRATION + "\n")
     torch.jit.script(MeanAbsolute()).save(str(root / "lpips.pt"))
-    return {"plan": save_plan(plan, root / "hand.plan"), "profile": write_synthetic_profile(root / "synthetic.h5", spec),
-            "prompts": root / "prompts.txt", "calibration": root / "calibration.txt", "lpips": root / "lpips.pt"}
+    return {
+        "plan": save_plan(plan, root / "hand.plan"),
+        "profile": write_synthetic_profile(root / "synthetic.h5", spec),
+        "prompts": root / "prompts.txt",
+        "calibration": root / "calibration.txt",
+        "lpips": root / "lpips.pt",
+    }
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, inputs):
     out = tmp_path_factory.mktemp("bench") / "out"
-    result = run("--out", out, "--plan", inputs["plan"], "--profile", inputs["profile"], "--fit", "--quick", "--budgets", "1.25",
-                 "--peers", "fbc,taylorseer,magcache,fastercache", "--thresholds", "fbc=0", "--thresholds", "taylorseer=2",
-                 "--thresholds", "magcache=0.3", "--prompts", inputs["prompts"], "--calibration-prompts", inputs["calibration"],
-                 "--steps", STEPS, "--repeats", 1, "--lpips-weights", inputs["lpips"], "--json", "--quiet", *SIZE)
+    result = run(
+        "--out",
+        out,
+        "--plan",
+        inputs["plan"],
+        "--profile",
+        inputs["profile"],
+        "--fit",
+        "--quick",
+        "--budgets",
+        "1.25",
+        "--peers",
+        "fbc,taylorseer,magcache,fastercache",
+        "--thresholds",
+        "fbc=0",
+        "--thresholds",
+        "taylorseer=2",
+        "--thresholds",
+        "magcache=0.3",
+        "--prompts",
+        inputs["prompts"],
+        "--calibration-prompts",
+        inputs["calibration"],
+        "--steps",
+        STEPS,
+        "--repeats",
+        1,
+        "--lpips-weights",
+        inputs["lpips"],
+        "--json",
+        "--quiet",
+        *SIZE,
+    )
     assert result.exit_code == 0, result.output
     return inf_floats(json.loads(result.stdout)), out
 
@@ -90,7 +136,14 @@ def rows_by_name(report):
 def test_every_row_has_every_number(bench):
     report, _ = bench
     rows = rows_by_name(report)
-    assert set(rows) == {"baseline", "hand.plan", "auto @1.25x", "fbc threshold=0", "taylorseer cache_interval=2", "magcache threshold=0.3"}
+    assert set(rows) == {
+        "baseline",
+        "hand.plan",
+        "auto @1.25x",
+        "fbc threshold=0",
+        "taylorseer cache_interval=2",
+        "magcache threshold=0.3",
+    }
     for row in rows.values():
         assert row["status"] in ("reference", "ok", "skipped nothing"), row
         for key in ("wall_speedup", "flop_speedup", "ssim", "lpips", "bound", "wall_of_bound", "cache_bytes"):
@@ -98,7 +151,12 @@ def test_every_row_has_every_number(bench):
         assert isinstance(row["psnr"], float) and row["psnr"] > 0
         assert row["block_calls"]["total"] == BLOCKS * STEPS * 2
     baseline = rows["baseline"]
-    assert baseline["psnr"] == math.inf and baseline["ssim"] == 1.0 and baseline["lpips"] == 0.0 and baseline["bound"] == 1.0
+    assert (
+        baseline["psnr"] == math.inf
+        and baseline["ssim"] == 1.0
+        and baseline["lpips"] == 0.0
+        and baseline["bound"] == 1.0
+    )
     assert report["model"]["fidelity_meaningful"] and report["model"]["weights"]["files"]
 
 
@@ -106,7 +164,10 @@ def test_outputs_are_written(bench):
     report, out = bench
     assert inf_floats(json.loads((out / "bench.json").read_text())) == report
     markdown = (out / "bench.md").read_text()
-    assert "| method | setting | wall speedup | FLOP speedup | PSNR dB | worst dB | SSIM | LPIPS | block calls |" in markdown
+    assert (
+        "| method | setting | wall speedup | FLOP speedup | PSNR dB | worst dB | SSIM | LPIPS | block calls |"
+        in markdown
+    )
     assert all(f"| {row['method']} |" in markdown for row in report["rows"])
     assert (out / "pareto.png").read_bytes().startswith(b"\x89PNG")
     assert load_plan(out / "plans" / "auto-1.25x.plan").provenance["method"] == "auto"
@@ -171,7 +232,9 @@ def test_random_config_is_wan_1_3b():
     transformer = random_transformer("wan-1.3b", device="meta")
     assert len(transformer.blocks) == 30 and transformer.config.num_attention_heads == 12
     assert transformer.blocks[0].attn1.inner_dim == 1536 and transformer.config.ffn_dim == 8960
-    assert transformer.config.text_dim == 4096 and transformer.config.in_channels == 16 == transformer.config.out_channels
+    assert (
+        transformer.config.text_dim == 4096 and transformer.config.in_channels == 16 == transformer.config.out_channels
+    )
     assert tuple(transformer.config.patch_size) == WAN_1_3B_CONFIG["patch_size"] == (1, 2, 2)
     assert taylorseer_identifiers(transformer) == [r"blocks\.\d+\.(attn1|attn2|ffn)"]
 
@@ -191,7 +254,9 @@ def test_taylorseer_defaults_hook_nothing_on_wan_and_are_refused():
         with peer_enabled(model, {"peer": "taylorseer", "cache_interval": 2}):
             pass
     assert not model.is_cache_enabled
-    with peer_enabled(model, {"peer": "taylorseer", "cache_interval": 2, "cache_identifiers": taylorseer_identifiers(model)}) as hooked:
+    with peer_enabled(
+        model, {"peer": "taylorseer", "cache_interval": 2, "cache_identifiers": taylorseer_identifiers(model)}
+    ) as hooked:
         assert hooked == 3 * 3
 
 
@@ -228,7 +293,9 @@ def test_standing_interpolates_on_peer_curves():
         {"name": "p2", "method": "peer", "kind": "peer", "status": "ok", "wall_speedup": 2.5, "psnr": 26.0},
     ]
     (entry,) = standing(rows)
-    assert entry["peer_speedup_at_equal_psnr"] == pytest.approx(2.0) and entry["peer_psnr_at_equal_speedup"] == pytest.approx(30.0)
+    assert entry["peer_speedup_at_equal_psnr"] == pytest.approx(2.0) and entry[
+        "peer_psnr_at_equal_speedup"
+    ] == pytest.approx(30.0)
     assert entry["dominated_by"] == [] and entry["dominates"] == []
 
 

@@ -13,10 +13,16 @@ from PIL import Image
 
 from dit_accel import defaultmodel
 from dit_accel.defaultmodel import TinyVideoPipeline, WordTokenizer, load_default_pipeline
-from dit_accel.defaultmodel.sample import main as demo_main
 from dit_accel.defaultmodel.data import SPEEDS, TRAIN_SEED_MIN, make_batch, make_sample
 from dit_accel.defaultmodel.evaluate import analyse_video, score
-from dit_accel.defaultmodel.model import POSITION_CHANNELS, WAN_CONFIG, latents_to_pixels, pixels_to_latents, with_positions
+from dit_accel.defaultmodel.model import (
+    POSITION_CHANNELS,
+    WAN_CONFIG,
+    latents_to_pixels,
+    pixels_to_latents,
+    with_positions,
+)
+from dit_accel.defaultmodel.sample import main as demo_main
 from dit_accel.defaultmodel.train import Trainer, parse_args
 from dit_accel.defaultmodel.video_io import save_gif, save_png_grid
 
@@ -131,11 +137,19 @@ def test_position_channels_span_each_axis_and_leave_the_latents_alone() -> None:
 
 def test_pipeline_rejects_a_transformer_without_room_for_the_position_channels() -> None:
     from diffusers import WanTransformer3DModel
+
     from dit_accel.defaultmodel.model import build_scheduler, build_text_encoder
 
     tokenizer = WordTokenizer.from_package()
-    transformer = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=12, out_channels=12,
-                                        text_dim=128, ffn_dim=16, num_layers=1)
+    transformer = WanTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=12,
+        out_channels=12,
+        text_dim=128,
+        ffn_dim=16,
+        num_layers=1,
+    )
     with pytest.raises(ValueError, match="in_channels = out_channels \\+ 3"):
         TinyVideoPipeline(transformer, build_scheduler(), build_text_encoder(tokenizer), tokenizer)
 
@@ -295,8 +309,13 @@ def test_changed_captions_change_only_their_category() -> None:
             words = caption.split()
             diff = [(a, b) for a, b in zip(true_words, words) if a != b]
             assert len(words) == len(true_words) and 1 <= len(diff) <= 2, (category, caption)
-            expected = {"colour": "colours", "shape": "shapes", "size": "sizes", "background": "backgrounds",
-                        "direction": "directions"}[category]
+            expected = {
+                "colour": "colours",
+                "shape": "shapes",
+                "size": "sizes",
+                "background": "backgrounds",
+                "direction": "directions",
+            }[category]
             assert all(b in tok.categories[expected] for _, b in diff), (category, diff)
 
 
@@ -349,7 +368,7 @@ def test_direction_head_labels_follow_the_captions_and_skip_dropped_ones() -> No
             name = list(DIRECTIONS)[direction]
             assert DIRECTION_INDEX[name] == direction
             expected = ["still"] if name == "still" else name.split("-")
-            assert words[-4 - len(expected):-4] == expected  # "... <direction words> on a <bg> background"
+            assert words[-4 - len(expected) : -4] == expected  # "... <direction words> on a <bg> background"
     assert (directions == -1).any() and (directions >= 0).any()
     loss = trainer.step()
     assert np.isfinite(loss) and trainer.direction_head.linear.weight.grad is not None

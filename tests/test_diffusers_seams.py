@@ -55,7 +55,11 @@ def test_cache_context_reaches_branch_states_and_keys_one_state_per_branch() -> 
         with model.cache_context(name):
             model(torch.zeros(1))
     assert hook.seen == [DEFAULT_BRANCH, "cond", "uncond", "cond"]
-    assert {name: state.calls for name, state in hook.branches.branches().items()} == {DEFAULT_BRANCH: 1, "cond": 2, "uncond": 1}
+    assert {name: state.calls for name, state in hook.branches.branches().items()} == {
+        DEFAULT_BRANCH: 1,
+        "cond": 2,
+        "uncond": 1,
+    }
     assert hook.branches.current_context() is None
     taken = hook.branches.take()
     assert set(taken) == {DEFAULT_BRANCH, "cond", "uncond"} and hook.branches.branches() == {}

@@ -33,11 +33,15 @@ def test_written_files_get_the_umask_mode_not_mkstemps_0600(tmp_path: Path) -> N
     finally:
         os.umask(umask)
     assert _mode(tmp_path / "a.bin") == 0o644
-    assert _mode(tmp_path / "report" / "bench.json") == 0o644 and _mode(tmp_path / "report" / "sub" / "bench.md") == 0o644
+    assert (
+        _mode(tmp_path / "report" / "bench.json") == 0o644 and _mode(tmp_path / "report" / "sub" / "bench.md") == 0o644
+    )
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
-def test_replace_folder_swaps_in_the_new_folder_and_removes_the_old(tmp_path: Path, monkeypatch, exchange: bool) -> None:
+def test_replace_folder_swaps_in_the_new_folder_and_removes_the_old(
+    tmp_path: Path, monkeypatch, exchange: bool
+) -> None:
     if not exchange:
         monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     destination = tmp_path / "export"

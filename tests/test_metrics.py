@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_accel.profiler.flops import count_flops
 from dit_accel.harness.metrics import psnr, ssim
+from dit_accel.profiler.flops import count_flops
 
 
 def test_psnr_uses_global_mse():

@@ -28,8 +28,14 @@ def test_notebook_runs_without_cell_errors_and_draws(name, shared_profile, monke
     # a descheduled peer made a 12-step generation 40x slower (measured 49.9 s vs 1.2 s)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    plotting = [cell for cell in notebook.cells if cell.cell_type == "code" and "figure" in cell.source.strip().splitlines()[-1].lower()]
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
+    plotting = [
+        cell
+        for cell in notebook.cells
+        if cell.cell_type == "code" and "figure" in cell.source.strip().splitlines()[-1].lower()
+    ]
     assert len(plotting) >= 3
     for cell in plotting:  # every cell that ends on a figure displayed it as an image
         assert any("image/png" in output.get("data", {}) for output in cell.outputs), cell.source

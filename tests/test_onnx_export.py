@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_runtime_advanced import random_bases
 
 from dit_accel.defaultmodel import load_default_pipeline
 from dit_accel.defaultmodel.model import position_channels
-from dit_accel.planner.cli import main
-from dit_accel.export.exporter import EXAMPLE_PROMPT, check_export_destination, export_onnx
-from dit_accel.runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan, fingerprint_model, load_plan
 from dit_accel.export.driver import OnnxPlanRunner, denoise
+from dit_accel.export.exporter import EXAMPLE_PROMPT, check_export_destination, export_onnx
 from dit_accel.export.manifest import ExportError
-from test_runtime_advanced import random_bases
+from dit_accel.planner.cli import main
+from dit_accel.runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan, fingerprint_model, load_plan
 
 PROMPT = "a large blue square moves up on a black background"
 
@@ -34,8 +34,14 @@ def _torch_and_onnx(pipe, plan: Plan, folder, guidance: float = 5.0) -> tuple[np
     cond, uncond = pipe.encode_prompt([PROMPT]), pipe.encode_prompt([""])
     noise = torch.randn(1, 12, 8, 16, 16, generator=torch.Generator().manual_seed(3))
     with apply_plan(pipe, plan):
-        expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=noise.clone(), output_type="latent",
-                        num_inference_steps=plan.num_inference_steps, guidance_scale=guidance).frames.numpy()
+        expected = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            latents=noise.clone(),
+            output_type="latent",
+            num_inference_steps=plan.num_inference_steps,
+            guidance_scale=guidance,
+        ).frames.numpy()
     positions = position_channels(noise).numpy()
     actual = denoise(OnnxPlanRunner(folder), noise.numpy(), cond.numpy(), uncond.numpy(), guidance, condition=positions)
     return expected, actual
@@ -59,8 +65,10 @@ def test_shipped_plan_replays_through_onnxruntime_like_the_torch_runtime(pipe, t
     # the reuse graph really skips the blocks: it holds far fewer nodes than the compute graph
     import onnx
 
-    sizes = {tuple(g["actions"]): len(onnx.load(str(tmp_path / "export" / g["file"]), load_external_data=False).graph.node)
-             for g in manifest["graphs"]}
+    sizes = {
+        tuple(g["actions"]): len(onnx.load(str(tmp_path / "export" / g["file"]), load_external_data=False).graph.node)
+        for g in manifest["graphs"]
+    }
     assert sizes[tuple(["reuse"] * plan.num_blocks)] < sizes[tuple(["compute"] * plan.num_blocks)] / 3
 
 
@@ -76,8 +84,13 @@ def test_per_block_extrapolating_plan_with_pruning_and_dws_blend_matches_the_tor
     dws = np.ones(actions.shape, np.float32)
     dws[6, 3], dws[6, 5] = 0.3, 0.6
     arrays = {**random_bases(pipe.transformer, 16), "dws_weight": dws}
-    plan = Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 1, steps), actions=actions, arrays=arrays,
-                policy={"kind": "static", "reuse": "extrapolate"})
+    plan = Plan(
+        model=fingerprint_model(pipe.transformer),
+        timesteps=np.linspace(999, 1, steps),
+        actions=actions,
+        arrays=arrays,
+        policy={"kind": "static", "reuse": "extrapolate"},
+    )
     manifest = export_onnx(pipe, plan, tmp_path / "export", EXAMPLE_PROMPT)
     assert manifest["reuse"] == "extrapolate"
     assert len(manifest["graphs"]) == 5
@@ -133,7 +146,9 @@ def test_denoise_appends_the_condition_channels_on_every_call():
     noise = np.ones((1, 2, 3, 4, 4), np.float32)
     condition = np.full((1, 1, 3, 4, 4), 7.0, np.float32)
     runner = RecordingRunner()
-    latents = denoise(runner, noise, np.zeros((1, 5, 8), np.float32), np.zeros((1, 5, 8), np.float32), 5.0, condition=condition)
+    latents = denoise(
+        runner, noise, np.zeros((1, 5, 8), np.float32), np.zeros((1, 5, 8), np.float32), 5.0, condition=condition
+    )
     assert [(b, i) for b, i, _ in runner.inputs] == [("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1)]
     assert all(h.shape == (1, 3, 3, 4, 4) and np.all(h[:, 2] == 7.0) for _, _, h in runner.inputs)
     np.testing.assert_allclose(runner.inputs[2][2][:, :2], 1.5)  # Euler step: 1 + (0.5 - 1) * (-1)

@@ -21,11 +21,17 @@ def make_plan(**changes) -> Plan:
     actions[1:3, 2:4] = 1
     actions[3, 4] = 2
     fields = dict(
-        model=FP, timesteps=np.linspace(999, 1, 6), sigmas=np.linspace(1, 0.01, 6), actions=actions,
+        model=FP,
+        timesteps=np.linspace(999, 1, 6),
+        sigmas=np.linspace(1, 0.01, 6),
+        actions=actions,
         labels=("foreground", "background", "background", "unlabelled"),
-        label_scores=np.array([0.9, 0.1, 0.2, 0.0], np.float32), spans=((1, 3),),
-        policy={"kind": "static", "warmup": 2}, provenance={"profile_sha256": "00", "planner": "test"},
-        predicted={"speedup": 1.3, "error": 0.01}, arrays={"pca/blocks.3": np.eye(4, 2, dtype=np.float32)},
+        label_scores=np.array([0.9, 0.1, 0.2, 0.0], np.float32),
+        spans=((1, 3),),
+        policy={"kind": "static", "warmup": 2},
+        provenance={"profile_sha256": "00", "planner": "test"},
+        predicted={"speedup": 1.3, "error": 0.01},
+        arrays={"pca/blocks.3": np.eye(4, 2, dtype=np.float32)},
     )
     fields.update(changes)
     return Plan(**fields)
@@ -142,7 +148,12 @@ def test_pickle_zip_truncated_and_tampered_files(tmp_path):
     tampered = bytearray(data)
     tampered[-5] ^= 0x40
     (tmp_path / "x.plan").write_bytes(bytes(tampered))
-    for name, message in [("p", "not a dit-plan file"), ("z", "not a dit-plan file"), ("t", "not a dit-plan file"), ("x", "checksum")]:
+    for name, message in [
+        ("p", "not a dit-plan file"),
+        ("z", "not a dit-plan file"),
+        ("t", "not a dit-plan file"),
+        ("x", "checksum"),
+    ]:
         with pytest.raises(PlanError, match=message) as info:
             load_plan(tmp_path / f"{name}.plan")
         assert "\n" not in str(info.value)
@@ -167,17 +178,32 @@ def test_bytes_api_matches_file_api(tmp_path):
 # --- bounds, typed policy parameters, derived claims, signatures --------------------------------------------------
 
 KEY = b"format-test-signing-key-0123456789"
-ADACACHE = {"kind": "adacache", "probe_block": 1, "codebook": [[0.05, 3], [1e9, 0]],
-            "moreg": {"enabled": True, "norm": 0.3, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.1, 0.9]},
-            "protect_first": 1, "protect_last": 1}
-BWCACHE = {"kind": "bwcache", "threshold": 0.3, "reuse_steps": 2, "indicator_blocks": [0, 2], "protect_first": 1,
-           "protect_last": 1, "refresh_every": 4}
+ADACACHE = {
+    "kind": "adacache",
+    "probe_block": 1,
+    "codebook": [[0.05, 3], [1e9, 0]],
+    "moreg": {"enabled": True, "norm": 0.3, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.1, 0.9]},
+    "protect_first": 1,
+    "protect_last": 1,
+}
+BWCACHE = {
+    "kind": "bwcache",
+    "threshold": 0.3,
+    "reuse_steps": 2,
+    "indicator_blocks": [0, 2],
+    "protect_first": 1,
+    "protect_last": 1,
+    "refresh_every": 4,
+}
 
 
 def costed_plan(**changes) -> Plan:
     """`make_plan` with the planner's cost arrays and the predictions they imply."""
-    arrays = {"cost.block_flops": np.array([100.0, 80, 80, 60]), "cost.pruned_flops": np.array([50.0, 40, 40, 30]),
-              "cost.other_flops": np.array([20.0])}
+    arrays = {
+        "cost.block_flops": np.array([100.0, 80, 80, 60]),
+        "cost.pruned_flops": np.array([50.0, 40, 40, 30]),
+        "cost.other_flops": np.array([20.0]),
+    }
     plan = make_plan(arrays=arrays, **changes)
     computed, pruned = (plan.actions != 1), (plan.actions == 2)
     full_flops, pruned_flops = arrays["cost.block_flops"][:, None], arrays["cost.pruned_flops"][:, None]
@@ -232,8 +258,13 @@ def test_save_refuses_a_plan_whose_claims_no_longer_hold(tmp_path):
 
 def test_adaptive_claims_are_checked_against_the_stored_simulation():
     expected = np.full((4, 6), 0.5, np.float32)
-    plan = make_plan(actions=np.zeros((4, 6), np.uint8), spans=((0, 4),), policy=BWCACHE,
-                     arrays={"expected_compute": expected}, predicted={"compute_fraction": 0.5, "speedup": 1.8})
+    plan = make_plan(
+        actions=np.zeros((4, 6), np.uint8),
+        spans=((0, 4),),
+        policy=BWCACHE,
+        arrays={"expected_compute": expected},
+        predicted={"compute_fraction": 0.5, "speedup": 1.8},
+    )
     assert plan_from_bytes(plan_to_bytes(plan)) == plan
     with pytest.raises(PlanError, match="claims compute fraction"):
         plan_from_bytes(rewritten(plan, edit_meta=lambda m: m["predicted"].update(compute_fraction=0.9)))
@@ -304,14 +335,23 @@ def test_validated_fields_are_read_only():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"model": ModelFingerprint("W", "h", tuple(f"b{i}" for i in range(1025))),
-          "actions": np.zeros((1025, 6), np.uint8)}, "1 to 1024 blocks"),
-        ({"timesteps": np.zeros(10_001), "actions": np.zeros((4, 10_001), np.uint8), "sigmas": None},
-         "1 to 10000 steps"),
+        (
+            {
+                "model": ModelFingerprint("W", "h", tuple(f"b{i}" for i in range(1025))),
+                "actions": np.zeros((1025, 6), np.uint8),
+            },
+            "1 to 1024 blocks",
+        ),
+        (
+            {"timesteps": np.zeros(10_001), "actions": np.zeros((4, 10_001), np.uint8), "sigmas": None},
+            "1 to 10000 steps",
+        ),
         ({"model": ModelFingerprint("W", "h", ("x" * 2000, "b", "c", "d"))}, "block_ids"),
         ({"provenance": {"profile_settings": {"size_height": 16_385}}}, "size_"),
-        ({"provenance": {"profile_settings": {"size_height": 8192, "size_width": 8192, "size_num_frames": 5}}},
-         "size_"),
+        (
+            {"provenance": {"profile_settings": {"size_height": 8192, "size_width": 8192, "size_num_frames": 5}}},
+            "size_",
+        ),
         ({"provenance": {"profile_settings": {"size_height": "480"}}}, "size_"),
         ({"provenance": {"profiles": [{"path": 3}]}}, "provenance.profiles"),
         ({"provenance": {"deep": json.loads("[" * 40 + "]" * 40)}}, "nested deeper"),

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from dit_accel.planner import FitOptions, PlannerError, fit_plan, load_profiles, restore_schedule
+from dit_accel.planner.adaptive_fit import simulate_adacache
 from dit_accel.planner.labels import fit_labels
 from dit_accel.planner.methods import METHODS, build_context
 from dit_accel.planner.pca import fit_pca_bases
-from dit_accel.planner.adaptive_fit import simulate_adacache
 from dit_accel.planner.predict import Predictor, blend_weight, blended_error
 from dit_accel.planner.shapes import edcw_actions, group_spans
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
-from dit_accel.runtime.plan import save_plan
 from dit_accel.runtime import COMPUTE, PRUNE, REUSE, load_plan
+from dit_accel.runtime.plan import save_plan
 
 STEPS, BLOCKS = 12, 4
 QUIET_BLOCK = 2
@@ -86,8 +86,15 @@ def test_max_error_budget_is_respected_and_buys_speed(profile):
     assert loose.predicted["speedup"] > tight.predicted["speedup"] > 1.0
 
 
-@pytest.mark.parametrize("options", [FitOptions(target_speedup=50.0), FitOptions(method="profilingdit", target_speedup=50.0),
-                                     FitOptions(method="bwcache", target_speedup=50.0), FitOptions(method="unicp", target_speedup=50.0)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        FitOptions(target_speedup=50.0),
+        FitOptions(method="profilingdit", target_speedup=50.0),
+        FitOptions(method="bwcache", target_speedup=50.0),
+        FitOptions(method="unicp", target_speedup=50.0),
+    ],
+)
 def test_impossible_budgets_are_refused_in_one_line(profile, options):
     with pytest.raises(PlannerError, match="impossible") as info:
         fit_plan([profile], options)
@@ -136,7 +143,10 @@ def test_pca_basis_is_orthonormal_and_rank_follows_variance(tmp_path, variance, 
 
 def test_lower_variance_keeps_fewer_components(tmp_path):
     profiles = load_profiles([write(tmp_path, rank=3)])
-    ranks = [fit_pca_bases(profiles.stack("feature_queries"), profiles.stack("feature_keys"), v).ranks.max() for v in (0.3, 0.7, 0.95)]
+    ranks = [
+        fit_pca_bases(profiles.stack("feature_queries"), profiles.stack("feature_keys"), v).ranks.max()
+        for v in (0.3, 0.7, 0.95)
+    ]
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1] == 3
 
 
@@ -177,7 +187,16 @@ def test_profiles_of_one_model_merge_and_of_different_models_are_refused(tmp_pat
         fit_plan([profile, different], FitOptions())
 
 
-@pytest.mark.parametrize("method, kind", [("profilingdit", "static"), ("adacache", "adacache"), ("bwcache", "bwcache"), ("unicp", "static"), ("auto", "static")])
+@pytest.mark.parametrize(
+    "method, kind",
+    [
+        ("profilingdit", "static"),
+        ("adacache", "adacache"),
+        ("bwcache", "bwcache"),
+        ("unicp", "static"),
+        ("auto", "static"),
+    ],
+)
 def test_each_preset_gives_a_valid_plan_of_its_policy_kind(profile, tmp_path, method, kind):
     plan = fit_plan([profile], FitOptions(method=method))
     path = save_plan(plan, tmp_path / "m.plan")
@@ -195,12 +214,25 @@ def test_adaptive_policies_follow_the_runtime_schema(profile):
     assert set(ada["moreg"]) == {"enabled", "norm", "exponent", "gradient_scale", "active"} and ada["moreg"]["enabled"]
     assert 0 <= ada["probe_block"] < BLOCKS and all(isinstance(r, int) for _, r in ada["codebook"])
     bw = fit_plan([profile], FitOptions(method="bwcache")).policy
-    assert set(bw) == {"kind", "threshold", "reuse_steps", "indicator_blocks", "protect_first", "protect_last", "refresh_every"}
+    assert set(bw) == {
+        "kind",
+        "threshold",
+        "reuse_steps",
+        "indicator_blocks",
+        "protect_first",
+        "protect_last",
+        "refresh_every",
+    }
     assert bw["threshold"] > 0 and all(0 <= b < BLOCKS for b in bw["indicator_blocks"])
 
 
 def test_adacache_replay_reuses_longer_when_distance_is_low():
-    policy = {"codebook": [[0.01, 3], [1.0, 0]], "moreg": {"enabled": False, "active": [0.1, 0.9]}, "protect_first": 1, "protect_last": 1}
+    policy = {
+        "codebook": [[0.01, 3], [1.0, 0]],
+        "moreg": {"enabled": False, "active": [0.1, 0.9]},
+        "protect_first": 1,
+        "protect_last": 1,
+    }
     calm = simulate_adacache(policy, np.full((1, 12), 0.001), None)[0]
     busy = simulate_adacache(policy, np.full((1, 12), 0.5), None)[0]
     assert calm.tolist() == [False, False, True, True, True, False, True, True, True, False, True, False]
@@ -208,18 +240,33 @@ def test_adacache_replay_reuses_longer_when_distance_is_low():
 
 
 def test_methods_refuse_profiles_missing_what_they_need(tmp_path):
-    needs = {"profilingdit": "attention_received", "unicp": "feature_queries", "adacache": "motion", "bwcache": "output_rel_l1"}
+    needs = {
+        "profilingdit": "attention_received",
+        "unicp": "feature_queries",
+        "adacache": "motion",
+        "bwcache": "output_rel_l1",
+    }
     for method, field in needs.items():
         path = write(tmp_path, f"{method}.h5", omit=(field,))
         with pytest.raises(PlannerError, match=field):
             fit_plan([path], FitOptions(method=method))
-    assert fit_plan([write(tmp_path, "bare.h5", omit=("feature_queries", "feature_keys", "attention_received"))], FitOptions()).labels == ("unlabelled",) * BLOCKS
+    assert (
+        fit_plan(
+            [write(tmp_path, "bare.h5", omit=("feature_queries", "feature_keys", "attention_received"))], FitOptions()
+        ).labels
+        == ("unlabelled",) * BLOCKS
+    )
 
 
 def test_error_model_accumulates_drift_and_blends_prune_errors():
     predictor = Predictor(
-        drift=np.array([[0.0, 0.1, 0.2, 0.3]]), prune_error=np.full((1, 4), 0.3), step_weight=np.ones(4), block_weight=np.ones(1),
-        block_flops=np.array([10.0]), pruned_flops=np.array([6.0]), other_flops=0.0,
+        drift=np.array([[0.0, 0.1, 0.2, 0.3]]),
+        prune_error=np.full((1, 4), 0.3),
+        step_weight=np.ones(4),
+        block_weight=np.ones(1),
+        block_flops=np.array([10.0]),
+        pruned_flops=np.array([6.0]),
+        other_flops=0.0,
     )
     reuse = np.array([[COMPUTE, REUSE, REUSE, COMPUTE]], np.uint8)
     np.testing.assert_allclose(predictor.cell_errors(reuse), [[0.0, 0.1, 0.3, 0.0]])
@@ -236,7 +283,10 @@ def test_restore_schedule_recomputes_the_costliest_cells_first(profile):
     context = build_context(load_profiles([profile]), FitOptions())
     before = context.predictor.error(plan.actions)
     restored = restore_schedule(context.predictor, plan.actions, before / 4, min_cells=1)
-    assert context.predictor.error(restored) <= before / 4 and (restored == COMPUTE).sum() > (plan.actions == COMPUTE).sum()
+    assert (
+        context.predictor.error(restored) <= before / 4
+        and (restored == COMPUTE).sum() > (plan.actions == COMPUTE).sum()
+    )
 
 
 def test_spans_group_contiguous_blocks_with_identical_rows():
@@ -285,7 +335,10 @@ def test_sensitivity_weights_reproduce_measured_single_step_errors():
 
 
 def test_auto_extrapolates_reuse_by_default_and_presets_hold(profile):
-    assert fit_plan([profile], FitOptions(method="auto", target_speedup=1.3)).policy == {"kind": "static", "reuse": "extrapolate"}
+    assert fit_plan([profile], FitOptions(method="auto", target_speedup=1.3)).policy == {
+        "kind": "static",
+        "reuse": "extrapolate",
+    }
     assert fit_plan([profile], FitOptions(method="auto", target_speedup=1.3, reuse="hold")).policy["reuse"] == "hold"
     assert "reuse" not in fit_plan([profile], FitOptions(method="profilingdit")).policy
     with pytest.raises(PlannerError, match="'extrapolate' is for --method auto only"):

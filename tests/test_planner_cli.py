@@ -49,7 +49,9 @@ def test_fit_twice_gives_identical_files(profile, tmp_path):
 
 
 def test_fit_refuses_profiles_of_different_models(profile, tmp_path):
-    other = write_synthetic_profile(tmp_path / "other.h5", SyntheticSpec(transformer_class="CogVideoXTransformer3DModel"))
+    other = write_synthetic_profile(
+        tmp_path / "other.h5", SyntheticSpec(transformer_class="CogVideoXTransformer3DModel")
+    )
     out = tmp_path / "m.plan"
     assert_one_line_error(run("fit", profile, other, "-o", out), out, "different models")
 
@@ -85,8 +87,14 @@ def test_inspect_json_describes_the_plan(profile, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     plan = load_plan(out)
-    assert report["num_inference_steps"] == STEPS and report["policy"] == {"kind": "static"} and report["method"] == "unicp"
-    assert report["predicted"] == plan.predicted and report["compute_fraction"] == pytest.approx(plan.compute_fraction())
+    assert (
+        report["num_inference_steps"] == STEPS
+        and report["policy"] == {"kind": "static"}
+        and report["method"] == "unicp"
+    )
+    assert report["predicted"] == plan.predicted and report["compute_fraction"] == pytest.approx(
+        plan.compute_fraction()
+    )
     assert [b["label"] for b in report["blocks"]] == list(plan.labels)
     for block, row in zip(report["blocks"], plan.actions):
         assert block["schedule"] == "".join("C.P"[a] for a in row)
@@ -111,7 +119,9 @@ def test_inspect_plot_skips_the_drift_heatmap_when_the_profile_is_gone(tmp_path)
     assert run("fit", profile, "-o", out).exit_code == 0
     (tmp_path / "gone.h5").unlink()
     result = run("inspect", out, "--plot", figure, "--json")
-    assert result.exit_code == 0 and "drift heatmap skipped" in json.loads(result.stdout)["plot_note"] and figure.exists()
+    assert (
+        result.exit_code == 0 and "drift heatmap skipped" in json.loads(result.stdout)["plot_note"] and figure.exists()
+    )
 
 
 def test_inspect_bad_plan_is_one_line_error(tmp_path):
@@ -135,8 +145,14 @@ def test_validate_bad_inputs_are_one_line_errors_before_loading_a_model(profile,
         (("validate", plan, "--prompts", empty, "--min-psnr", "30", "-o", out), ("no prompt",)),
         (("validate", plan, "--prompts", binary, "--min-psnr", "30", "-o", out), ("UTF-8",)),
         (("validate", plan, "--prompts", prompts, "--min-psnr", "30"), ("-o",)),
-        (("validate", tmp_path / "nothing.plan", "--prompts", prompts, "--min-psnr", "30", "-o", out), ("nothing.plan",)),
-        (("validate", plan, "--prompts", prompts, "--model", tmp_path, "--min-psnr", "30", "-o", out), ("pipeline folder",)),
+        (
+            ("validate", tmp_path / "nothing.plan", "--prompts", prompts, "--min-psnr", "30", "-o", out),
+            ("nothing.plan",),
+        ),
+        (
+            ("validate", plan, "--prompts", prompts, "--model", tmp_path, "--min-psnr", "30", "-o", out),
+            ("pipeline folder",),
+        ),
     ]
     for args, words in cases:
         assert_one_line_error(run(*args), out, *words)

@@ -16,9 +16,9 @@ from dit_accel.defaultmodel import TinyTextEncoder, TinyVideoPipeline, WordToken
 from dit_accel.defaultmodel.model import build_scheduler
 from dit_accel.planner import FitOptions, PipelineRunner, fit_plan, tighten_plan, validate_plan
 from dit_accel.planner.cli import main
-from dit_accel.runtime.plan import save_plan
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import COMPUTE, fingerprint_model, load_plan
+from dit_accel.runtime.plan import save_plan
 
 STEPS = 4
 PROMPTS = ["a large red circle moves left on a black background"]
@@ -29,9 +29,26 @@ def pipeline_dir(tmp_path_factory):
     """A saved TinyVideoPipeline with random weights and a 3-block, 16-wide Wan transformer (fast on a CPU)."""
     torch.manual_seed(0)
     tokenizer = WordTokenizer.from_package()
-    encoder = TinyTextEncoder(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length, width=16, num_layers=1, num_heads=2, pad_id=tokenizer.pad_id)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=15, out_channels=12,
-                                        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=64)
+    encoder = TinyTextEncoder(
+        vocab_size=tokenizer.vocab_size,
+        max_length=tokenizer.max_length,
+        width=16,
+        num_layers=1,
+        num_heads=2,
+        pad_id=tokenizer.pad_id,
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=15,
+        out_channels=12,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=3,
+        rope_max_seq_len=64,
+    )
     folder = tmp_path_factory.mktemp("pipeline")
     TinyVideoPipeline(transformer.eval(), build_scheduler(), encoder.eval(), tokenizer).save_pretrained(folder)
     return folder
@@ -47,7 +64,9 @@ def plan_path(runner, tmp_path_factory):
     """A static plan fitted on a synthetic profile carrying the pipeline transformer's fingerprint."""
     fingerprint = fingerprint_model(runner.pipe.transformer)
     folder = tmp_path_factory.mktemp("plan")
-    spec = SyntheticSpec(steps=STEPS, blocks=3, transformer_class=fingerprint.transformer_class, config_hash=fingerprint.config_hash)
+    spec = SyntheticSpec(
+        steps=STEPS, blocks=3, transformer_class=fingerprint.transformer_class, config_hash=fingerprint.config_hash
+    )
     profile = write_synthetic_profile(folder / "profile.h5", spec)
     return save_plan(fit_plan([profile], FitOptions(target_speedup=1.3)), folder / "m.plan")
 
@@ -79,7 +98,10 @@ def test_tightening_reaches_the_minimum_psnr(runner, plan_path, measured):
     assert len(reports) >= 2 and reports[-1].min_psnr >= target
     assert (tightened.actions == COMPUTE).sum() > (plan.actions == COMPUTE).sum()
     assert tightened.provenance["tightened"]["min_psnr"] == target
-    assert tightened.predicted["error"] < plan.predicted["error"] and tightened.predicted["speedup"] < plan.predicted["speedup"]
+    assert (
+        tightened.predicted["error"] < plan.predicted["error"]
+        and tightened.predicted["speedup"] < plan.predicted["speedup"]
+    )
 
 
 def test_validate_cli_tightens_and_writes_the_plan(pipeline_dir, plan_path, measured, tmp_path):
@@ -87,7 +109,18 @@ def test_validate_cli_tightens_and_writes_the_plan(pipeline_dir, plan_path, meas
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "tight.plan"
     floor = measured.min_psnr + 2.0
-    args = ["validate", str(plan_path), "--model", str(pipeline_dir), "--prompts", str(prompts), "--repeats", "1", "--no-flops", "--json"]
+    args = [
+        "validate",
+        str(plan_path),
+        "--model",
+        str(pipeline_dir),
+        "--prompts",
+        str(prompts),
+        "--repeats",
+        "1",
+        "--no-flops",
+        "--json",
+    ]
     result = CliRunner().invoke(main, [*args, "--min-psnr", str(floor), "-o", str(out)])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -123,7 +156,9 @@ def test_every_preset_replays_on_the_runtime(method, tmp_path):
 
     model = tiny_wan(3).eval()
     fingerprint = fingerprint_model(model)
-    spec = SyntheticSpec(steps=8, blocks=3, transformer_class=fingerprint.transformer_class, config_hash=fingerprint.config_hash)
+    spec = SyntheticSpec(
+        steps=8, blocks=3, transformer_class=fingerprint.transformer_class, config_hash=fingerprint.config_hash
+    )
     plan = fit_plan([write_synthetic_profile(tmp_path / "p.h5", spec)], FitOptions(method=method, target_speedup=1.3))
     timesteps = [float(t) for t in np.linspace(999, 1, 8)]
     baseline = run_steps(model, "wan", timesteps)

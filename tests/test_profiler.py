@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from dit_accel.harness.pipelines import generate, load_pipeline
+from dit_accel.harness.prompts import PromptSpec, read_prompt_file
 from dit_accel.profiler.recorder import Recorder, RecordSettings
 from dit_accel.profiler.run import merge_profiles, profile_prompts
-from dit_accel.harness.prompts import PromptSpec, read_prompt_file
-from dit_accel.harness.pipelines import generate, load_pipeline
 from dit_accel.profiler.schema import FIELDS, ProfileError, open_profile, seal
 from dit_accel.runtime import get_adapter
 
@@ -44,7 +44,9 @@ def profile_path(pipe, tmp_path_factory) -> Path:
 
 def test_recording_leaves_outputs_bit_identical(pipe):
     baseline = generate(pipe, PROMPTS[0], STEPS, 5.0, {})
-    recorder = Recorder(pipe.transformer, get_adapter(pipe.transformer), RecordSettings(num_inference_steps=STEPS, attention_every=1))
+    recorder = Recorder(
+        pipe.transformer, get_adapter(pipe.transformer), RecordSettings(num_inference_steps=STEPS, attention_every=1)
+    )
     recorder.begin_prompt(0)
     with torch.no_grad():
         observed = generate(pipe, PROMPTS[0], STEPS, 5.0, {})
@@ -53,7 +55,9 @@ def test_recording_leaves_outputs_bit_identical(pipe):
     assert np.array_equal(observed, baseline)
     assert np.isfinite(arrays["residual_rel_l1"][:, 1:]).all() and np.isnan(arrays["residual_rel_l1"][:, 0]).all()
     assert arrays["attention_received"].shape[0] == STEPS
-    assert np.array_equal(generate(pipe, PROMPTS[0], STEPS, 5.0, {}), baseline), "removing the probes restores the model"
+    assert np.array_equal(generate(pipe, PROMPTS[0], STEPS, 5.0, {}), baseline), (
+        "removing the probes restores the model"
+    )
 
 
 def test_profile_schema_and_contents(profile_path):
@@ -82,7 +86,10 @@ def test_profile_schema_and_contents(profile_path):
 
 def test_prompt_files(tmp_path):
     (tmp_path / "p.txt").write_text("# calibration\nfirst prompt\n\nsecond prompt\n")
-    assert [(p.prompt, p.seed) for p in read_prompt_file(tmp_path / "p.txt")] == [("first prompt", 0), ("second prompt", 1)]
+    assert [(p.prompt, p.seed) for p in read_prompt_file(tmp_path / "p.txt")] == [
+        ("first prompt", 0),
+        ("second prompt", 1),
+    ]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a", "negative_prompt": "b", "seed": 7}\n')
     assert read_prompt_file(tmp_path / "p.jsonl") == [PromptSpec("a", "b", 7)]
     (tmp_path / "bad.jsonl").write_text('{"negative_prompt": "b"}\n')
@@ -91,7 +98,9 @@ def test_prompt_files(tmp_path):
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dit_accel.profiler", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dit_accel.profiler", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,7 +129,9 @@ def test_existing_profile_of_another_run_is_refused(profile_path, pipe, tmp_path
     with pytest.raises(Exception, match="already exists; pass --resume"):
         profile_prompts(pipe, PROMPTS, profile_path, RecordSettings(num_inference_steps=STEPS), progress=False)
     with pytest.raises(Exception, match="different settings"):
-        profile_prompts(pipe, PROMPTS, profile_path, RecordSettings(num_inference_steps=STEPS + 1), resume=True, progress=False)
+        profile_prompts(
+            pipe, PROMPTS, profile_path, RecordSettings(num_inference_steps=STEPS + 1), resume=True, progress=False
+        )
 
 
 def test_corrupt_profile_is_refused(profile_path, tmp_path):
@@ -146,7 +157,17 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, profile_path, pi
     full = tmp_path / "full.h5"
     profile_prompts(pipe, read_prompt_file(prompts), full, RecordSettings(num_inference_steps=STEPS), progress=False)
     killed = tmp_path / "killed.h5"
-    args = [sys.executable, "-m", "dit_accel.profiler", str(prompts), "-o", str(killed), "--steps", str(STEPS), "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "dit_accel.profiler",
+        str(prompts),
+        "-o",
+        str(killed),
+        "--steps",
+        str(STEPS),
+        "--quiet",
+    ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -161,7 +182,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, profile_path, pi
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["prompts_skipped"] == len(interrupted.prompts)
-    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "stale temporaries are cleaned on resume"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")], (
+        "stale temporaries are cleaned on resume"
+    )
     _same_data(killed, full)
 
 
@@ -197,7 +220,13 @@ def _distributed_worker(rank: int, world: int, init_file: str, prompts_path: str
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        profile_distributed(load_pipeline(None), read_prompt_file(prompts_path), output, RecordSettings(num_inference_steps=STEPS), progress=False)
+        profile_distributed(
+            load_pipeline(None),
+            read_prompt_file(prompts_path),
+            output,
+            RecordSettings(num_inference_steps=STEPS),
+            progress=False,
+        )
     finally:
         dist.destroy_process_group()
 
@@ -206,7 +235,9 @@ def test_two_gloo_ranks_shard_and_merge(tmp_path, pipe):
     prompts = tmp_path / "p.txt"
     prompts.write_text("".join(p.prompt + "\n" for p in PROMPTS))
     output = tmp_path / "dist.h5"
-    torch.multiprocessing.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(prompts), str(output)), nprocs=2)
+    torch.multiprocessing.spawn(
+        _distributed_worker, args=(2, str(tmp_path / "init"), str(prompts), str(output)), nprocs=2
+    )
     merged = open_profile(output)
     assert [p.index for p in merged.prompts] == [0, 1, 2]
     assert not list(tmp_path.glob("dist.rank*.h5")), "shards are removed after the merge"
@@ -238,9 +269,11 @@ def test_token_features_leave_out_the_conditioning_channels_a_pipeline_appends()
 
 
 def test_foreground_mask_matches_the_generated_shape(pipe, tmp_path):
-    prompts = [PromptSpec("a large red circle moves right on a blue background", "", 3),
-               PromptSpec("a large yellow square stands still on a black background", "", 4),
-               PromptSpec("a large white triangle moves down on a green background", "", 5)]
+    prompts = [
+        PromptSpec("a large red circle moves right on a blue background", "", 3),
+        PromptSpec("a large yellow square stands still on a black background", "", 4),
+        PromptSpec("a large white triangle moves down on a green background", "", 5),
+    ]
     path = tmp_path / "fg.h5"
     settings = RecordSettings(num_inference_steps=25, record_attention=False, record_features=False)
     profile_prompts(pipe, prompts, path, settings, progress=False)
@@ -265,11 +298,18 @@ def test_step_sensitivity_is_measured_on_the_first_prompt_and_matches_a_replayed
     spec = PROMPTS[0]
 
     def latent() -> torch.Tensor:
-        return pipe(prompt=spec.prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(spec.seed), output_type="latent").frames
+        return pipe(
+            prompt=spec.prompt,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(spec.seed),
+            output_type="latent",
+        ).frames
 
     full = latent()
     actions = np.full((8, STEPS), COMPUTE, np.uint8)
     actions[:, 1] = REUSE
-    with apply_plan(pipe, Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 0, STEPS), actions=actions)):
+    with apply_plan(
+        pipe, Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 0, STEPS), actions=actions)
+    ):
         reused = latent()
     assert measured[1] == pytest.approx(float((reused - full).norm() / full.norm()), rel=1e-5)

@@ -30,8 +30,15 @@ FP = ModelFingerprint("WanTransformer3DModel", "ab" * 32, ("blocks.0", "blocks.1
 def valid_plan() -> Plan:
     actions = np.zeros((3, 5), np.uint8)
     actions[1:, 2:4] = 1
-    return Plan(model=FP, timesteps=np.linspace(999, 1, 5), sigmas=np.linspace(1, 0.01, 5), actions=actions,
-                spans=((1, 3),), predicted={"speedup": 1.4}, arrays={"pca.0": np.eye(4, 2, dtype=np.float32)[None]})
+    return Plan(
+        model=FP,
+        timesteps=np.linspace(999, 1, 5),
+        sigmas=np.linspace(1, 0.01, 5),
+        actions=actions,
+        spans=((1, 3),),
+        predicted={"speedup": 1.4},
+        arrays={"pca.0": np.eye(4, 2, dtype=np.float32)[None]},
+    )
 
 
 class Trap:
@@ -132,15 +139,41 @@ def test_tampered_plan_with_valid_structure_is_refused():
 def small_profile(path) -> None:
     blocks, steps, grid = 3, 4, (2, 2, 2)
     header = ProfileHeader(
-        fingerprint=FP, settings={"num_inference_steps": steps}, branches=("cond", "uncond"), grid=grid,
-        adapter="wan", cfg_mode="separate", timesteps=np.linspace(999, 1, steps), sigmas=np.linspace(1, 0, steps),
-        block_flops=np.full(blocks, 100, np.int64), block_seconds=np.full(blocks, 0.01), model_flops=400, model_seconds=0.04,
+        fingerprint=FP,
+        settings={"num_inference_steps": steps},
+        branches=("cond", "uncond"),
+        grid=grid,
+        adapter="wan",
+        cfg_mode="separate",
+        timesteps=np.linspace(999, 1, steps),
+        sigmas=np.linspace(1, 0, steps),
+        block_flops=np.full(blocks, 100, np.int64),
+        block_seconds=np.full(blocks, 0.01),
+        model_flops=400,
+        model_seconds=0.04,
     )
     rng = np.random.default_rng(0)
-    arrays = {name: rng.random((2, steps, blocks)) for name in ("residual_rel_l1", "residual_cos", "output_rel_l1", "output_cos", "residual_norm", "output_norm", "motion")}
-    arrays.update(model_output_rel_l1=rng.random((2, steps)), attention_steps=np.arange(2), query_index=np.arange(4),
-                  attention_received=rng.random((2, blocks, *grid)), foreground=rng.integers(0, 2, grid),
-                  feature_queries=rng.random((blocks, 8, 2, 4)), feature_keys=rng.random((blocks, 8, 2, 4)))
+    arrays = {
+        name: rng.random((2, steps, blocks))
+        for name in (
+            "residual_rel_l1",
+            "residual_cos",
+            "output_rel_l1",
+            "output_cos",
+            "residual_norm",
+            "output_norm",
+            "motion",
+        )
+    }
+    arrays.update(
+        model_output_rel_l1=rng.random((2, steps)),
+        attention_steps=np.arange(2),
+        query_index=np.arange(4),
+        attention_received=rng.random((2, blocks, *grid)),
+        foreground=rng.integers(0, 2, grid),
+        feature_queries=rng.random((blocks, 8, 2, 4)),
+        feature_keys=rng.random((blocks, 8, 2, 4)),
+    )
     writer = ProfileWriter(path, header)
     writer.add_prompt(PromptInfo("p00000", 0, "a red circle", "", 0), arrays)
 
@@ -182,12 +215,18 @@ def test_profile_fuzz_never_crashes_or_hangs(tmp_path):
 
 # --- long runs and concurrency -------------------------------------------------------------------------------------
 
+
 def _reuse_plan(pipe, steps: int = 4) -> Plan:
     from dit_accel.runtime import fingerprint_model
 
     actions = np.zeros((3, steps), np.uint8)
     actions[1:, 2] = 1
-    return Plan(model=fingerprint_model(pipe.transformer), timesteps=np.linspace(999, 1, steps), actions=actions, spans=((1, 3),))
+    return Plan(
+        model=fingerprint_model(pipe.transformer),
+        timesteps=np.linspace(999, 1, steps),
+        actions=actions,
+        spans=((1, 3),),
+    )
 
 
 def _hook_count(module) -> int:
@@ -198,6 +237,7 @@ def test_two_hundred_generations_same_output_no_growth():
     import tracemalloc
 
     from conftest import PIPELINES, run_pipeline
+
     from dit_accel.runtime import apply_plan
 
     pipe = PIPELINES["wan"]()
@@ -218,6 +258,7 @@ def test_two_hundred_generations_same_output_no_growth():
 
 def test_apply_and_remove_hundred_times_leaves_the_pipeline_as_fresh():
     from conftest import PIPELINES, run_pipeline
+
     from dit_accel.runtime import apply_plan
 
     pipe = PIPELINES["wan"]()
@@ -237,6 +278,7 @@ def test_two_pipelines_with_different_plans_in_two_threads():
     import threading
 
     from conftest import PIPELINES, run_pipeline
+
     from dit_accel.runtime import apply_plan
 
     pipes = [PIPELINES["wan"](), PIPELINES["wan"]()]
@@ -272,13 +314,15 @@ def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_
     import subprocess
     import sys
 
-    from dit_accel.profiler.recorder import RecordSettings
-    from dit_accel.profiler.run import profile_prompts
     from dit_accel.harness.pipelines import load_pipeline
     from dit_accel.harness.prompts import read_prompt_file
+    from dit_accel.profiler.recorder import RecordSettings
+    from dit_accel.profiler.run import profile_prompts
 
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a large red circle moves left on a blue background\na small green square moves up on a black background\n")
+    prompts.write_text(
+        "a large red circle moves left on a blue background\na small green square moves up on a black background\n"
+    )
     settings = RecordSettings(num_inference_steps=3, record_attention=False)
     pipe = load_pipeline(None)
     reference = tmp_path / "reference.h5"
@@ -288,7 +332,18 @@ def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_
     states = []
     for trial in range(KILL_TRIALS):
         output = tmp_path / f"trial{trial}.h5"
-        args = [sys.executable, "-m", "dit_accel.profiler", str(prompts), "-o", str(output), "--steps", "3", "--no-attention", "--quiet"]
+        args = [
+            sys.executable,
+            "-m",
+            "dit_accel.profiler",
+            str(prompts),
+            "-o",
+            str(output),
+            "--steps",
+            "3",
+            "--no-attention",
+            "--quiet",
+        ]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.5, 6.0))
         os.kill(process.pid, signal.SIGKILL)
@@ -304,6 +359,7 @@ def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_
 
 
 # --- plans from untrusted places: special files, hostile policies, terminal text, signatures ------------------------
+
 
 def _within(seconds: float, call):
     """Run `call`, failing the test instead of hanging if it blocks (SIGALRM interrupts the blocking read)."""
@@ -359,14 +415,23 @@ HOSTILE_POLICIES = [
 def _adaptive_plan(model, **policy) -> Plan:
     from dit_accel.runtime import fingerprint_model
 
-    base = {"kind": "adacache", "probe_block": 1, "codebook": [[0.5, 2], [1e9, 0]], "protect_first": 1,
-            "protect_last": 1,
-            "moreg": {"enabled": True, "norm": 0.3, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.0, 1.0]}}
+    base = {
+        "kind": "adacache",
+        "probe_block": 1,
+        "codebook": [[0.5, 2], [1e9, 0]],
+        "protect_first": 1,
+        "protect_last": 1,
+        "moreg": {"enabled": True, "norm": 0.3, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.0, 1.0]},
+    }
     if policy.get("kind") == "bwcache":
         base = {"protect_first": 1, "protect_last": 1}
     fingerprint = fingerprint_model(model)
-    return Plan(model=fingerprint, timesteps=np.linspace(999, 1, 6), actions=np.zeros((3, 6), np.uint8),
-                policy={**base, **policy})
+    return Plan(
+        model=fingerprint,
+        timesteps=np.linspace(999, 1, 6),
+        actions=np.zeros((3, 6), np.uint8),
+        policy={**base, **policy},
+    )
 
 
 @pytest.mark.parametrize("hostile", HOSTILE_POLICIES, ids=range(len(HOSTILE_POLICIES)))
@@ -438,8 +503,11 @@ def test_inspect_escapes_control_characters_from_the_plan(synthetic_profile, tmp
     assert _dit_plan("fit", synthetic_profile, "-o", fitted).exit_code == 0
     plan = load_plan(fitted)
     hostile = plan.with_changes(
-        model=ModelFingerprint(plan.model.transformer_class, plan.model.config_hash,
-                               ("blocks.0\x1b]0;owned\x07", *plan.model.block_ids[1:])),
+        model=ModelFingerprint(
+            plan.model.transformer_class,
+            plan.model.config_hash,
+            ("blocks.0\x1b]0;owned\x07", *plan.model.block_ids[1:]),
+        ),
         provenance={**plan.provenance, "method": "auto\x1b[2J\r", "tightened": {"note": "\u202eevil"}},
     )
     path = save_plan(hostile, tmp_path / "hostile.plan")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import PIPELINES, run_pipeline
-from dit_accel.runtime import REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
 from tiny_models import TINY_MODELS, make_inputs, run_steps, tiny_wan
+
+from dit_accel.runtime import REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
 
 STEPS = [950.0, 800.0, 600.0, 400.0, 200.0, 50.0]
 
@@ -175,10 +175,14 @@ def test_plan_for_another_model_is_refused_before_installing():
     with pytest.raises(PlanError, match="4 blocks, model has 3"):
         apply_plan(model, other, force=True)
     wrong_config = reuse_plan(model, len(STEPS))
-    wrong_config = wrong_config.with_changes(model=wrong_config.model.__class__("WanTransformer3DModel", "0" * 64, wrong_config.model.block_ids))
+    wrong_config = wrong_config.with_changes(
+        model=wrong_config.model.__class__("WanTransformer3DModel", "0" * 64, wrong_config.model.block_ids)
+    )
     with pytest.raises(PlanError, match="config_hash"):
         apply_plan(model, wrong_config)
-    wrong_class = wrong_config.with_changes(model=wrong_config.model.__class__("CogVideoXTransformer3DModel", "0" * 64, wrong_config.model.block_ids))
+    wrong_class = wrong_config.with_changes(
+        model=wrong_config.model.__class__("CogVideoXTransformer3DModel", "0" * 64, wrong_config.model.block_ids)
+    )
     with pytest.raises(PlanError, match="transformer class CogVideoXTransformer3DModel"):
         apply_plan(model, wrong_class)
     assert not hasattr(model.blocks[0], "_diffusers_hook") or not model.blocks[0]._diffusers_hook.hooks

@@ -9,20 +9,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import PIPELINES, run_pipeline
+from test_replay import count_block_computations
+from tiny_models import TINY_MODELS, make_inputs, run_steps, tiny_wan
+
 from dit_accel.profiler.flops import count_flops
 from dit_accel.runtime import COMPUTE, PRUNE, REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
 from dit_accel.runtime.pruning import ProjectedAttention
 from dit_accel.runtime.replay_table import remap_actions
-from test_replay import count_block_computations
-from tiny_models import TINY_MODELS, make_inputs, run_steps, tiny_wan
 
 STEPS = [950.0, 800.0, 600.0, 400.0, 200.0, 50.0]
 
 
 def static_plan(model, actions: np.ndarray, **kwargs) -> Plan:
-    return Plan(model=fingerprint_model(model), timesteps=np.linspace(999, 1, actions.shape[1]), actions=actions, **kwargs)
+    return Plan(
+        model=fingerprint_model(model), timesteps=np.linspace(999, 1, actions.shape[1]), actions=actions, **kwargs
+    )
 
 
 def random_bases(model, rank: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -37,6 +39,7 @@ def random_bases(model, rank: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 # --- step remapping -----------------------------------------------------------------------------------------------
+
 
 def test_remapped_plans_keep_warmup_and_final_steps():
     actions = np.zeros((3, 10), np.uint8)
@@ -75,6 +78,7 @@ def test_counter_mode_reads_the_run_length_from_the_scheduler():
 
 
 # --- pruned attention ---------------------------------------------------------------------------------------------
+
 
 def test_projected_attention_matches_float64_reference():
     torch.manual_seed(0)
@@ -134,7 +138,12 @@ def test_dws_weight_zero_is_reuse_and_one_is_pure_pruning():
     prune = np.zeros_like(reuse)
     prune[:, 3] = PRUNE
     results = {}
-    for label, actions, weight in [("reuse", reuse, None), ("w0", prune, 0.0), ("w1", prune, 1.0), ("pruned", prune, None)]:
+    for label, actions, weight in [
+        ("reuse", reuse, None),
+        ("w0", prune, 0.0),
+        ("w1", prune, 1.0),
+        ("pruned", prune, None),
+    ]:
         arrays = dict(bases)
         if weight is not None:
             arrays["dws_weight"] = np.full(actions.shape, weight, np.float32)
@@ -147,16 +156,29 @@ def test_dws_weight_zero_is_reuse_and_one_is_pure_pruning():
 
 # --- adaptive policies --------------------------------------------------------------------------------------------
 
+
 def adaptive_plan(model, policy: dict) -> Plan:
     blocks = len(get_adapter(model).block_ids(model))
     return static_plan(model, np.zeros((blocks, 10), np.uint8), policy=policy)
 
 
-ADACACHE = {"kind": "adacache", "probe_block": 1, "codebook": [[1e9, 2]],
-            "moreg": {"enabled": True, "norm": 0.385, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.1, 0.9]},
-            "protect_first": 1, "protect_last": 2}
-BWCACHE = {"kind": "bwcache", "threshold": 1e9, "reuse_steps": 3, "indicator_blocks": [0, 2], "protect_first": 1,
-           "protect_last": 2, "refresh_every": 4}
+ADACACHE = {
+    "kind": "adacache",
+    "probe_block": 1,
+    "codebook": [[1e9, 2]],
+    "moreg": {"enabled": True, "norm": 0.385, "exponent": 8.0, "gradient_scale": 10.0, "active": [0.1, 0.9]},
+    "protect_first": 1,
+    "protect_last": 2,
+}
+BWCACHE = {
+    "kind": "bwcache",
+    "threshold": 1e9,
+    "reuse_steps": 3,
+    "indicator_blocks": [0, 2],
+    "protect_first": 1,
+    "protect_last": 2,
+    "refresh_every": 4,
+}
 
 
 @pytest.mark.parametrize("policy, expected", [(ADACACHE, [2, 3, 5, 6]), (BWCACHE, [2, 3, 4, 6, 7])])
@@ -177,7 +199,9 @@ def test_adacache_codebook_follows_the_measured_distance():
     with apply_plan(pipe, adaptive_plan(pipe.transformer, policy)) as handle:
         run_pipeline(pipe, steps=10)
         reused = handle.reused_steps()
-    assert reused == [2, 4, 6], "a positive distance selects the second codebook entry: reuse one step after each compute"
+    assert reused == [2, 4, 6], (
+        "a positive distance selects the second codebook entry: reuse one step after each compute"
+    )
 
 
 def test_static_plans_never_read_tensors_on_the_host():
@@ -185,8 +209,10 @@ def test_static_plans_never_read_tensors_on_the_host():
     actions = np.zeros((3, len(STEPS)), np.uint8)
     actions[1:, 2:4] = REUSE
     with apply_plan(model, static_plan(model, actions, spans=((1, 3),))):
-        with mock.patch.object(torch.Tensor, "item", side_effect=AssertionError("host sync")), \
-             mock.patch.object(torch.Tensor, "tolist", side_effect=AssertionError("host sync")):
+        with (
+            mock.patch.object(torch.Tensor, "item", side_effect=AssertionError("host sync")),
+            mock.patch.object(torch.Tensor, "tolist", side_effect=AssertionError("host sync")),
+        ):
             assert torch.isfinite(run_steps(model, "wan", STEPS)).all()
 
 
@@ -263,12 +289,15 @@ def test_torch_compile_with_a_static_plan_matches_eager():
 
 # --- extrapolating reuse ------------------------------------------------------------------------------------------
 
+
 def _stack_residuals(model, plan) -> list[torch.Tensor]:
     """Output minus input of the whole block stack at every step of one run under `plan`."""
     blocks = model.blocks
     seen: dict[str, list[torch.Tensor]] = {"in": [], "out": []}
-    handles = [blocks[0].register_forward_pre_hook(lambda m, args: seen["in"].append(args[0].clone())),
-               blocks[-1].register_forward_hook(lambda m, args, out: seen["out"].append(out.clone()))]
+    handles = [
+        blocks[0].register_forward_pre_hook(lambda m, args: seen["in"].append(args[0].clone())),
+        blocks[-1].register_forward_hook(lambda m, args, out: seen["out"].append(out.clone())),
+    ]
     try:
         with apply_plan(model, plan):
             run_steps(model, "wan", STEPS)
@@ -299,7 +328,8 @@ def test_slope_reuse_moves_the_residual_beta_j_steps_along_its_slope_at_run_posi
     actions = np.full((3, len(STEPS)), COMPUTE, np.uint8)
     actions[:, 3:6] = REUSE
     plan = static_plan(model, actions, spans=((0, 3),)).with_changes(
-        policy={"kind": "static", "reuse": "slope", "slope_scale": [0.5, 1.5]})
+        policy={"kind": "static", "reuse": "slope", "slope_scale": [0.5, 1.5]}
+    )
     moved = _stack_residuals(model, plan)
     slope = moved[2] - moved[1]
     torch.testing.assert_close(moved[3], moved[2] + 0.5 * slope, rtol=1e-5, atol=1e-5)

@@ -30,6 +30,9 @@ def test_shipped_plan_loads_matches_and_replays(path, pipe):
     assert plan.provenance["method"] == path.name.split("-")[1]
     with apply_plan(pipe, plan):
         # Half the fitted step count: the shortest run a plan may be remapped to, to keep the test fast.
-        video = pipe("a large red circle moves right on a blue background", num_inference_steps=plan.num_inference_steps // 2,
-                     output_type="np").frames
+        video = pipe(
+            "a large red circle moves right on a blue background",
+            num_inference_steps=plan.num_inference_steps // 2,
+            output_type="np",
+        ).frames
     assert np.isfinite(video).all()
