@@ -78,7 +78,8 @@ def render(report: dict[str, Any]) -> str:
         f"| transformer FLOP speedup | {report['flop_speedup']:.2f}x (predicted {report['predicted_speedup']:.2f}x) |",
     ]
     rows += [
-        f'| PSNR / SSIM: "{p["prompt"]}" | {p["psnr"] if isinstance(p["psnr"], str) else format(p["psnr"], ".1f")} dB / {p["ssim"]:.3f} |'
+        f'| PSNR / SSIM: "{p["prompt"]}" | {p["psnr"] if isinstance(p["psnr"], str) else format(p["psnr"], ".1f")} '
+        f"dB / {p['ssim']:.3f} |"
         for p in report["prompts"]
     ]
     return "\n".join(

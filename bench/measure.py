@@ -9,7 +9,8 @@
   transformer (the plan's own hooks and every peer's), sampled after each transformer call, maximum over the
   generation. On CUDA the peak of `torch.cuda.max_memory_allocated` is reported as well.
 * **Fidelity**: PSNR from the global MSE over the whole video (every frame, pixel and channel at once) and SSIM, both
-  against the un-accelerated video of the same seed (`dit_accel.harness.metrics`); LPIPS with user-supplied TorchScript weights.
+  against the un-accelerated video of the same seed (`dit_accel.harness.metrics`); LPIPS with user-supplied TorchScript
+  weights.
 * **Caching bound**: T / (T_c + (T − T_c)·ρ) with T_c = T·(computed block calls / block calls of the full run), so a
   step with half its blocks computed counts half, and ρ the non-block share of the full run's FLOPs (what a step whose
   blocks are all skipped still pays: embeddings, head, text encoder and decoder amortised per step).
@@ -158,7 +159,8 @@ class Lpips:
             self.model = torch.jit.load(str(path), map_location="cpu").eval()
         except (OSError, RuntimeError, ValueError) as exc:
             raise BenchError(
-                f"cannot load LPIPS weights {path} as a TorchScript module: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                f"cannot load LPIPS weights {path} as a TorchScript module: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from None
 
     def __call__(self, video: np.ndarray, reference: np.ndarray) -> float:

@@ -115,7 +115,10 @@ def not_applicable(name: str, adapter: ModelAdapter, guidance: float) -> str | N
     if name != "fastercache":
         return None
     if adapter.cfg_mode != "batched":
-        return "the pipeline runs CFG as separate cond/uncond calls; FasterCache's CFG-cache needs them batched into one call"
+        return (
+            "the pipeline runs CFG as separate cond/uncond calls; FasterCache's CFG-cache needs them batched into "
+            "one call"
+        )
     if guidance <= 1.0:
         return "no classifier-free guidance at this guidance scale, so FasterCache's CFG-cache has nothing to cache"
     if adapter.grid.layout == "tokens":
@@ -234,7 +237,8 @@ def peer_enabled(transformer: torch.nn.Module, settings: dict[str, Any]) -> Iter
         hooked = count_hooks(transformer) - before
         if hooked == 0:
             raise BenchError(
-                f"{settings['peer']} installed no hook on {type(transformer).__name__} (its module identifiers match nothing)"
+                f"{settings['peer']} installed no hook on {type(transformer).__name__} (its module identifiers match "
+                "nothing)"
             )
         yield hooked
     finally:

@@ -59,7 +59,7 @@ def measure(pipe, runner: PipelineRunner, plan: Plan, prompts: list[str], steps:
     """Wall times interleaved with full runs, fidelity per prompt, FLOP speedup on the first prompt."""
     plan_times, scores = [], []
     for index, prompt in enumerate(prompts):
-        for repeat in range(repeats):
+        for _ in range(repeats):
             start = time.perf_counter()
             runner.generate(prompt, index, steps)
             full["times"].append(time.perf_counter() - start)
@@ -133,7 +133,8 @@ def main() -> None:
                 )
     (out / "table.json").write_text(json.dumps(rows, indent=2))
     print(
-        f"default model, {args.steps} steps, {len(prompts)} held-out captions, {args.repeats} repeats; PSNR from the global MSE"
+        f"default model, {args.steps} steps, {len(prompts)} held-out captions, {args.repeats} repeats; PSNR from the "
+        "global MSE"
     )
     print("| method | target | FLOP speedup | wall speedup | PSNR min / mean (dB) | SSIM mean | reuse / prune cells |")
     print("|---|---|---|---|---|---|---|")

@@ -72,7 +72,8 @@ def main() -> None:
     ratio = statistics.median(recorded_only) / statistics.median(plain)
     with_sensitivity = statistics.median(profiled) / statistics.median(plain)
     print(
-        f"default model, {len(specs)} prompts, {settings.num_inference_steps} steps, median of {args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s)"
+        f"default model, {len(specs)} prompts, {settings.num_inference_steps} steps, median of {args.repeats} "
+        f"interleaved repeats, {torch.get_num_threads()} thread(s)"
     )
     print("| quantity | value | target |")
     print("|---|---|---|")
@@ -80,13 +81,16 @@ def main() -> None:
         f"| profiling time / plain generation time (cost pass included, no sensitivity pass) | {ratio:.2f} | <= 1.5 |"
     )
     print(
-        f"| the same with the step-sensitivity pass ({settings.sensitivity_steps} steps, first prompt, one-time) | {with_sensitivity:.2f} | |"
+        f"| the same with the step-sensitivity pass ({settings.sensitivity_steps} steps, first prompt, one-time) | "
+        f"{with_sensitivity:.2f} | |"
     )
     print(
-        f"| profile size per prompt, default model (compressed file) | {statistics.median(sizes) / 1e6:.2f} MB (schema estimate uncompressed {estimate / 1e6:.2f} MB) | |"
+        f"| profile size per prompt, default model (compressed file) | {statistics.median(sizes) / 1e6:.2f} MB "
+        f"(schema estimate uncompressed {estimate / 1e6:.2f} MB) | |"
     )
     print(
-        f"| projected per prompt, Wan2.1-1.3B 480p x 81f x 50 steps (uncompressed) | {sum(projected.values()) / 1e6:.1f} MB | < 200 MB |"
+        "| projected per prompt, Wan2.1-1.3B 480p x 81f x 50 steps (uncompressed) | "
+        f"{sum(projected.values()) / 1e6:.1f} MB | < 200 MB |"
     )
     print(
         "projection by field (MB):",

@@ -103,13 +103,15 @@ def main() -> None:
 
     tokens = 4 * 16 * 16
     print(
-        f"Wan transformer: 8 blocks, dim 128, {tokens} tokens, {args.steps} steps, median of {args.repeats} interleaved repeats, {torch.get_num_threads()} thread(s)"
+        f"Wan transformer: 8 blocks, dim 128, {tokens} tokens, {args.steps} steps, median of {args.repeats} "
+        f"interleaved repeats, {torch.get_num_threads()} thread(s)"
     )
     print("| variant | median time ratio vs vanilla | target |")
     print("|---|---|---|")
     print(f"| all-compute plan (overhead) | {overhead:.3f} | <= 1.03 |")
     print(
-        f"| half-reuse plan (speedup) | {measured:.2f}x (FLOP-predicted {predicted:.2f}x, {measured / predicted:.2f} of it) | >= 0.90 of predicted |"
+        f"| half-reuse plan (speedup) | {measured:.2f}x (FLOP-predicted {predicted:.2f}x, {measured / predicted:.2f} "
+        "of it) | >= 0.90 of predicted |"
     )
 
 

@@ -20,17 +20,29 @@ from dit_accel.harness.files import write_files_atomic
 
 OURS = "auto"
 DEFINITIONS = {
-    "psnr": "10·log10(1 / MSE) in dB, the MSE taken over the whole video at once (every frame, pixel and RGB channel in [0, 1]) "
-    "against the un-accelerated video of the same prompt and seed; the table shows the PSNR of the MSE averaged over prompts "
-    "(so a prompt left unchanged does not make the row ∞)",
+    "psnr": (
+        "10·log10(1 / MSE) in dB, the MSE taken over the whole video at once (every frame, pixel and RGB channel in "
+        "[0, 1]) against the un-accelerated video of the same prompt and seed; the table shows the PSNR of the MSE "
+        "averaged over prompts (so a prompt left unchanged does not make the row ∞)"
+    ),
     "ssim": "Gaussian-window SSIM (11 px, sigma 1.5) per frame and channel, averaged; mean over prompts",
     "lpips": "mean over frames of the user-supplied TorchScript LPIPS model, images scaled to [-1, 1]",
-    "wall_speedup": "median over interleaved rounds of (un-accelerated time / the variant's time), both summed over prompts, the "
-    "un-accelerated time of each variant run being the mean of the two un-accelerated runs that bracket it (same process)",
-    "flop_speedup": "FLOPs of one un-accelerated generation of the first prompt / the variant's (torch FlopCounterMode, CPU attention "
-    "counted); block calls and the bound cover every prompt, so for adaptive methods the two can differ",
-    "block_calls": "block computations, counted when a block's first attention module computes its query projection; summed over prompts",
-    "cache_bytes": "peak bytes of the tensors held in the state of the diffusers hooks on the transformer (plans and peers alike)",
+    "wall_speedup": (
+        "median over interleaved rounds of (un-accelerated time / the variant's time), both summed over prompts, the "
+        "un-accelerated time of each variant run being the mean of the two un-accelerated runs that bracket it (same "
+        "process)"
+    ),
+    "flop_speedup": (
+        "FLOPs of one un-accelerated generation of the first prompt / the variant's (torch FlopCounterMode, CPU "
+        "attention counted); block calls and the bound cover every prompt, so for adaptive methods the two can differ"
+    ),
+    "block_calls": (
+        "block computations, counted when a block's first attention module computes its query projection; summed over "
+        "prompts"
+    ),
+    "cache_bytes": (
+        "peak bytes of the tensors held in the state of the diffusers hooks on the transformer (plans and peers alike)"
+    ),
     "bound": "T / (T_c + (T - T_c)·rho) with T_c = T·(computed / total block calls) and rho the non-block share of the "
     "un-accelerated run's FLOPs: the speedup if skipped block calls cost nothing; skipping only inside a block "
     "(PAB, TaylorSeer) counts as a skipped block, so the bound overstates what those methods can reach",
@@ -119,8 +131,9 @@ def _header(report: dict[str, Any]) -> list[str]:
     lines = [
         f"## dit-bench: {model['name']}",
         "",
-        f"{model['transformer_class']} ({model['blocks']} blocks, CFG {model['cfg_mode']}), {settings['steps']} steps, guidance "
-        f"{settings['guidance']:g}, {len(settings['prompts'])} prompt(s), median of {settings['repeats']} interleaved round(s), "
+        f"{model['transformer_class']} ({model['blocks']} blocks, CFG {model['cfg_mode']}), "
+        f"{settings['steps']} steps, guidance {settings['guidance']:g}, {len(settings['prompts'])} prompt(s), "
+        f"median of {settings['repeats']} interleaved round(s), "
         f"{settings['device']} {settings['dtype']}, torch {settings['torch']}, diffusers {settings['diffusers']}.",
     ]
     runs = report["rows"][0]["run_seconds"]

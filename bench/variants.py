@@ -91,7 +91,8 @@ def file_plans(paths: Sequence[str]) -> list[Variant]:
 def fitted_plans(
     profiles: ProfileSet, budgets: Sequence[float], presets: Sequence[str]
 ) -> tuple[list[Variant], dict[str, str]]:
-    """`auto` at every budget and each preset at its paper defaults; a fit the planner refuses is reported, not fatal."""
+    """`auto` at every budget and each preset at its paper defaults; a fit the planner refuses is reported, not
+    fatal."""
     requests = [(f"auto @{b:g}x", "auto", b) for b in budgets] + [(p, p, None) for p in presets]
     source = "fitted from " + ", ".join(Path(s.path).name for s in profiles.sources)
     variants, refused = [], {}

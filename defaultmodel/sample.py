@@ -1,4 +1,5 @@
-"""`python -m dit_accel.defaultmodel.sample`: generate one video with the default model and write a GIF and a PNG grid."""
+"""`python -m dit_accel.defaultmodel.sample`: generate one video with the default model and write a GIF and a PNG
+grid."""
 
 from __future__ import annotations
 

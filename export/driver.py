@@ -78,7 +78,8 @@ class OnnxPlanRunner:
                 key = name[len(CACHE_IN) :]
                 if key not in caches:
                     raise ExportError(
-                        f"step {step} of branch '{branch}' reuses cache {key}, which no earlier step computed; run steps in order from 0"
+                        f"step {step} of branch '{branch}' reuses cache {key}, which no earlier step computed; run "
+                        "steps in order from 0"
                     )
                 feeds[name] = self._advanced(caches[key], slopes.get(key), self._advance(entry, key))
             elif name.startswith(BLEND):

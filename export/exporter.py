@@ -236,7 +236,10 @@ def _conversion_failure(exc: BaseException, program: torch.export.ExportedProgra
                 if path.startswith("transformer.")
                 else "the transformer's own forward"
             )
-            return f"op {node.target} in module '{module}' has no ONNX conversion (opset {OPSET}); replace the op or register an ONNX translation for it"
+            return (
+                f"op {node.target} in module '{module}' has no ONNX conversion (opset {OPSET}); replace the op or "
+                "register an ONNX translation for it"
+            )
         cause = cause.__cause__ or cause.__context__
     return _first_line(exc)
 
@@ -313,7 +316,8 @@ def check_exportable(plan: Plan) -> None:
     kind = plan.policy.get("kind")
     if kind != "static":
         raise ExportError(
-            f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with --method auto, profilingdit or unicp)"
+            f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with "
+            "--method auto, profilingdit or unicp)"
         )
 
 

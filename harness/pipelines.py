@@ -48,7 +48,8 @@ def _load(model: str | None, dtype: torch.dtype) -> Any:
     index = Path(model) / "model_index.json"
     if not index.is_file():
         raise DitAccelError(
-            f"model folder {model} is not a local diffusers pipeline folder (no model_index.json); pass a folder saved with save_pretrained"
+            f"model folder {model} is not a local diffusers pipeline folder (no model_index.json); pass a folder "
+            "saved with save_pretrained"
         )
     if json.loads(index.read_text()).get("_class_name") == "TinyVideoPipeline":
         from dit_accel.defaultmodel import TinyVideoPipeline
@@ -103,6 +104,7 @@ def generate(
 
 
 def first_video(frames: Any) -> np.ndarray:
-    """The first video of a pipeline's frames (tensor, array or nested lists) as float32 [frames, height, width, rgb]."""
+    """The first video of a pipeline's frames (tensor, array or nested lists) as float32
+    [frames, height, width, rgb]."""
     frames = frames.float().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     return np.asarray(frames[0], dtype=np.float32)

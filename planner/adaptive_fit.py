@@ -178,7 +178,8 @@ def bwcache_policy(
 
 
 def indicator_blocks(blocks: int) -> list[int]:
-    """A quarter of the blocks (at least one), one at the centre of each equal slice: BWCache's subset for 3-D attention."""
+    """A quarter of the blocks (at least one), one at the centre of each equal slice: BWCache's subset for 3-D
+    attention."""
     count = max(1, -(-blocks // 4))
     return [int((i + 0.5) * blocks / count) for i in range(count)]
 

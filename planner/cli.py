@@ -1,8 +1,8 @@
 """dit-plan: fit plans from profiles, inspect them, validate (and tighten) them on held-out prompts.
 
-Thin wrappers over the library (`dit_accel.planner.methods`, `dit_accel.planner.summary`, `dit_accel.planner.validate`); every command that reports
-numbers takes `--json` and then prints one JSON object. Errors are one line on stderr with exit code 2, and no output
-file is left behind (plans are written atomically, last).
+Thin wrappers over the library (`dit_accel.planner.methods`, `dit_accel.planner.summary`, `dit_accel.planner.validate`);
+every command that reports numbers takes `--json` and then prints one JSON object. Errors are one line on stderr with
+exit code 2, and no output file is left behind (plans are written atomically, last).
 """
 
 from __future__ import annotations
@@ -77,7 +77,11 @@ def main(ctx: click.Context) -> None:
 @click.option(
     "--reuse",
     type=click.Choice(REUSE_MODES),
-    help="auto: reuse steps add the cached residual as it is (hold), moved along its slope by amounts fitted per run position (slope), or one step along it (extrapolate: the v1 solver). Default: the best measured of hold and slope.",
+    help=(
+        "auto: reuse steps add the cached residual as it is (hold), moved along its slope by amounts fitted per run "
+        "position (slope), or one step along it (extrapolate: the v1 solver). Default: the best measured of hold and "
+        "slope."
+    ),
 )
 @click.option("--sign-key-file", help="Sign the plan with the secret key in this file (HMAC-SHA256).")
 @click.option(
@@ -132,7 +136,8 @@ def _render_fit(report: dict[str, Any]) -> str:
     predicted = report["predicted"]
     line = (
         f"wrote {report['output']}: method {report['method']}, policy {report['policy']['kind']}, predicted speedup "
-        f"{predicted['speedup']:.2f}x, compute fraction {predicted['compute_fraction']:.2f}, error {predicted['error']:.4g}"
+        f"{predicted['speedup']:.2f}x, compute fraction {predicted['compute_fraction']:.2f}, error "
+        f"{predicted['error']:.4g}"
     )
     loop = predicted.get("closed_loop")
     if loop:

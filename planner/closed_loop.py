@@ -89,6 +89,7 @@ def load_closed_loop(profiles: Any, model: str | None, device: str = "cpu", dtyp
     if fingerprint_model(find_transformer(pipe)) != profiles.header.fingerprint:
         where = model or "the embedded default model"
         raise PlannerError(
-            f"{where} is not the model the profiles were recorded on; pass it with --model, or fit with --no-closed-loop"
+            f"{where} is not the model the profiles were recorded on; pass it with --model, or fit with "
+            "--no-closed-loop"
         )
     return closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)

@@ -12,7 +12,8 @@ from .profiles import DRIFT_FIELDS, ProfileSet
 def normalised_drift(
     rel_l1: np.ndarray, residual_norm: np.ndarray, output_norm: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(drift, share) on [..., step, block]: drift[s] = rel_l1[s]·‖r_{s−1}‖ / ‖h_out,s‖ (0 at step 0), share = ‖r_s‖ / ‖h_out,s‖.
+    """(drift, share) on [..., step, block]: drift[s] = rel_l1[s]·‖r_{s−1}‖ / ‖h_out,s‖ (0 at step 0),
+    share = ‖r_s‖ / ‖h_out,s‖.
 
     `h_out` is the last block's output, so both are fractions of what the block stack hands to the output head.
     """

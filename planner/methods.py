@@ -13,7 +13,8 @@
   per-layer schedules unstable and `validate` measures staggered per-block schedules far below their prediction.
 
 Every preset with a budget keeps the least-error setting that meets it (see `solver.py`); without one it uses the
-paper's defaults (`auto`: target speedup 2, or the most reachable below that). The same profiles and options always give the same plan bytes.
+paper's defaults (`auto`: target speedup 2, or the most reachable below that). The same profiles and options always give
+the same plan bytes.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         options.reuse in ("extrapolate", "slope") and options.method != "auto"
     ):
         raise PlannerError(
-            f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' / 'slope' are for --method auto only (the presets follow their papers), got {options.reuse!r} for {options.method}"
+            f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' / 'slope' are for --method auto "
+            f"only (the presets follow their papers), got {options.reuse!r} for {options.method}"
         )
     budget = Budget(options.target_speedup, options.max_error)
     steps = profiles.num_steps
@@ -330,7 +332,8 @@ def _reusable_steps(context: FitContext) -> np.ndarray:
     steps = unprotected(context.steps, context.warmup, context.protect_last)
     if not steps.any():
         raise PlannerError(
-            f"no step is left to reuse: {context.steps} steps, warm-up {context.warmup}, {context.protect_last} protected final steps"
+            f"no step is left to reuse: {context.steps} steps, warm-up {context.warmup}, {context.protect_last} "
+            "protected final steps"
         )
     return steps
 
@@ -557,7 +560,8 @@ def _computed_steps(context: FitContext, cost: np.ndarray, reachable: np.ndarray
     if not fast:
         best = max(speedups.values())
         raise PlannerError(
-            f"target speedup {budget.target_speedup:g}x is impossible: at most {best:.3f}x with reuse runs of at most {max_run} steps"
+            f"target speedup {budget.target_speedup:g}x is impossible: at most {best:.3f}x with reuse runs of at "
+            f"most {max_run} steps"
         )
     return min(fast, key=lambda n: (cost[n], n))
 

@@ -47,7 +47,8 @@ def fit_pca_bases(queries: np.ndarray, keys: np.ndarray, variance: float) -> Pca
         raise PlannerError(f"--pca-variance must be in (0, 1], got {variance}")
     if queries.shape != keys.shape or queries.ndim != 5:
         raise PlannerError(
-            f"feature samples must be [prompt, block, sample, head, channel] for queries and keys alike, got {queries.shape} and {keys.shape}"
+            "feature samples must be [prompt, block, sample, head, channel] for queries and keys alike, got "
+            f"{queries.shape} and {keys.shape}"
         )
     queries, keys = queries.astype(np.float64), keys.astype(np.float64)
     fitted = [_fit_block(queries[:, b], keys[:, b], variance) for b in range(queries.shape[1])]
@@ -93,7 +94,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def pruned_block_flops(
     block_flops: np.ndarray, tokens: int, head_dim: int, ranks: np.ndarray, heads: int
 ) -> np.ndarray:
-    """FLOPs of a pruned call of each block: QKᵀ in rank r instead of head_dim, plus projecting q and k onto the basis."""
+    """FLOPs of a pruned call of each block: QKᵀ in rank r instead of head_dim, plus projecting q and k onto the
+    basis."""
     saved = 2.0 * tokens * tokens * heads * (head_dim - ranks)
     projection = 2.0 * 2.0 * tokens * heads * head_dim * ranks
     return np.clip(block_flops - saved + projection, 0.0, block_flops)

@@ -87,7 +87,7 @@ def schedule_spans_axes(
 ) -> None:
     """The schedule grid with the plan's spans (blocks cached as one residual) outlined."""
     schedule_axes(ax, actions, block_ids)
-    for start, stop in spans:
+    for start, _ in spans:
         ax.axhline(start - 0.5, color="black", linewidth=1.2)
     ax.axhline(len(block_ids) - 0.5, color="black", linewidth=1.2)
     ax.set_title(f"{ax.get_title()}; {len(spans)} span(s) outlined")

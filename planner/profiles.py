@@ -59,11 +59,13 @@ class ProfileSet:
         missing = [name for name in fields if not self.has(name)]
         if missing:
             raise PlannerError(
-                f"{purpose} needs profile field(s) {', '.join(missing)}, which the profile does not hold for every prompt (re-profile recording them)"
+                f"{purpose} needs profile field(s) {', '.join(missing)}, which the profile does not hold for every "
+                "prompt (re-profile recording them)"
             )
 
     def stack_recorded(self, field: str) -> np.ndarray | None:
-        """Field `field` of the prompts that recorded it (some fields are recorded for the first prompts only), or None."""
+        """Field `field` of the prompts that recorded it (some fields are recorded for the first prompts only), or
+        None."""
         arrays = [p.read(info, field) for p in self.profiles for info in p.prompts if p.recorded(info, field)]
         if not arrays:
             return None

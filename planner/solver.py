@@ -1,4 +1,5 @@
-"""Budget solving: the schedule with the least predicted error under a FLOP budget (or the most speed under an error cap).
+"""Budget solving: the schedule with the least predicted error under a FLOP budget (or the most speed under an error
+cap).
 
 `greedy_schedule` starts from computing everything and repeatedly makes the single change (compute → reuse,
 compute → prune, prune → reuse of one unit at one step) with the least weighted predicted error added per FLOP
@@ -148,7 +149,8 @@ def greedy_schedule(
         if move is None:
             if budget.target_speedup is not None and strict:
                 raise PlannerError(
-                    f"target speedup {budget.target_speedup:g}x is impossible: at most {search.speedup():.3f}x with {int(protected.sum())} protected steps and at most {max_run} reuses in a row"
+                    f"target speedup {budget.target_speedup:g}x is impossible: at most {search.speedup():.3f}x with "
+                    f"{int(protected.sum())} protected steps and at most {max_run} reuses in a row"
                 )
             break
         search.apply(*move)
@@ -195,13 +197,15 @@ def choose_candidate(candidates: Sequence[Candidate], budget: Budget, method: st
         if not fit:
             best = max(c.speedup for c in candidates)
             raise PlannerError(
-                f"target speedup {budget.target_speedup:g}x is impossible for method {method}: at most {best:.3f}x on this profile"
+                f"target speedup {budget.target_speedup:g}x is impossible for method {method}: at most {best:.3f}x "
+                "on this profile"
             )
         return min(fit, key=lambda c: (c.error, -c.speedup))
     fit = [c for c in candidates if c.error <= budget.max_error + TOLERANCE]
     if not fit:
         least = min(c.error for c in candidates)
         raise PlannerError(
-            f"max error {budget.max_error:g} is impossible for method {method}: its most accurate plan has predicted error {least:.4g}"
+            f"max error {budget.max_error:g} is impossible for method {method}: its most accurate plan has predicted "
+            f"error {least:.4g}"
         )
     return max(fit, key=lambda c: (c.speedup, -c.error))

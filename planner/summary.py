@@ -68,7 +68,8 @@ def render_report(report: dict[str, Any]) -> str:
     report = _escaped(report)
     model, predicted, steps = report["model"], report["predicted"], report["num_inference_steps"]
     lines = [
-        f"plan: {model['transformer_class']} ({model['blocks']} blocks, config {model['config_hash'][:12]}…), {steps} steps",
+        f"plan: {model['transformer_class']} ({model['blocks']} blocks, config {model['config_hash'][:12]}…), "
+        f"{steps} steps",
         f"policy: {_policy_line(report['policy'])}; method {report['method'] or 'unknown'}",
         "predicted: " + ", ".join(f"{k} {_number(v)}" for k, v in sorted(predicted.items())),
         "",
@@ -155,6 +156,7 @@ def provenance_drift(plan: Plan) -> tuple[np.ndarray | None, str | None]:
     if drift.shape != plan.actions.shape:
         return (
             None,
-            f"drift heatmap skipped: profile {path} has {drift.shape[0]} blocks × {drift.shape[1]} steps, the plan {plan.actions.shape}",
+            f"drift heatmap skipped: profile {path} has {drift.shape[0]} blocks × {drift.shape[1]} steps, the plan "
+            f"{plan.actions.shape}",
         )
     return drift, None

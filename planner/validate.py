@@ -112,7 +112,8 @@ def _finite_json(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def profiled_generation(plan: Plan) -> tuple[float, dict[str, int]]:
-    """(guidance scale, video size kwargs) the plan's profile was recorded with (5.0 and the pipeline's size if unknown)."""
+    """(guidance scale, video size kwargs) the plan's profile was recorded with (5.0 and the pipeline's size if
+    unknown)."""
     settings = plan.provenance.get("profile_settings", {})
     size = {key[len("size_") :]: int(value) for key, value in settings.items() if key.startswith("size_")}
     return float(settings.get("guidance_scale", 5.0)), size
@@ -220,7 +221,8 @@ def tighten_plan(
     max_rounds: int = 8,
     **validate_kwargs: Any,
 ) -> tuple[Plan, list[ValidationReport]]:
-    """Validate, and recompute more cells until every prompt reaches `min_psnr` dB; returns the plan and every report."""
+    """Validate, and recompute more cells until every prompt reaches `min_psnr` dB; returns the plan and every
+    report."""
     predictor = predictor_from_plan(plan)
     reports = []
     for round_index in range(max_rounds):
@@ -241,7 +243,8 @@ def tighten_plan(
         actions = restore_schedule(predictor, plan.actions, target, math.ceil(skipped / 4), spans)
         plan = _with_actions(plan, predictor, actions, {"min_psnr": min_psnr, "rounds": len(reports)})
     raise PlannerError(
-        f"could not reach {min_psnr:g} dB on every prompt within {len(reports)} rounds (worst prompt {reports[-1].min_psnr:.2f} dB)"
+        f"could not reach {min_psnr:g} dB on every prompt within {len(reports)} rounds (worst prompt "
+        f"{reports[-1].min_psnr:.2f} dB)"
     )
 
 
@@ -264,15 +267,19 @@ def _with_actions(plan: Plan, predictor: Predictor, actions: np.ndarray, tighten
 def render_validation(report: dict[str, Any]) -> str:
     """Text form of a validation report (a `ValidationReport.to_json()`, plus 'output' when a plan was written)."""
     lines = [
-        f"{len(report['prompts'])} held-out prompts, {report['steps']} steps, median of {report['repeats']} interleaved repeats",
-        f"wall speedup {report['wall_speedup']:.2f}x (full {report['wall_full_s']:.3f}s, plan {report['wall_plan_s']:.3f}s)",
+        f"{len(report['prompts'])} held-out prompts, {report['steps']} steps, median of {report['repeats']} "
+        "interleaved repeats",
+        f"wall speedup {report['wall_speedup']:.2f}x (full {report['wall_full_s']:.3f}s, plan "
+        f"{report['wall_plan_s']:.3f}s)",
     ]
     if report["flop_speedup"] is not None:
         lines.append(
-            f"FLOP speedup {report['flop_speedup']:.2f}x in the transformer (predicted {_fmt(report['predicted_speedup'])}x), {report['pipeline_flop_speedup']:.2f}x for the whole pipeline"
+            f"FLOP speedup {report['flop_speedup']:.2f}x in the transformer (predicted "
+            f"{_fmt(report['predicted_speedup'])}x), {report['pipeline_flop_speedup']:.2f}x for the whole pipeline"
         )
     lines.append(
-        f"predicted error {_fmt(report['predicted_error'])}; PSNR ≈ C − 20·log10(error) with measured C = {_fmt(report['calibration_db'])} dB"
+        f"predicted error {_fmt(report['predicted_error'])}; PSNR ≈ C − 20·log10(error) with measured C = "
+        f"{_fmt(report['calibration_db'])} dB"
     )
     lines += [
         f"  PSNR {_fmt(p['psnr'])} dB  SSIM {p['ssim']:.4f}  seed {p['seed']}  {p['prompt']}" for p in report["prompts"]

@@ -54,7 +54,8 @@ def main() -> None:
 
 def _render(report: dict[str, Any]) -> str:
     return (
-        f"profiled {report['prompts_profiled']} prompt(s) ({report['prompts_skipped']} already complete) into {report['output']}\n"
+        f"profiled {report['prompts_profiled']} prompt(s) ({report['prompts_skipped']} already complete) into "
+        f"{report['output']}\n"
         f"time: {report['seconds']:.1f} s ({report['seconds_per_prompt']:.1f} s per prompt); "
         f"file: {report['file_bytes'] / 1e6:.2f} MB ({report['bytes_per_prompt'] / 1e6:.2f} MB per prompt)"
     )
@@ -108,7 +109,9 @@ def _render(report: dict[str, Any]) -> str:
     default=6,
     show_default=True,
     type=click.IntRange(0),
-    help="Steps at which to measure what reusing the whole stack does to the final latent (one generation each; 0: off).",
+    help=(
+        "Steps at which to measure what reusing the whole stack does to the final latent (one generation each; 0: off)."
+    ),
 )
 @click.option(
     "--sensitivity-prompts",

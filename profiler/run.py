@@ -277,7 +277,8 @@ def _check_existing(output: Path, fingerprint: Any, run_settings: dict, resume: 
         ) from None
     if existing.header.fingerprint != fingerprint:
         raise DitAccelError(
-            f"{output} exists and holds a profile of another model ({existing.header.fingerprint.transformer_class}); choose another output path"
+            f"{output} exists and holds a profile of another model "
+            f"({existing.header.fingerprint.transformer_class}); choose another output path"
         )
     if not resume:
         raise DitAccelError(f"{output} already exists; pass --resume to complete it or choose another output path")
@@ -311,7 +312,8 @@ def merge_profiles(inputs: list[str | os.PathLike], output: str | os.PathLike) -
         for info, arrays in iter_prompt_groups(profile.path):
             if info.index in seen:
                 raise DitAccelError(
-                    f"prompt index {info.index} appears in more than one profile ({profile.path}); were the shards made from one prompts file?"
+                    f"prompt index {info.index} appears in more than one profile ({profile.path}); were the shards "
+                    "made from one prompts file?"
                 )
             seen.add(info.index)
             entries.append((info, arrays))

@@ -111,7 +111,11 @@ class ProfileHeader:
     def compatible_with(self, other: ProfileHeader) -> str | None:
         """Why two profiles cannot be merged (a one-line reason), or None if they can."""
         if self.fingerprint != other.fingerprint:
-            return f"profiles are of different models ({self.fingerprint.transformer_class} {self.fingerprint.config_hash[:12]}… vs {other.fingerprint.transformer_class} {other.fingerprint.config_hash[:12]}…)"
+            return (
+                f"profiles are of different models ({self.fingerprint.transformer_class} "
+                f"{self.fingerprint.config_hash[:12]}… vs {other.fingerprint.transformer_class} "
+                f"{other.fingerprint.config_hash[:12]}…)"
+            )
         if self.settings != other.settings:
             differ = sorted(
                 k for k in set(self.settings) | set(other.settings) if self.settings.get(k) != other.settings.get(k)
@@ -225,7 +229,8 @@ def seal(path: str | os.PathLike) -> None:
         head = handle.read(USERBLOCK_BYTES + len(_HDF5_SIGNATURE))
     if head[USERBLOCK_BYTES:] != _HDF5_SIGNATURE:
         raise ProfileError(
-            f"{path}: not an HDF5 file with a {USERBLOCK_BYTES}-byte user block; only profiles written by this version can be sealed"
+            f"{path}: not an HDF5 file with a {USERBLOCK_BYTES}-byte user block; only profiles written by this "
+            "version can be sealed"
         )
     stamp = SEAL_MAGIC + _content_digest(path).encode()
     with open(path, "r+b") as handle:
@@ -240,7 +245,8 @@ def _verify_seal(path: Path) -> None:
     expected = block[len(SEAL_MAGIC) : len(SEAL_MAGIC) + 64].decode("ascii", "replace")
     if _content_digest(path) != expected:
         raise ProfileError(
-            f"{path}: profile content does not match its checksum (truncated, damaged or edited); re-profile or restore it"
+            f"{path}: profile content does not match its checksum (truncated, damaged or edited); re-profile or "
+            "restore it"
         )
 
 
@@ -288,7 +294,8 @@ class Profile:
             raise
         except Exception as exc:
             raise ProfileError(
-                f"{self.path}: damaged profile ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
+                f"{self.path}: damaged profile ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})"
             ) from None
 
     def stack(self, name: str) -> np.ndarray:
@@ -327,7 +334,8 @@ def open_profile(path: str | os.PathLike) -> Profile:
         raise
     except Exception as exc:  # h5py raises OSError/KeyError/ValueError/RuntimeError for damaged files
         raise ProfileError(
-            f"{path}: not a readable profile ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged file'})"
+            f"{path}: not a readable profile ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'damaged file'})"
         ) from None
     return Profile(path, header, prompts)
 
@@ -338,7 +346,8 @@ def _read_header(f: h5py.File, path: Path) -> ProfileHeader:
     version = int(f.attrs.get("schema_version", -1))
     if version != SCHEMA_VERSION:
         raise ProfileError(
-            f"{path}: profile schema version {version} is not supported (this version reads {SCHEMA_VERSION}); re-profile"
+            f"{path}: profile schema version {version} is not supported (this version reads {SCHEMA_VERSION}); "
+            "re-profile"
         )
     arrays = {name: np.asarray(f[p][()], dtype=dtype) for name, (p, _, dtype) in _ROOT_ARRAYS.items()}
     fingerprint = ModelFingerprint.from_json(json.loads(f.attrs["model_fingerprint"]))

@@ -185,7 +185,8 @@ def find_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
     if isinstance(pipe_or_transformer, torch.nn.Module):
         return unwrap_module(pipe_or_transformer)
     raise AdapterError(
-        f"expected a diffusers pipeline with a .transformer or a transformer module, got {type(pipe_or_transformer).__name__}"
+        "expected a diffusers pipeline with a .transformer or a transformer module, got "
+        f"{type(pipe_or_transformer).__name__}"
     )
 
 

@@ -68,7 +68,8 @@ def load_bases(
             raise PlanError(f"block {block_ids[block]} has prune steps but the plan has no basis 'pca.{block}'")
         if array.ndim != 3 or array.shape[2] > array.shape[1] or array.shape[2] < 1:
             raise PlanError(
-                f"plan basis 'pca.{block}' must have shape (heads, head_dim, rank) with 1 <= rank <= head_dim, got {array.shape}"
+                f"plan basis 'pca.{block}' must have shape (heads, head_dim, rank) with 1 <= rank <= head_dim, got "
+                f"{array.shape}"
             )
         bases[block] = torch.as_tensor(array, dtype=dtype, device=device)
     return bases

@@ -10,13 +10,14 @@ Hooks installed:
   reuse step or a blended prune step follows), on a prune step runs it with PCA-projected attention scores
   (blending with the cached output by the plan's DWS weight), and on a reuse step returns its input plus the
   residual cached at the span's last computed step (plans with policy `reuse: extrapolate`: that residual moved one
-  step along its slope since the span's previous computed step). A span of contiguous blocks is cached as one tensor: its first
-  block adds the residual, the others pass their input through;
+  step along its slope since the span's previous computed step). A span of contiguous blocks is cached as one tensor:
+  its first block adds the residual, the others pass their input through;
 * an *attention hook* on the self-attention of blocks that have prune steps (see `dit_accel.runtime.pruning`).
 
 All decisions of a static plan are plain Python tuples prepared at apply time, so the hot path never synchronises
-with the device; adaptive policies read one scalar per computed step (see `dit_accel.runtime.adaptive`). Cache state is kept per CFG branch (diffusers' cache context name); pipelines that batch cond and
-uncond into one call keep one cache per batch row, so the halves never mix either.
+with the device; adaptive policies read one scalar per computed step (see `dit_accel.runtime.adaptive`). Cache state is
+kept per CFG branch (diffusers' cache context name); pipelines that batch cond and uncond into one call keep one cache
+per batch row, so the halves never mix either.
 
 Under `torch.compile`, every per-call decision (step, run length, step table, adaptive policy, extrapolation slopes)
 is taken by code wrapped in `torch.compiler.disable`, as diffusers' own cache hooks do. What the compiled graph
@@ -390,12 +391,14 @@ def check_plan_matches(plan: Plan, transformer: torch.nn.Module, adapter: ModelA
         actual_class = type(transformer).__name__
         if fingerprint.transformer_class != actual_class:
             raise PlanError(
-                f"plan is for transformer class {fingerprint.transformer_class}, model is {actual_class} (use force=True to apply anyway, unsafe)"
+                f"plan is for transformer class {fingerprint.transformer_class}, model is {actual_class} (use "
+                "force=True to apply anyway, unsafe)"
             )
         actual_hash = config_hash(transformer.config)
         if fingerprint.config_hash != actual_hash:
             raise PlanError(
-                f"plan's config_hash {fingerprint.config_hash[:12]}… differs from the model's {actual_hash[:12]}… (another size or variant; use force=True to apply anyway, unsafe)"
+                f"plan's config_hash {fingerprint.config_hash[:12]}… differs from the model's {actual_hash[:12]}… "
+                "(another size or variant; use force=True to apply anyway, unsafe)"
             )
     block_ids = tuple(adapter.block_ids(transformer))
     if len(block_ids) != len(fingerprint.block_ids):
@@ -403,11 +406,13 @@ def check_plan_matches(plan: Plan, transformer: torch.nn.Module, adapter: ModelA
     if block_ids != fingerprint.block_ids:
         differ = next(i for i, (a, b) in enumerate(zip(block_ids, fingerprint.block_ids)) if a != b)
         raise PlanError(
-            f"plan's block_ids differ from the model's at position {differ}: {fingerprint.block_ids[differ]} vs {block_ids[differ]}"
+            f"plan's block_ids differ from the model's at position {differ}: {fingerprint.block_ids[differ]} vs "
+            f"{block_ids[differ]}"
         )
     if plan.policy.get("kind") not in SUPPORTED_POLICIES:
         raise PlanError(
-            f"plan policy '{plan.policy.get('kind')}' is not supported by this runtime (supported: {', '.join(SUPPORTED_POLICIES)})"
+            f"plan policy '{plan.policy.get('kind')}' is not supported by this runtime (supported: "
+            f"{', '.join(SUPPORTED_POLICIES)})"
         )
 
 

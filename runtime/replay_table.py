@@ -119,7 +119,8 @@ def remap_actions(actions: np.ndarray, steps: int) -> np.ndarray:
     if not MIN_STEP_RATIO <= ratio <= MAX_STEP_RATIO:
         raise PlanError(
             f"the plan was fitted for {plan_steps} inference steps and cannot be remapped to {steps} "
-            f"(supported: {int(np.ceil(plan_steps * MIN_STEP_RATIO))} to {int(plan_steps * MAX_STEP_RATIO)}); refit the plan at {steps} steps"
+            f"(supported: {int(np.ceil(plan_steps * MIN_STEP_RATIO))} to {int(plan_steps * MAX_STEP_RATIO)}); refit "
+            f"the plan at {steps} steps"
         )
     remapped = actions[:, _source_steps(plan_steps, steps)].copy()
     lead, trail = _edge_runs(actions)
@@ -208,7 +209,8 @@ class CompiledSchedule:
             start, stop = self.spans[self.span_of_block[block]]
             if blended and stop - start > 1:
                 raise PlanError(
-                    f"block {self.plan.model.block_ids[block]} blends pruned and cached outputs (DWS) but shares span [{start}, {stop}); DWS blocks must be cached alone"
+                    f"block {self.plan.model.block_ids[block]} blends pruned and cached outputs (DWS) but shares "
+                    f"span [{start}, {stop}); DWS blocks must be cached alone"
                 )
 
     def action_sets(self, steps: int) -> set[StepActions]:

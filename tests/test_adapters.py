@@ -74,6 +74,9 @@ def test_fingerprint_tracks_config_not_weights():
 
 
 def test_runtime_import_stays_light():
-    code = "import sys, dit_accel.runtime; print(sorted(m for m in ('h5py', 'sklearn', 'matplotlib', 'click') if m in sys.modules))"
+    code = (
+        "import sys, dit_accel.runtime; "
+        "print(sorted(m for m in ('h5py', 'sklearn', 'matplotlib', 'click') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

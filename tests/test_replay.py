@@ -131,7 +131,7 @@ def test_batched_cfg_rows_never_mix():
     def run(rows: slice) -> torch.Tensor:
         latent = None
         with apply_plan(model, plan), torch.no_grad():
-            for i, t in enumerate(STEPS):
+            for _, t in enumerate(STEPS):
                 kwargs = {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in make(t).items()}
                 if latent is not None:
                     kwargs["hidden_states"] = latent
