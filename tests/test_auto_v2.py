@@ -1,0 +1,69 @@
+"""`auto` v2 end to end on the default model: measured reuse costs → exact search → closed loop (planner/methods.py)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from dit_accel.harness.captions import CALIBRATION
+from dit_accel.harness.pipelines import load_pipeline
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.planner import FitOptions, PlannerError
+from dit_accel.planner.closed_loop import FAIL_RATIO, closed_loop_from_profile
+from dit_accel.planner.methods import fit_profiles
+from dit_accel.planner.profiles import load_profiles
+from dit_accel.profiler.recorder import RecordSettings
+from dit_accel.profiler.run import profile_prompts
+from dit_accel.runtime import REUSE
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    pipe = load_pipeline(None)
+    path = tmp_path_factory.mktemp("auto_v2") / "calibration.h5"
+    specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION[:2])]
+    settings = RecordSettings(
+        num_inference_steps=STEPS, record_attention=False, record_features=False, sensitivity_steps=3
+    )
+    profile_prompts(pipe, specs, path, settings, progress=False)
+    profiles = load_profiles([path])
+    return profiles, closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)
+
+
+def test_a_few_step_plan_is_refused_or_passes_its_closed_loop_and_records_what_it_measured(calibrated):
+    profiles, loop = calibrated
+    for target in (1.3, 1.6):
+        try:
+            plan = fit_profiles(profiles, FitOptions(target_speedup=target), loop)
+        except PlannerError as exc:
+            assert re.search(rf"fails its closed loop: .* at most \d+\.\d\dx passes at {STEPS} steps", str(exc)), exc
+            continue
+        record = plan.predicted["closed_loop"]
+        assert record["prompts"] == 2 and len(record["candidates"]) >= 2
+        assert record["measured_worst"] <= plan.predicted["error"] * FAIL_RATIO
+        assert plan.predicted["speedup"] >= target - 1e-9
+        assert float(loop.measure(plan).max()) == pytest.approx(record["measured_worst"], rel=1e-3)
+
+
+def test_without_a_closed_loop_the_search_meets_the_budget_and_may_reuse_the_last_step(calibrated):
+    profiles, _ = calibrated
+    plan = fit_profiles(profiles, FitOptions(target_speedup=2.0), None)
+    reuse = plan.actions[0] == REUSE
+    assert plan.policy["reuse"] in ("hold", "slope") and not reuse[0]
+    assert np.all(plan.actions == plan.actions[0])  # one whole-stack schedule
+    assert plan.predicted["speedup"] >= 2.0 and plan.predicted["error_model"] == "measured-reuse-v2"
+    if plan.policy["reuse"] == "slope":
+        beta = plan.policy["slope_scale"]
+        assert all(0.0 <= b <= j + 1 for j, b in enumerate(beta))
+
+
+def test_forced_steps_compute_and_hold_only_is_respected(calibrated):
+    profiles, _ = calibrated
+    plan = fit_profiles(profiles, FitOptions(target_speedup=1.5, warmup=2, protect_last=1, reuse="hold"), None)
+    reuse = plan.actions[0] == REUSE
+    assert not reuse[:2].any() and not reuse[-1] and plan.policy == {"kind": "static", "reuse": "hold"}
