@@ -12,6 +12,7 @@ A rerun with the same options reuses the finished profile (`--resume` semantics)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from dit_accel.harness.captions import CALIBRATION, HELD_OUT
 from dit_accel.harness.cli import OneLineErrorCommand, emit_report, user_errors
 from dit_accel.harness.pipelines import load_pipeline
 from dit_accel.harness.prompts import PromptSpec
-from dit_accel.planner.methods import FitOptions, fit_plan
+from dit_accel.planner.closed_loop import FAIL_RATIO, ClosedLoop, closed_loop_from_profile
+from dit_accel.planner.methods import FitOptions, fit_profiles
+from dit_accel.planner.profiles import load_profiles
 from dit_accel.planner.validate import PipelineRunner, validate_plan
 from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
@@ -44,8 +47,12 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(None)
     profile = calibration_profile(pipe, out / f"profile_{steps}steps.h5", calibration, steps, progress)
-    plan = fit_plan([str(profile)], FitOptions(method="auto", target_speedup=target_speedup))
+    profiles = load_profiles([str(profile)])
+    loop = closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)
+    plan = fit_profiles(profiles, FitOptions(method="auto", target_speedup=target_speedup), loop)
     save_plan(plan, out / "auto.plan")
+    held_out_specs = [PromptSpec(text, "", i) for i, text in enumerate(HELD_OUT[:held_out])]
+    held_out_error = ClosedLoop(pipe, held_out_specs, loop.guidance, loop.size).measure(plan)
     report = validate_plan(
         plan, PipelineRunner(pipe), HELD_OUT[:held_out], steps=steps, repeats=repeats, progress=progress
     )
@@ -55,9 +62,22 @@ def run_demo(
         "profile": str(profile),
         "target_speedup": target_speedup,
         **report.to_json(),
+        **_prediction_check(float(plan.predicted["error"]), float(held_out_error.max())),
     }
     (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _prediction_check(predicted: float, held_out: float) -> dict[str, Any]:
+    """The plan's predicted final-latent error next to the worst held-out caption's, with a warning past 3 dB."""
+    gap_db = 20 * math.log10(max(held_out, 1e-12) / max(predicted, 1e-12))
+    warning = None
+    if held_out > predicted * FAIL_RATIO:
+        warning = (
+            f"held-out fidelity is {gap_db:.1f} dB worse than the plan predicted (final-latent error {held_out:.4g} "
+            f"vs {predicted:.4g}); fit at more steps or a lower speedup"
+        )
+    return {"predicted_error": predicted, "held_out_latent_error": held_out, "warning": warning}
 
 
 def _write_gifs(pipe: Any, plan: Any, prompt: str, steps: int, out: Path) -> None:
@@ -82,9 +102,14 @@ def render(report: dict[str, Any]) -> str:
         f"dB / {p['ssim']:.3f} |"
         for p in report["prompts"]
     ]
-    return "\n".join(
-        [f"plan {report['plan']} (auto, target {report['target_speedup']}x, {report['steps']} steps)", *rows]
+    rows.append(
+        f"| final-latent error, worst caption | {report['held_out_latent_error']:.4g} "
+        f"(predicted {report['predicted_error']:.4g}) |"
     )
+    lines = [f"plan {report['plan']} (auto, target {report['target_speedup']}x, {report['steps']} steps)", *rows]
+    if report.get("warning"):
+        lines.append(f"warning: {report['warning']}")
+    return "\n".join(lines)
 
 
 @click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
