@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dit_accel.harness.pipelines import generate
+from dit_accel.harness.prompts import PromptSpec
 from dit_accel.runtime.adapters import find_transformer, fingerprint_model, get_adapter
 from dit_accel.runtime.plan import COMPUTE, REUSE, Plan
 from dit_accel.runtime.replay import apply_plan
@@ -42,19 +44,11 @@ def measure_sensitivity(
     blocks = len(get_adapter(transformer).block_ids(transformer))
     fingerprint = fingerprint_model(transformer)
 
+    spec = PromptSpec(prompt, negative_prompt, seed)
+
     def final_latent() -> torch.Tensor:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         with torch.no_grad():
-            output = pipe(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                num_inference_steps=steps,
-                guidance_scale=settings.guidance_scale,
-                generator=generator,
-                output_type="latent",
-                **size,
-            )
-        return output.frames.float()
+            return generate(pipe, spec, steps, settings.guidance_scale, size, output_type="latent").float()
 
     reference = final_latent()
     scale = float(reference.norm())

@@ -22,6 +22,8 @@ from dit_accel.bench.runner import bracketed
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import REUSE, Plan, fingerprint_model, get_adapter, load_plan, save_plan
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 STEPS, BLOCKS = 4, 8
 SIZE = ("--frames", "2", "--height", "16", "--width", "16")
 PROMPT = "a large red circle moves right on a black background"

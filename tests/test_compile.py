@@ -18,6 +18,8 @@ from tiny_models import run_steps, tiny_wan
 from dit_accel.runtime import COMPUTE, REUSE, apply_plan
 from dit_accel.runtime.replay_table import CompiledSchedule
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 STEPS = [float(t) for t in np.linspace(950, 50, 12)]
 BRANCHES = ("cond", "uncond")
 

@@ -26,6 +26,8 @@ from dit_accel.defaultmodel.sample import main as demo_main
 from dit_accel.defaultmodel.train import Trainer, parse_args
 from dit_accel.defaultmodel.video_io import save_gif, save_png_grid
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 PROMPT = "a large red circle moves right on a black background"
 
 

@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["inspect_profile.ipynb", "plan_tradeoffs.ipynb"]
 

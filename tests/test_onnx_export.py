@@ -19,6 +19,8 @@ from dit_accel.export.manifest import ExportError
 from dit_accel.planner.cli import main
 from dit_accel.runtime import COMPUTE, PRUNE, REUSE, Plan, apply_plan, fingerprint_model, load_plan
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 PROMPT = "a large blue square moves up on a black background"
 
 

@@ -20,6 +20,8 @@ from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import COMPUTE, fingerprint_model, load_plan
 from dit_accel.runtime.plan import save_plan
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 STEPS = 4
 PROMPTS = ["a large red circle moves left on a black background"]
 

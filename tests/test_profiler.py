@@ -22,6 +22,8 @@ from dit_accel.profiler.run import merge_profiles, profile_prompts
 from dit_accel.profiler.schema import FIELDS, ProfileError, open_profile, seal
 from dit_accel.runtime import get_adapter
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 STEPS = 4
 PROMPTS = [
     PromptSpec("a large red circle moves right on a blue background", "", 0),

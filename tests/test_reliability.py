@@ -22,6 +22,8 @@ from dit_accel.profiler.schema import FIELDS, ProfileError, ProfileHeader, Profi
 from dit_accel.runtime import ModelFingerprint, Plan, PlanError
 from dit_accel.runtime.plan import plan_from_bytes, plan_to_bytes
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 FUZZ_CASES = 1000
 PER_CASE_SECONDS = 2.0
 FP = ModelFingerprint("WanTransformer3DModel", "ab" * 32, ("blocks.0", "blocks.1", "blocks.2"))

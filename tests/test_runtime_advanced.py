@@ -216,6 +216,7 @@ def test_static_plans_never_read_tensors_on_the_host():
             assert torch.isfinite(run_steps(model, "wan", STEPS)).all()
 
 
+@pytest.mark.slow
 def test_hundred_generations_grow_nothing():
     pipe = PIPELINES["wan"]()
     actions = np.zeros((3, 4), np.uint8)
@@ -265,6 +266,7 @@ def _agreement_worker(rank: int, world: int, init_file: str, results: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_adaptive_decisions_agree_across_ranks(tmp_path):
     assert _shard_run(0) != _shard_run(1), "alone, the two shards would decide differently"
     results = str(tmp_path / "reused")
@@ -272,6 +274,7 @@ def test_adaptive_decisions_agree_across_ranks(tmp_path):
     assert np.array_equal(np.load(f"{results}.0.npy"), np.load(f"{results}.1.npy"))
 
 
+@pytest.mark.slow
 def test_torch_compile_with_a_static_plan_matches_eager():
     model = tiny_wan().eval()
     actions = np.zeros((3, len(STEPS)), np.uint8)

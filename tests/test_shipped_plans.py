@@ -10,6 +10,8 @@ import pytest
 from dit_accel.defaultmodel import load_default_pipeline
 from dit_accel.runtime import apply_plan, fingerprint_model, load_plan
 
+pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
+
 PLANS = sorted((Path(__file__).parent.parent / "plans").glob("*.plan"))
 METHODS = {"auto", "profilingdit", "adacache", "bwcache", "unicp"}
 
