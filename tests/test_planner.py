@@ -334,12 +334,13 @@ def test_sensitivity_weights_reproduce_measured_single_step_errors():
     assert np.array_equal(sensitivity_weights(weights, drift, np.full((1, steps), np.nan)), weights)
 
 
-def test_auto_extrapolates_reuse_by_default_and_presets_hold(profile):
-    assert fit_plan([profile], FitOptions(method="auto", target_speedup=1.3)).policy == {
-        "kind": "static",
-        "reuse": "extrapolate",
-    }
+def test_auto_without_measured_reuse_costs_extrapolates_by_default_and_presets_hold(profile):
+    plan = fit_plan([profile], FitOptions(method="auto", target_speedup=1.3))
+    assert plan.policy == {"kind": "static", "reuse": "extrapolate"}
+    assert plan.predicted["error_model"] != "measured-reuse-v2"  # the synthetic profile has no reuse_gram
     assert fit_plan([profile], FitOptions(method="auto", target_speedup=1.3, reuse="hold")).policy["reuse"] == "hold"
     assert "reuse" not in fit_plan([profile], FitOptions(method="profilingdit")).policy
-    with pytest.raises(PlannerError, match="'extrapolate' is for --method auto only"):
+    with pytest.raises(PlannerError, match="'extrapolate' / 'slope' are for --method auto only"):
         fit_plan([profile], FitOptions(method="profilingdit", reuse="extrapolate"))
+    with pytest.raises(PlannerError, match="--reuse slope needs a profile with measured reuse costs"):
+        fit_plan([profile], FitOptions(method="auto", target_speedup=1.3, reuse="slope"))
