@@ -277,7 +277,9 @@ def test_foreground_mask_matches_the_generated_shape(pipe, tmp_path):
         PromptSpec("a large white triangle moves down on a green background", "", 5),
     ]
     path = tmp_path / "fg.h5"
-    settings = RecordSettings(num_inference_steps=25, record_attention=False, record_features=False)
+    settings = RecordSettings(
+        num_inference_steps=25, record_attention=False, record_features=False, sensitivity_steps=0, reuse_lags=0
+    )
     profile_prompts(pipe, prompts, path, settings, progress=False)
     profile = open_profile(path)
     for index in range(len(prompts)):
