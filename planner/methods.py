@@ -49,7 +49,7 @@ from .pca import PcaBases, fit_pca_bases, pruned_block_flops
 from .predict import Predictor, step_weights
 from .profiles import ProfileSet, load_profiles
 from .reuse_costs import REUSE_COST_FIELDS, ReuseCosts, reuse_costs
-from .search import cell_costs, search, walk_cost
+from .search import SearchResult, cell_costs, search, walk_cost
 from .shapes import blending_blocks, edcw_actions, group_spans, interval_row, protected_steps
 from .solver import Budget, Candidate, block_units, choose_candidate, greedy_schedule
 
@@ -496,12 +496,11 @@ def _schedule_with(
     context: FitContext,
     costs: ReuseCosts,
     weights: np.ndarray,
-    forced: np.ndarray,
     mode: tuple[str, str],
+    result: SearchResult,
     computed: int,
 ) -> dict[str, Any] | None:
-    """The least-cost candidate of one (reuse mode, aggregate) with exactly `computed` computed steps, if any."""
-    result = search(cell_costs(costs, *mode), weights, forced)
+    """The least-cost candidate of a search over one (reuse mode, aggregate) with exactly `computed` computed steps."""
     if not np.isfinite(result.cost[computed]):
         return None
     return _candidate(context, costs, weights, mode, result.schedule(computed))
@@ -604,10 +603,11 @@ def _check_closed_loop(
     if worst <= best["error"] * FAIL_RATIO:
         return
     low, high = int((~best["reuse"]).sum()) + 1, context.steps
+    result = search(cell_costs(costs, *modes[0]), weights, forced)
     passing = context.steps
     while low <= high:
         middle = (low + high) // 2
-        trial = _schedule_with(context, costs, weights, forced, modes[0], middle)
+        trial = _schedule_with(context, costs, weights, modes[0], result, middle)
         if (
             trial is not None
             and float(closed_loop.measure(_candidate_plan(context, trial)).max()) <= trial["error"] * FAIL_RATIO
