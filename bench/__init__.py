@@ -10,20 +10,36 @@ Example:
     >>> print(render_markdown(report))
 """
 
-from .errors import BenchError
-from .report import build_report, pareto_figure, pareto_png, render_markdown, to_json, write_outputs
-from .runner import BenchOptions, BenchRun, run_bench, summarise
+from __future__ import annotations
 
-__all__ = [
-    "BenchError",
-    "BenchOptions",
-    "BenchRun",
-    "build_report",
-    "pareto_figure",
-    "pareto_png",
-    "render_markdown",
-    "run_bench",
-    "summarise",
-    "to_json",
-    "write_outputs",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import BenchError
+    from .report import build_report, pareto_figure, pareto_png, render_markdown, to_json, write_outputs
+    from .runner import BenchOptions, BenchRun, run_bench, summarise
+
+#: Public name → the module that defines it. Imported on first use (PEP 562), so that `dit-bench --help` and
+#: `dit-demo --help`, which import this package, do not import torch through the runner.
+_SOURCES = {
+    "BenchError": "errors",
+    "build_report": "report",
+    "pareto_figure": "report",
+    "pareto_png": "report",
+    "render_markdown": "report",
+    "to_json": "report",
+    "write_outputs": "report",
+    "BenchOptions": "runner",
+    "BenchRun": "runner",
+    "run_bench": "runner",
+    "summarise": "runner",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)

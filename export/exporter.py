@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -329,15 +330,18 @@ def export_onnx(
     *,
     size: dict[str, int] | None = None,
     force: bool = False,
+    replace: bool = False,
     progress: Any = None,
 ) -> dict[str, Any]:
     """Export one ONNX graph per distinct action set of `plan` plus `manifest.json` into `output_dir`.
 
     The folder is written atomically: everything goes to a temporary sibling that replaces `output_dir` only when
-    every graph exported, so a failure leaves no partial export (and an existing one untouched).
+    every graph exported, so a failure leaves no partial export (and an existing one untouched). `force` exports a
+    plan fitted on another model config (unsafe); `replace` lets the export replace a folder that is not an earlier
+    export (see `check_export_destination`).
     """
     check_exportable(plan)
-    out = check_export_destination(output_dir)
+    out = check_export_destination(output_dir, replace=replace)
     transformer = find_transformer(pipe)
     check_plan_matches(plan, transformer, get_adapter(transformer), force=force)
     schedule = CompiledSchedule(plan, adaptive=False)
@@ -369,20 +373,32 @@ def export_onnx(
     return manifest
 
 
-def check_export_destination(output_dir: str | os.PathLike) -> Path:
+def check_export_destination(
+    output_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), replace: bool = False
+) -> Path:
     """The export folder to write, refused unless it is new, empty, or an earlier export (which it replaces).
 
+    `replace=True` (`--force`) also accepts a folder with other contents, replaced as atomically as an earlier export.
+    Never accepted, even then: a file, the current folder or one above it, and a folder that holds one of `inputs`
+    (the plan being exported), since replacing it would delete them.
+
     Raises:
-        ExportError: `output_dir` is a file, the current folder or one above it, or a folder with other contents.
+        ExportError: `output_dir` is one of the destinations above.
     """
     out = Path(output_dir)
     resolved = out.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise ExportError(f"-o {output_dir} is the current folder or one above it; name a new folder for the export")
+    for source in inputs:
+        if resolved == Path(source).resolve() or resolved in Path(source).resolve().parents:
+            raise ExportError(f"-o {output_dir} holds the input {source}; name a new folder for the export")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ExportError(f"-o {output_dir} exists and is not a folder; name a new folder for the export")
-    if out.is_dir() and any(out.iterdir()) and not is_export_folder(out):
-        raise ExportError(f"-o {output_dir} is a folder that holds other files; name a new folder or an earlier export")
+    if not replace and out.is_dir() and any(out.iterdir()) and not is_export_folder(out):
+        raise ExportError(
+            f"-o {output_dir} is a folder that holds other files; name a new folder or an earlier export, or pass "
+            "--force to replace it"
+        )
     return out
 
 

@@ -1,13 +1,18 @@
-"""What every command line of the project shares: one-line errors, a non-zero exit code, no traceback, and the
-options that every command loading a pipeline spells the same way (defined once here, applied as decorators).
+"""What every command line of the project shares: one-line errors, a non-zero exit code, no traceback, `-h` as well
+as `--help`, and the options that every command loading a pipeline spells the same way (defined once here, applied as
+decorators).
+
+This module imports click and nothing heavy (no torch): `--help` of every command stays instant as long as the
+commands import the library inside their bodies.
 
 Example:
-    >>> @click.command(cls=OneLineErrorCommand)
+    >>> @click.command(cls=OneLineErrorCommand, context_settings=CONTEXT_SETTINGS)
     ... @MODEL
     ... @DEVICE
     ... @DTYPE
+    ... @steps_option(default=50)
     ... @user_errors
-    ... def run(model, device, dtype): ...
+    ... def run(model, device, dtype, steps): ...
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ from typing import Any
 import click
 
 from .errors import DitAccelError
-from .pipelines import DTYPES
 
 EXIT_USER_ERROR = 2
+#: `-h` and `--help` on every command and group.
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+#: The dtype names `--dtype` accepts: the keys of `harness.pipelines.DTYPES`, spelled here so that `--help` does not
+#: import torch (tests/test_cli_conventions.py checks that the two agree).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -98,7 +107,7 @@ DTYPE = click.option(
     "--dtype",
     default="float32",
     show_default=True,
-    type=click.Choice(list(DTYPES)),
+    type=click.Choice(DTYPE_NAMES),
     help="dtype the pipeline is loaded in.",
 )
 #: `--frames/--height/--width`: video size; each defaults to the pipeline's (or the profile's, where one is given).
@@ -111,8 +120,41 @@ WIDTH = click.option(
 )
 #: `--json`: the report as one JSON object on stdout.
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-#: `--quiet`: no progress bars.
-QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+#: `--quiet`: no progress bars and no phase lines.
+QUIET = click.option("--quiet", is_flag=True, help="No progress bars or phase lines; only the final report.")
+
+
+def steps_option(default: int | None = None, source: str = "") -> Callable[[Callable[..., Any]], Any]:
+    """`--steps N` (denoising steps, at least 2): a fixed default, or `source` naming where the default comes from."""
+    where = f"default: {source}" if source else f"default: {default}"
+    return click.option("--steps", default=default, type=click.IntRange(2), help=f"Denoising steps ({where}).")
+
+
+def guidance_option(
+    default: float | None = None, source: str = "", note: str = ""
+) -> Callable[[Callable[..., Any]], Any]:
+    """`--guidance G` (classifier-free guidance scale): a fixed default, or `source` naming where it comes from."""
+    where = f"default: {source}" if source else f"default: {default:g}"
+    return click.option(
+        "--guidance", default=default, type=float, help=f"Classifier-free guidance scale ({where}){note}."
+    )
+
+
+def prompts_option(required: bool = True, what: str = "Prompts") -> Callable[[Callable[..., Any]], Any]:
+    """`--prompts FILE`: a prompts file (.txt one per line, seeds 0, 1, …; .jsonl prompt, negative_prompt, seed)."""
+    return click.option(
+        "--prompts",
+        "prompts_path",
+        required=required,
+        type=click.Path(dir_okay=False),
+        help=f"{what}: .txt one per line (seeds 0, 1, …) or .jsonl (prompt, negative_prompt, seed).",
+    )
+
+
+def say(message: str, quiet: bool) -> None:
+    """One phase line on stderr (what a long phase is doing), unless `--quiet`; stdout keeps only the report."""
+    if not quiet:
+        click.echo(printable(message), err=True)
 
 
 def video_size(frames: int | None, height: int | None, width: int | None) -> dict[str, int]:

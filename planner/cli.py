@@ -7,31 +7,43 @@ exit code 2, and no output file is left behind (plans are written atomically, la
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
-from tqdm.auto import tqdm
 
-from dit_accel.export.exporter import EXAMPLE_PROMPT, check_export_destination, check_exportable, export_onnx
-from dit_accel.harness.cli import DEVICE, DTYPE, MODEL, OneLineErrorGroup, emit_report, printable, user_errors
-from dit_accel.harness.pipelines import load_pipeline
-from dit_accel.harness.prompts import read_prompt_file
-from dit_accel.runtime.plan import load_plan, read_key_file, save_plan
-from dit_accel.runtime.replay_table import REUSE_MODES
+from dit_accel.harness.cli import (
+    CONTEXT_SETTINGS,
+    DEVICE,
+    DTYPE,
+    FRAMES,
+    HEIGHT,
+    JSON,
+    MODEL,
+    QUIET,
+    WIDTH,
+    OneLineErrorGroup,
+    emit_report,
+    guidance_option,
+    printable,
+    prompts_option,
+    say,
+    steps_option,
+    user_errors,
+    video_size,
+)
 
-from .closed_loop import load_closed_loop
-from .errors import PlannerError
-from .labels import RULES
-from .methods import METHODS, FitOptions, fit_profiles
-from .plots import plan_figure, save_figure
-from .profiles import load_profiles
-from .reuse_costs import REUSE_COST_FIELDS
-from .solver import GRANULARITIES
-from .summary import plan_report, provenance_drift, render_report
-from .validate import PipelineRunner, profiled_generation, render_validation, tighten_plan, validate_plan
+#: The choices below are the library's (`planner.methods.METHODS`, `planner.labels.RULES`,
+#: `planner.solver.GRANULARITIES`, `runtime.replay_table.REUSE_MODES`), spelled here so that `--help` imports no torch;
+#: tests/test_cli_conventions.py checks that they agree.
+METHOD_NAMES = ("profilingdit", "adacache", "bwcache", "unicp", "auto")
+LABEL_RULES = ("threshold", "kmeans")
+GRANULARITY_NAMES = ("block", "label", "stack")
+REUSE_MODE_NAMES = ("hold", "extrapolate", "slope")
 
 
-@click.group(cls=OneLineErrorGroup, invoke_without_command=True)
+@click.group(cls=OneLineErrorGroup, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Fit, inspect and validate acceleration plans from profiles."""
@@ -42,7 +54,7 @@ def main(ctx: click.Context) -> None:
 @main.command()
 @click.argument("profiles", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, help="Plan file to write.")
-@click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True, help="Method preset.")
+@click.option("--method", type=click.Choice(METHOD_NAMES), default="auto", show_default=True, help="Method preset.")
 @click.option("--target-speedup", type=float, help="FLOP speedup to reach with the least predicted error.")
 @click.option("--max-error", type=float, help="Predicted error not to exceed, with the most speedup.")
 @click.option(
@@ -61,7 +73,7 @@ def main(ctx: click.Context) -> None:
     show_default=True,
     help="Attention quantile above which tokens are high-attention.",
 )
-@click.option("--label-rule", type=click.Choice(RULES), default="threshold", show_default=True)
+@click.option("--label-rule", type=click.Choice(LABEL_RULES), default="threshold", show_default=True)
 @click.option(
     "--label-threshold", type=float, help="Foreground score threshold (default half-way between chance and 1)."
 )
@@ -69,14 +81,14 @@ def main(ctx: click.Context) -> None:
 @click.option("--prune", is_flag=True, help="auto: allow PCAS prune steps (unicp always prunes).")
 @click.option(
     "--granularity",
-    type=click.Choice(GRANULARITIES),
+    type=click.Choice(GRANULARITY_NAMES),
     default="stack",
     show_default=True,
     help="auto: which blocks share one schedule.",
 )
 @click.option(
     "--reuse",
-    type=click.Choice(REUSE_MODES),
+    type=click.Choice(REUSE_MODE_NAMES),
     help=(
         "auto: reuse steps add the cached residual as it is (hold), moved along its slope by amounts fitted per run "
         "position (slope), or one step along it (extrapolate: the v1 solver). Default: the best measured of hold and "
@@ -94,7 +106,8 @@ def main(ctx: click.Context) -> None:
 @MODEL
 @DEVICE
 @DTYPE
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@JSON
+@QUIET
 @user_errors
 def fit(
     profiles: tuple[str, ...],
@@ -105,20 +118,31 @@ def fit(
     device: str,
     dtype: str,
     as_json: bool,
+    quiet: bool,
     **options: Any,
 ) -> None:
     """Fit a plan from one or more profiles of the same model.
 
     `auto` on profiles with measured reuse costs searches the exact least-cost schedule and, with the closed loop
     (default), measures its candidates on the calibration prompts: it refuses a plan that measures more than 3 dB
-    worse than predicted, naming the speedup that passes.
+    worse than predicted, naming the speedup that passes. Steps, guidance and video size are the profiles'.
     """
+    from dit_accel.harness.checks import check_output_file
+    from dit_accel.runtime.plan import read_key_file, save_plan
+
+    from .closed_loop import load_closed_loop
+    from .methods import FitOptions, fit_profiles
+    from .profiles import load_profiles
+    from .reuse_costs import REUSE_COST_FIELDS
+
+    check_output_file(output)
     key = read_key_file(sign_key_file) if sign_key_file else None
     fit_options = FitOptions(**options)
     profile_set = load_profiles(list(profiles))
     loop = None
     if closed_loop and fit_options.method == "auto" and profile_set.has(*REUSE_COST_FIELDS):
         loop = load_closed_loop(profile_set, model, device, dtype)
+        say("closed loop: replaying candidate schedules on the calibration prompts", quiet)
     plan = fit_profiles(profile_set, fit_options, loop)
     save_plan(plan, output, key=key)
     report = {
@@ -150,12 +174,22 @@ def _render_fit(report: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("plan_path")
-@click.option("--plot", help="Write the plan's figures (drift, schedule, labels, PCA) to this image file.")
+@click.option(
+    "--plot", help="Write the plan's figures (drift, schedule, labels, PCA) to this image file (.png, .svg, .pdf, …)."
+)
 @click.option("--key-file", help="Refuse the plan unless it is signed with the secret key in this file.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@JSON
 @user_errors
 def inspect(plan_path: str, plot: str | None, key_file: str | None, as_json: bool) -> None:
     """Show a plan: schedule grid, labels, spans, prediction and provenance."""
+    from dit_accel.harness.checks import check_image_file
+    from dit_accel.runtime.plan import load_plan, read_key_file
+
+    from .plots import plan_figure, save_figure
+    from .summary import plan_report, provenance_drift
+
+    if plot:
+        check_image_file(plot)
     plan = load_plan(plan_path, key=read_key_file(key_file) if key_file else None)
     report = plan_report(plan)
     if key_file:
@@ -168,6 +202,8 @@ def inspect(plan_path: str, plot: str | None, key_file: str | None, as_json: boo
 
 
 def _render_inspect(report: dict[str, Any]) -> str:
+    from .summary import render_report
+
     text = render_report(report)
     if "signature" in report:
         text += "\nsignature: verified with the key file"
@@ -179,52 +215,96 @@ def _render_inspect(report: dict[str, Any]) -> str:
 
 @main.command()
 @click.argument("plan_path")
-@click.option("--prompts", "prompts_path", required=True, help="Held-out prompts, one per line.")
-@click.option("--model", "model_path", help="Local pipeline folder (default: the embedded default model).")
-@click.option("--steps", type=int, help="Inference steps (default: the plan's; the runtime remaps within [N/2, 2N]).")
+@prompts_option(what="Held-out prompts")
+@MODEL
+@DEVICE
+@DTYPE
+@steps_option(source="the plan's; the runtime remaps a plan within [N/2, 2N]")
+@guidance_option(source="the plan's profile's, else 5")
+@FRAMES
+@HEIGHT
+@WIDTH
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed repeats per prompt and variant.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first prompt (then +1 per prompt).")
-@click.option(
-    "--guidance-scale", type=float, help="CFG scale (default: the profile's, else 5); size is the profile's too."
-)
 @click.option(
     "--flops/--no-flops", default=True, show_default=True, help="Count FLOPs of the first prompt (two extra runs)."
 )
 @click.option("--min-psnr", type=float, help="Tighten the plan until every prompt reaches this PSNR (dB).")
 @click.option("-o", "--output", help="Where to write the tightened plan (with --min-psnr).")
 @click.option("--key-file", help="Refuse the plan unless signed with the key in this file; sign the tightened plan.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@JSON
+@QUIET
 @user_errors
 def validate(
     plan_path: str,
     prompts_path: str,
-    model_path: str | None,
+    model: str | None,
+    device: str,
+    dtype: str,
     steps: int | None,
-    repeats: int,
-    seed: int,
-    guidance_scale: float | None,
-    flops: bool,
+    guidance: float | None,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
     min_psnr: float | None,
     output: str | None,
     key_file: str | None,
     as_json: bool,
+    quiet: bool,
+    **settings: Any,
 ) -> None:
-    """Measure a plan against the full model on held-out prompts; with --min-psnr, tighten it and write it."""
+    """Measure a plan against the full model on held-out prompts; with --min-psnr, tighten it and write it.
+
+    The video size defaults to the one the plan's profile was recorded at.
+    """
+    from dit_accel.harness.checks import check_output_file, check_prompts
+    from dit_accel.harness.pipelines import load_pipeline
+    from dit_accel.harness.prompts import read_prompt_file
+    from dit_accel.runtime.plan import load_plan, read_key_file
+
+    from .errors import PlannerError
+    from .validate import PipelineRunner, profiled_generation
+
     if (min_psnr is None) != (output is None):
         raise PlannerError("--min-psnr and -o go together: the tightened plan needs a file to go to")
+    if output is not None:
+        check_output_file(output)
     key = read_key_file(key_file) if key_file else None
     plan = load_plan(plan_path, key=key)
-    prompts = [spec.prompt for spec in read_prompt_file(prompts_path)]
+    specs = read_prompt_file(prompts_path)
     profiled_scale, size = profiled_generation(plan)
-    scale = profiled_scale if guidance_scale is None else guidance_scale
-    runner = PipelineRunner(load_pipeline(model_path), guidance_scale=scale, size=size)
-    settings = {"steps": steps, "repeats": repeats, "seed": seed, "flops": flops}
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    check_prompts(pipe, specs, prompts_path)
+    scale = profiled_scale if guidance is None else guidance
+    runner = PipelineRunner(pipe, guidance_scale=scale, size={**size, **video_size(frames, height, width)})
+    prompts = [spec.prompt for spec in specs]
+    emit_report(
+        _validate(plan, runner, prompts, min_psnr, output, key, steps, not quiet, settings), as_json, _render_validation
+    )
+
+
+def _validate(
+    plan: Any,
+    runner: Any,
+    prompts: list[str],
+    min_psnr: float | None,
+    output: str | None,
+    key: bytes | None,
+    steps: int | None,
+    progress: bool,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The validation report; with `min_psnr`, tighten the plan, write it to `output` and report every round."""
+    from dit_accel.runtime.plan import save_plan
+
+    from .validate import tighten_plan, validate_plan
+
+    settings = {**settings, "steps": steps, "progress": progress}
     if min_psnr is None:
-        emit_report(validate_plan(plan, runner, prompts, **settings).to_json(), as_json, render_validation)
-        return
+        return validate_plan(plan, runner, prompts, **settings).to_json()
     tightened, reports = tighten_plan(plan, runner, prompts, min_psnr, **settings)
     save_plan(tightened, output, key=key)
-    report = {
+    return {
         **reports[-1].to_json(),
         "output": output,
         "rounds": len(reports),
@@ -234,45 +314,87 @@ def validate(
             for r in reports
         ],
     }
-    emit_report(report, as_json, render_validation)
+
+
+def _render_validation(report: dict[str, Any]) -> str:
+    from .validate import render_validation
+
+    return render_validation(report)
 
 
 @main.command("export-onnx")
 @click.argument("plan_path")
-@click.option("--model", "model_path", help="Local pipeline folder (default: the embedded default model).")
+@MODEL
+@DEVICE
+@DTYPE
+@FRAMES
+@HEIGHT
+@WIDTH
 @click.option(
     "-o", "--output", required=True, help="Folder to write: graphs, weights.bin, manifest.json (replaced atomically)."
 )
 @click.option(
     "--prompt",
-    default=EXAMPLE_PROMPT,
-    show_default=True,
-    help="Prompt of the example call that fixes the graphs' input shapes.",
+    help="Prompt of the example call that fixes the graphs' input shapes (default: a default-model caption).",
 )
-@click.option("--force", is_flag=True, help="Export a plan fitted on another model config (unsafe).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace -o even if it is a folder with other files (atomically; never the current folder or one that holds "
+    "the plan).",
+)
+@click.option("--ignore-model-check", is_flag=True, help="Export a plan fitted on another model config (unsafe).")
+@JSON
+@QUIET
 @user_errors
 def export_onnx_command(
-    plan_path: str, model_path: str | None, output: str, prompt: str, force: bool, as_json: bool
+    plan_path: str,
+    model: str | None,
+    device: str,
+    dtype: str,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    output: str,
+    prompt: str | None,
+    force: bool,
+    ignore_model_check: bool,
+    as_json: bool,
+    quiet: bool,
 ) -> None:
     """Export the transformer with a static plan folded in: one ONNX graph per distinct per-step action set.
 
     Residual caches are explicit graph inputs/outputs; manifest.json maps steps to graphs. Replay it with
     dit_accel.export.driver (onnxruntime, no PyTorch) or build TensorRT engines from the graphs. OUTPUT must be a
-    new or empty folder, or an earlier export, which is replaced only once the new one is complete.
+    new or empty folder, or an earlier export, which is replaced only once the new one is complete (--force: any
+    folder). Steps are the plan's; guidance is the driver's argument; the video size defaults to the profile's.
     """
-    check_export_destination(output)
+    from dit_accel.export.exporter import EXAMPLE_PROMPT, check_export_destination, check_exportable, export_onnx
+    from dit_accel.harness.checks import check_prompts
+    from dit_accel.harness.pipelines import load_pipeline
+    from dit_accel.harness.prompts import PromptSpec
+    from dit_accel.runtime.plan import load_plan
+
+    from .validate import profiled_generation
+
+    check_export_destination(output, inputs=(plan_path,), replace=force)
     plan = load_plan(plan_path)
     check_exportable(plan)
     _, size = profiled_generation(plan)
-    pipe = load_pipeline(model_path)
-    with tqdm(total=None, desc="exporting graphs", unit="graph", disable=as_json) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        manifest = export_onnx(pipe, plan, output, prompt, size=size, force=force, progress=progress)
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    prompt = prompt or EXAMPLE_PROMPT
+    check_prompts(pipe, [PromptSpec(prompt)], "--prompt")
+    with _graph_progress(disable=as_json or quiet) as progress:
+        manifest = export_onnx(
+            pipe,
+            plan,
+            output,
+            prompt,
+            size={**size, **video_size(frames, height, width)},
+            force=ignore_model_check,
+            replace=force,
+            progress=progress,
+        )
     report = {
         "output": output,
         "graphs": len(manifest["graphs"]),
@@ -281,6 +403,20 @@ def export_onnx_command(
         "actions": [g["actions"] for g in manifest["graphs"]],
     }
     emit_report(report, as_json, _render_export)
+
+
+@contextlib.contextmanager
+def _graph_progress(disable: bool) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar over exported graphs, as the `progress(done, total)` callback `export_onnx` calls."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=None, desc="exporting graphs", unit="graph", disable=disable) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield progress
 
 
 def _render_export(report: dict[str, Any]) -> str:
