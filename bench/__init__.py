@@ -36,7 +36,19 @@ _SOURCES = {
     "summarise": "runner",
 }
 
-__all__ = sorted(_SOURCES)
+__all__ = [
+    "BenchError",
+    "BenchOptions",
+    "BenchRun",
+    "build_report",
+    "pareto_figure",
+    "pareto_png",
+    "render_markdown",
+    "run_bench",
+    "summarise",
+    "to_json",
+    "write_outputs",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -49,7 +49,31 @@ _SOURCES = {
     "validate_plan": "validate",
 }
 
-__all__ = sorted(_SOURCES)
+__all__ = [
+    "BlockLabels",
+    "Budget",
+    "FitOptions",
+    "METHODS",
+    "PLANNER_VERSION",
+    "PcaBases",
+    "PipelineRunner",
+    "PlannerError",
+    "Predictor",
+    "ProfileSet",
+    "ValidationReport",
+    "fit_labels",
+    "fit_pca_bases",
+    "fit_plan",
+    "fit_profiles",
+    "greedy_schedule",
+    "load_profiles",
+    "plan_report",
+    "predictor_from_plan",
+    "render_report",
+    "restore_schedule",
+    "tighten_plan",
+    "validate_plan",
+]
 
 
 def __getattr__(name: str) -> Any:
