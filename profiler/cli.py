@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from dit_accel.harness.cli import (
+    CONTEXT_SETTINGS,
     DEVICE,
     DTYPE,
     FRAMES,
@@ -21,33 +22,31 @@ from dit_accel.harness.cli import (
     WIDTH,
     OneLineErrorGroup,
     emit_report,
+    guidance_option,
+    prompts_option,
+    steps_option,
     user_errors,
     video_size,
 )
-from dit_accel.harness.pipelines import load_pipeline
-from dit_accel.harness.prompts import read_prompt_file
-
-from .recorder import RecordSettings
-from .run import check_output_location, merge_profiles, profile_distributed
 
 
 class _DefaultToRun(OneLineErrorGroup):
-    """`dit-profile PROMPTS …` means `dit-profile run PROMPTS …`; `dit-profile merge …` stays a subcommand."""
+    """`dit-profile --prompts P …` means `dit-profile run --prompts P …`; `dit-profile merge …` stays a subcommand."""
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
-            args.insert(0, "run")
-        return super().resolve_command(ctx, args)
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in CONTEXT_SETTINGS["help_option_names"]:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
 
 
-@click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_DefaultToRun, context_settings=CONTEXT_SETTINGS)
 def main() -> None:
     """Profile a video diffusion transformer on calibration prompts into an HDF5 file.
 
     \b
-    dit-profile PROMPTS.txt -o profile.h5            # the embedded default model
-    dit-profile PROMPTS.jsonl -o wan.h5 --model ./Wan2.1-T2V-1.3B-Diffusers --dtype bfloat16 --device cuda
-    torchrun --nproc_per_node 4 dit-profile PROMPTS.txt -o wan.h5 …   # one shard per rank, merged at the end
+    dit-profile --prompts P.txt -o profile.h5            # the embedded default model
+    dit-profile --prompts P.jsonl -o wan.h5 --model ./Wan2.1-T2V-1.3B-Diffusers --dtype bfloat16 --device cuda
+    torchrun --nproc_per_node 4 dit-profile --prompts P.txt -o wan.h5 …   # one shard per rank, merged at the end
     dit-profile merge a.h5 b.h5 -o all.h5
     """
 
@@ -61,23 +60,17 @@ def _render(report: dict[str, Any]) -> str:
     )
 
 
-@main.command("run")
-@click.argument("prompts", type=click.Path(dir_okay=False))
+@main.command("run", context_settings=CONTEXT_SETTINGS)
+@prompts_option(what="Calibration prompts")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="HDF5 profile to write.")
 @MODEL
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(2, 1000), help="Denoising steps.")
-@click.option(
-    "--guidance",
-    default=5.0,
-    show_default=True,
-    type=float,
-    help="Classifier-free guidance scale (<= 1 records the cond branch only).",
-)
+@DEVICE
+@DTYPE
+@steps_option(default=50)
+@guidance_option(default=5.0, note="; <= 1 records the cond branch only")
 @FRAMES
 @HEIGHT
 @WIDTH
-@DTYPE
-@DEVICE
 @click.option(
     "--attention-every",
     default=2,
@@ -132,16 +125,16 @@ def _render(report: dict[str, Any]) -> str:
 @QUIET
 @user_errors
 def run_command(
-    prompts: str,
+    prompts_path: str,
     output: str,
     model: str | None,
+    device: str,
+    dtype: str,
     steps: int,
     guidance: float,
     frames: int | None,
     height: int | None,
     width: int | None,
-    dtype: str,
-    device: str,
     attention_every: int,
     query_samples: int,
     cross_tokens: int,
@@ -155,9 +148,19 @@ def run_command(
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Profile the prompts of PROMPTS (.txt: one per line; .jsonl: prompt, negative_prompt, seed)."""
-    specs = read_prompt_file(prompts)
-    check_output_location(output)
+    """Profile the calibration prompts of --prompts into the HDF5 file -o.
+
+    Every prompt is checked against the model's tokenizer before the first one is profiled.
+    """
+    from dit_accel.harness.checks import check_output_file, check_prompts
+    from dit_accel.harness.pipelines import load_pipeline
+    from dit_accel.harness.prompts import read_prompt_file
+
+    from .recorder import RecordSettings
+    from .run import profile_distributed
+
+    specs = read_prompt_file(prompts_path)
+    check_output_file(output)
     settings = RecordSettings(
         num_inference_steps=steps,
         guidance_scale=guidance,
@@ -174,16 +177,22 @@ def run_command(
     size = video_size(frames, height, width)
     _init_distributed(device)
     pipe = load_pipeline(model, device=device, dtype=dtype)
+    check_prompts(pipe, specs, prompts_path)
     summary = profile_distributed(pipe, specs, output, settings, size=size, resume=resume, progress=not quiet)
     emit_report(summary.to_json(), as_json, _render)
 
 
-@main.command("merge")
+@main.command("merge", context_settings=CONTEXT_SETTINGS)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Merged profile to write.")
 @user_errors
 def merge_command(inputs: tuple[str, ...], output: str) -> None:
     """Merge profiles (e.g. per-rank shards) of the same model and settings into one file."""
+    from dit_accel.harness.checks import check_output_file
+
+    from .run import merge_profiles
+
+    check_output_file(output)
     count = merge_profiles(list(inputs), output)
     click.echo(f"merged {count} prompt(s) from {len(inputs)} file(s) into {output}")
 

@@ -118,7 +118,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, message):
     prompts = tmp_path / "p.txt"
     prompts.write_text("" if case == "empty" else "a red circle moves left on a blue background\n")
     output = tmp_path / ("nowhere/x.h5" if case == "folder" else "x.h5")
-    args = [str(tmp_path / "absent.txt") if case == "missing" else str(prompts), "-o", str(output)]
+    args = ["--prompts", str(tmp_path / "absent.txt") if case == "missing" else str(prompts), "-o", str(output)]
     if case == "model":
         args += ["--model", str(tmp_path)]
     result = _cli(*args)
@@ -163,6 +163,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, profile_path, pi
         sys.executable,
         "-m",
         "dit_accel.profiler",
+        "--prompts",
         str(prompts),
         "-o",
         str(killed),
@@ -180,7 +181,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, profile_path, pi
     process.wait()
     interrupted = open_profile(killed)
     assert 1 <= len(interrupted.prompts) <= 3
-    result = _cli(str(prompts), "-o", str(killed), "--steps", str(STEPS), "--resume", "--quiet", "--json")
+    result = _cli("--prompts", str(prompts), "-o", str(killed), "--steps", str(STEPS), "--resume", "--quiet", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["prompts_skipped"] == len(interrupted.prompts)

@@ -338,6 +338,7 @@ def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_
             sys.executable,
             "-m",
             "dit_accel.profiler",
+            "--prompts",
             str(prompts),
             "-o",
             str(output),
