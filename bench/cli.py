@@ -7,6 +7,8 @@ A thin click wrapper over `dit_accel.bench.runner` and `dit_accel.bench.report`.
     dit-bench --profile calib.h5 --fit --out artifacts/bench          # + auto at several budgets and every preset
     dit-bench --plan a.plan --plan b.plan --peers fbc,magcache --thresholds magcache=0.05,0.1
     dit-bench --random-config wan-1.3b --device cuda --dtype bfloat16 --steps 50 --frames 33   # speed only
+
+The library is imported inside `main`, so that `dit-bench --help` does not import torch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import click
 
 from dit_accel.harness.cli import (
+    CONTEXT_SETTINGS,
     DEVICE,
     DTYPE,
     FRAMES,
@@ -26,16 +29,21 @@ from dit_accel.harness.cli import (
     QUIET,
     WIDTH,
     OneLineErrorCommand,
+    guidance_option,
+    prompts_option,
+    steps_option,
     user_errors,
     video_size,
 )
 
 from .errors import BenchError
-from .models import RANDOM_CONFIGS
-from .peers import PEERS
-from .report import build_report, pareto_png, render_markdown, to_json, write_outputs
-from .runner import DEFAULT_BUDGETS, BenchOptions, run_bench, summarise
-from .variants import FIT_PRESETS
+
+#: The library's names (`models.RANDOM_CONFIGS`, `peers.PEERS`, `variants.FIT_PRESETS`, `runner.DEFAULT_BUDGETS`),
+#: spelled here so that `--help` imports no torch; tests/test_cli_conventions.py checks that they agree.
+RANDOM_CONFIG_NAMES = ("wan-1.3b",)
+PEER_NAMES = ("fbc", "taylorseer", "magcache", "seacache", "pab", "fastercache")
+FIT_PRESET_NAMES = ("profilingdit", "adacache", "bwcache", "unicp")
+DEFAULT_BUDGET_VALUES = (1.5, 2.0, 3.0)
 
 
 def _numbers(text: str, what: str) -> tuple[float, ...]:
@@ -56,17 +64,17 @@ def _parse_presets(ctx: click.Context, param: click.Parameter, value: str | None
     if value is None:
         return None
     names = tuple(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none")
-    unknown = [n for n in names if n not in FIT_PRESETS]
+    unknown = [n for n in names if n not in FIT_PRESET_NAMES]
     if unknown:
-        raise click.BadParameter(f"unknown preset {unknown[0]!r} (known: {', '.join(FIT_PRESETS)}, or none)")
+        raise click.BadParameter(f"unknown preset {unknown[0]!r} (known: {', '.join(FIT_PRESET_NAMES)}, or none)")
     return names
 
 
 def _parse_peers(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in value.split(",") if n.strip())
-    unknown = [n for n in names if n not in PEERS]
+    unknown = [n for n in names if n not in PEER_NAMES]
     if unknown:
-        raise click.BadParameter(f"unknown peer {unknown[0]!r} (known: {', '.join(PEERS)})")
+        raise click.BadParameter(f"unknown peer {unknown[0]!r} (known: {', '.join(PEER_NAMES)})")
     return names
 
 
@@ -76,8 +84,8 @@ def _parse_thresholds(
     grids = {}
     for item in value:
         name, _, numbers = item.partition("=")
-        if name.strip() not in PEERS or not numbers:
-            raise click.BadParameter(f"expected PEER=V1,V2,… with PEER one of {', '.join(PEERS)}, got {item!r}")
+        if name.strip() not in PEER_NAMES or not numbers:
+            raise click.BadParameter(f"expected PEER=V1,V2,… with PEER one of {', '.join(PEER_NAMES)}, got {item!r}")
         grids[name.strip()] = _numbers(numbers, f"--thresholds {name.strip()}")
     return grids
 
@@ -94,7 +102,7 @@ def check_output_dir(out: str) -> None:
         raise BenchError(f"--out {out}: folder {existing} is not writable")
 
 
-@click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrorCommand, context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--out",
     default="artifacts/bench",
@@ -105,7 +113,7 @@ def check_output_dir(out: str) -> None:
 @MODEL
 @click.option(
     "--random-config",
-    type=click.Choice(sorted(RANDOM_CONFIGS)),
+    type=click.Choice(sorted(RANDOM_CONFIG_NAMES)),
     help="Full-size architecture with random weights (speed only).",
 )
 @click.option(
@@ -122,16 +130,16 @@ def check_output_dir(out: str) -> None:
 @click.option(
     "--budgets",
     callback=_parse_budgets,
-    help=f"FLOP speedups to fit auto at [default: {','.join(f'{b:g}' for b in DEFAULT_BUDGETS)}; 2 with --quick].",
+    help=f"FLOP speedups to fit auto at [default: {','.join(map(str, DEFAULT_BUDGET_VALUES))}; 2 with --quick].",
 )
 @click.option(
     "--presets",
     callback=_parse_presets,
-    help=f"Method presets to fit at their defaults, or none [default: {','.join(FIT_PRESETS)}; none with --quick].",
+    help=f"Method presets to fit at their defaults, or none [default: {','.join(FIT_PRESET_NAMES)}; none: --quick].",
 )
 @click.option(
     "--peers",
-    default=",".join(PEERS),
+    default=",".join(PEER_NAMES),
     show_default=True,
     callback=_parse_peers,
     help="diffusers caches to compare with.",
@@ -140,19 +148,13 @@ def check_output_dir(out: str) -> None:
     "--thresholds", multiple=True, callback=_parse_thresholds, help="PEER=V1,V2,… replaces a peer's grid (repeatable)."
 )
 @click.option("--quick", is_flag=True, help="Reduced grid: one value per peer, auto at 2x, no presets (unless given).")
-@click.option(
-    "--prompts",
-    type=click.Path(dir_okay=False),
-    help="Benchmark prompts (.txt one per line, seeds 0, 1, …; or .jsonl).",
-)
+@prompts_option(required=False, what="Benchmark prompts (default: twelve held-out captions of the default model)")
 @click.option(
     "--calibration-prompts",
     type=click.Path(dir_okay=False),
     help="MagCache calibration prompts (default: the --profile prompts, else built-in ones).",
 )
-@click.option(
-    "--steps", type=click.IntRange(2), help="Denoising steps (default: the profile's, else the plan's, else 20)."
-)
+@steps_option(source="the profile's, else the plan's, else 20")
 @click.option(
     "--repeats",
     default=2,
@@ -160,7 +162,7 @@ def check_output_dir(out: str) -> None:
     type=click.IntRange(1),
     help="Interleaved timed rounds; the median is reported.",
 )
-@click.option("--guidance", type=float, help="Guidance scale (default: the profile's, else 5).")
+@guidance_option(source="the profile's, else 5")
 @FRAMES
 @HEIGHT
 @WIDTH
@@ -176,6 +178,7 @@ def check_output_dir(out: str) -> None:
 @user_errors
 def main(
     out: str,
+    prompts_path: str | None,
     frames: int | None,
     height: int | None,
     width: int | None,
@@ -185,13 +188,19 @@ def main(
     **options: Any,
 ) -> None:
     """Benchmark plans and diffusers' caches against the un-accelerated pipeline (same prompts, seeds, process)."""
+    from .report import build_report, pareto_png, render_markdown, to_json, write_outputs
+    from .runner import BenchOptions, run_bench, summarise
+
     unselected = sorted(set(thresholds) - set(options["peers"]))
     if unselected:
         raise BenchError(f"--thresholds names {unselected[0]}, which --peers leaves out")
     check_output_dir(out)
     size = video_size(frames, height, width)
+    if prompts_path is not None:
+        _check_prompts_file(prompts_path, options["model"], options["random_config"])
     bench = BenchOptions(
         **{**options, "plans": tuple(options["plans"]), "profiles": tuple(options["profiles"])},
+        prompts=prompts_path,
         thresholds=thresholds,
         size=size,
         progress=not quiet,
@@ -212,3 +221,14 @@ def _fitted_plan_files(run: Any) -> dict[str, bytes]:
     from dit_accel.runtime.plan import plan_to_bytes
 
     return {v.plan_file: plan_to_bytes(v.plan) for v in run.variants if v.plan_file is not None}
+
+
+def _check_prompts_file(path: str, model: str | None, random_config: str | None) -> None:
+    """Refuse up front a prompt the embedded default model's tokenizer refuses (when that is the model benchmarked)."""
+    if model is not None or random_config is not None:
+        return
+    from dit_accel.defaultmodel import WordTokenizer
+    from dit_accel.harness.checks import check_texts
+    from dit_accel.harness.prompts import read_prompt_file
+
+    check_texts([WordTokenizer.from_package()], read_prompt_file(path), path)

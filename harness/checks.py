@@ -64,7 +64,11 @@ def check_prompts(pipe: Any, specs: Sequence[PromptSpec], source: str = "prompts
     Tokenizers that accept any text (Hugging Face ones) pass everything.
     """
     components = getattr(pipe, "components", None) or vars(pipe)
-    tokenizers = [components[name] for name in sorted(components) if name.startswith("tokenizer")]
+    check_texts([components[name] for name in sorted(components) if name.startswith("tokenizer")], specs, source)
+
+
+def check_texts(tokenizers: Sequence[Any], specs: Sequence[PromptSpec], source: str = "prompts") -> None:
+    """`check_prompts` with the tokenizers given (callables that raise `ValueError` on a text they refuse)."""
     for number, spec in enumerate(specs, 1):
         for kind, text in (("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)):
             if text:
@@ -78,5 +82,6 @@ def _check_text(tokenizers: Sequence[Any], text: str, where: str) -> None:
         try:
             tokenizer(text)
         except ValueError as exc:
-            reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            raise DitAccelError(f"{where} ({text!r}): {reason}") from None
+            first, *details = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+            reason = " ".join([first, "; ".join(details)]) if details else first
+            raise DitAccelError(f"the tokenizer refused {where} ({text!r}): {reason}") from None
