@@ -78,6 +78,8 @@ class ProbeState(StepState):
     def __init__(self, num_steps: int, num_blocks: int) -> None:
         super().__init__()
         self.num_steps, self.num_blocks = num_steps, num_blocks
+        #: Batch size of this context's transformer calls (says whether a call holds one CFG branch or two).
+        self.batch = 0
         self.prev_residual: dict[int, torch.Tensor] = {}
         self.prev_output: dict[int, torch.Tensor] = {}
         self.prev_model_output: torch.Tensor | None = None
@@ -232,6 +234,13 @@ class _AttentionObserver(TorchFunctionMode):
     def __init__(self, recorder: Recorder, block: int, spec: AttentionModule) -> None:
         super().__init__()
         self.recorder, self.block, self.spec = recorder, block, spec
+        #: Attention calls seen since the module's forward began: some processors (Mochi's) call attention once per
+        #: batch row, so the n-th call of a module forward is batch row n.
+        self.calls = 0
+
+    def __enter__(self) -> _AttentionObserver:
+        self.calls = 0
+        return super().__enter__()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -240,15 +249,22 @@ class _AttentionObserver(TorchFunctionMode):
             key = kwargs.get("key", args[1] if len(args) > 1 else None)
             scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
             with torch.no_grad():
-                self.recorder.observe_attention(self.block, self.spec, query, key, scale)
+                self.recorder.observe_attention(self.block, self.spec, query, key, scale, self.calls)
+            self.calls += 1
         return func(*args, **kwargs)
 
 
 class Recorder:
     """Installs the probes on a transformer and turns one generation's observations into profile arrays."""
 
-    def __init__(self, transformer: torch.nn.Module, adapter: ModelAdapter, settings: RecordSettings) -> None:
+    def __init__(
+        self, transformer: torch.nn.Module, adapter: ModelAdapter, settings: RecordSettings, prompt_batch: int = 1
+    ) -> None:
+        """Install probes on `transformer`; `prompt_batch` is the number of prompts per generation (one in
+        `dit-profile`), against which a call's batch says whether it holds one CFG branch or two."""
         self.transformer, self.adapter, self.settings = transformer, adapter, settings
+        self.prompt_batch = prompt_batch
+        self.call_batch, self.cond_row = prompt_batch, 0
         self.blocks = adapter.iter_blocks(transformer)
         self.branches = ProbeBranches(ProbeState, (settings.num_inference_steps, len(self.blocks)))
         self.attention_steps = settings.attention_steps()
@@ -299,6 +315,8 @@ class Recorder:
         registry.invalidate_child_registries_cache()
         for hook in self._torch_hooks:
             hook.remove()
+        while self._observers:  # an exception inside an attention module skips its `leave` hook
+            self._observers.pop().__exit__(None, None, None)
 
     # -- per call -----------------------------------------------------------------------------------------------
     def begin_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -309,7 +327,9 @@ class Recorder:
         state = self.branches.get_state()
         name = self.branches.branch_name()
         is_cond = name != "uncond"
-        self.cond_row = hidden.shape[0] // 2 if (name == "cond_uncond" and hidden.shape[0] > 1) else 0
+        state.batch = hidden.shape[0]
+        self.call_batch = state.batch
+        self.cond_row = self._rows(name, state.batch).get("cond", 0)
         self.current_step = state.step
         self.attention_active = is_cond and state.step in self.attention_steps
         if is_cond and self.progress is not None:
@@ -350,10 +370,26 @@ class Recorder:
         state.stack_history[step] = current
 
     def observe_attention(
-        self, block: int, spec: AttentionModule, query: torch.Tensor, key: torch.Tensor, scale: float | None
+        self,
+        block: int,
+        spec: AttentionModule,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scale: float | None,
+        call: int = 0,
     ) -> None:
-        """Record received attention, cross-attention and q/k samples from one attention call (cond row)."""
-        q, k = query[self.cond_row].float(), key[self.cond_row].float()  # (heads, tokens, dim)
+        """Record received attention, cross-attention and q/k samples from one attention call (cond row).
+
+        `call` counts the attention calls of this module forward: a processor that attends one batch row at a time
+        (a batch of 1 inside a call of a larger batch) is seen on its `cond_row`-th call.
+        """
+        if query.shape[0] == self.call_batch:
+            row = self.cond_row
+        elif query.shape[0] == 1 and call == self.cond_row:
+            row = 0
+        else:
+            return
+        q, k = query[row].float(), key[row].float()  # (heads, tokens, dim)
         video = math.prod(self.grid)
         layout = _token_layout(spec, q.shape[1], k.shape[1], video)
         if layout is None:
@@ -409,8 +445,10 @@ class Recorder:
         self.branches.reset()
         self.branches.finished = {}
 
-    def collect(self, branch_names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Arrays of the generation that just ran, keyed by profile field (see `dit_accel.profiler.schema.FIELDS`)."""
+    def collect(self, branch_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Arrays of the generation that just ran, keyed by profile field (see `dit_accel.profiler.schema.FIELDS`),
+        for `branch_names` (default: the branches it ran, `observed_branches()`)."""
+        branch_names = branch_names or self.observed_branches()
         per_branch = self._per_branch(branch_names)
         arrays = {name: np.stack([per_branch[b][name] for b in branch_names]) for name in DRIFT_METRICS}
         arrays["model_output_rel_l1"] = np.stack([per_branch[b]["model_output_rel_l1"] for b in branch_names])
@@ -463,11 +501,30 @@ class Recorder:
             result[branch] = metrics
         return result
 
-    @staticmethod
-    def _locate(branch: str, states: dict[str, ProbeState]) -> tuple[str, int]:
-        """Which context state and batch row hold `branch` (batched CFG: row 0 uncond, row 1 cond)."""
-        if branch in states:
-            return branch, 0
-        if "cond_uncond" in states:
-            return "cond_uncond", 1 if branch == "cond" else 0
-        return next(iter(states)), 0
+    def _rows(self, context: str, batch: int) -> dict[str, int]:
+        """Batch rows of the branches one transformer call in cache context `context` with `batch` rows holds.
+
+        A context named `cond` or `uncond` holds that branch alone. Any other context (`cond_uncond`, or `default`
+        outside a context) holds uncond then cond when its batch is twice the prompt batch (classifier-free guidance
+        batched into one call, as diffusers' CogVideoX, LTX-Video and Mochi pipelines do), else cond alone (guidance
+        off, or a guidance-distilled model).
+        """
+        if context in ("cond", "uncond"):
+            return {context: 0}
+        if batch == 2 * self.prompt_batch:
+            return {"uncond": 0, "cond": self.prompt_batch}
+        return {"cond": 0}
+
+    def observed_branches(self) -> tuple[str, ...]:
+        """The CFG branches the last generation really ran, from its cache contexts and batch sizes: `("cond",)` or
+        `("cond", "uncond")`. Decided by what the pipeline did, never by the guidance value."""
+        seen = {branch for name, state in self.branches.branches().items() for branch in self._rows(name, state.batch)}
+        return tuple(b for b in ("cond", "uncond") if b in seen)
+
+    def _locate(self, branch: str, states: dict[str, ProbeState]) -> tuple[str, int]:
+        """Which context state and batch row hold `branch`."""
+        for name, state in states.items():
+            rows = self._rows(name, state.batch)
+            if branch in rows:
+                return name, rows[branch]
+        raise KeyError(f"branch {branch!r} did not run in the last generation (ran: {', '.join(states)})")

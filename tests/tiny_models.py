@@ -185,3 +185,246 @@ def run_steps(model: torch.nn.Module, name: str, timesteps: list[float], branch:
                 out = model(**kwargs)[0]
             latent = kwargs["hidden_states"] + 0.1 * out.reshape(kwargs["hidden_states"].shape)
     return latent
+
+
+# -- whole pipelines -------------------------------------------------------------------------------------------------
+# Tiny random-weight pipelines of each supported family, with a word-level tokenizer and a one- or two-layer text
+# encoder built here (no download), so prompts go through the pipeline's own text path as a user's would.
+
+PIPELINE_WORDS = (
+    "a an the red green blue yellow white black large small circle square triangle moves right left up down stands "
+    "still on background and of video"
+).split()
+
+
+def tiny_tokenizer(max_length: int = 512) -> Any:
+    """A word-level fast tokenizer over `PIPELINE_WORDS` (unknown words map to `<unk>`), padded with `<pad>`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "</s>", "<s>", *PIPELINE_WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="</s>",
+        bos_token="<s>",
+        model_max_length=max_length,
+    )
+
+
+def _t5_encoder(dim: int, umt5: bool = False) -> torch.nn.Module:
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(
+        vocab_size=len(PIPELINE_WORDS) + 4,
+        d_model=dim,
+        d_kv=4,
+        d_ff=2 * dim,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return model_cls(config).eval()
+
+
+def _wan_vae() -> torch.nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+
+
+def _wan_pipeline() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16, umt5=True),
+        vae=_wan_vae(),
+        transformer=tiny_wan().eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def _skyreels_pipeline() -> Any:
+    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+
+    return SkyReelsV2Pipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16, umt5=True),
+        vae=_wan_vae(),
+        transformer=tiny_skyreels().eval(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    )
+
+
+def _cogvideox_pipeline() -> Any:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    transformer = CogVideoXTransformer3DModel(
+        **{**tiny_cogvideox().config, "max_text_seq_length": 226, "sample_frames": 9}
+    ).eval()
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    return CogVideoXPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16),
+        vae=vae,
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+
+
+def _ltx_pipeline() -> Any:
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8,) * 4,
+        decoder_block_out_channels=(8,) * 4,
+        layers_per_block=(1,) * 5,
+        decoder_layers_per_block=(1,) * 5,
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    return LTXPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16),
+        vae=vae,
+        transformer=tiny_ltx().eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def _hunyuan_pipeline() -> Any:
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    vocab = len(PIPELINE_WORDS) + 4
+    llama = LlamaModel(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=3,
+            eos_token_id=2,
+        )
+    ).eval()
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            pad_token_id=0,
+            bos_token_id=3,
+            eos_token_id=2,
+        )
+    ).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        block_out_channels=(8,) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    )
+    return HunyuanVideoPipeline(
+        text_encoder=llama,
+        tokenizer=tiny_tokenizer(),
+        transformer=tiny_hunyuan().eval(),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=clip,
+        tokenizer_2=tiny_tokenizer(77),
+    )
+
+
+def _mochi_pipeline() -> Any:
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    # The pipeline hard-codes Mochi's 12 latent channels.
+    config = {**tiny_mochi().config, "max_sequence_length": 256, "in_channels": 12, "out_channels": 12}
+    transformer = MochiTransformer3DModel(**config).eval()
+    vae = AutoencoderKLMochi(
+        latent_channels=12,
+        out_channels=3,
+        encoder_block_out_channels=(32,) * 4,
+        decoder_block_out_channels=(32,) * 4,
+        layers_per_block=(1,) * 5,
+        latents_mean=(0.0,) * 12,
+        latents_std=(1.0,) * 12,
+    )
+    return MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_t5_encoder(16),
+        tokenizer=tiny_tokenizer(),
+        transformer=transformer,
+    )
+
+
+TINY_PIPELINES: dict[str, Callable[[], Any]] = {
+    "wan": _wan_pipeline,
+    "skyreels_v2": _skyreels_pipeline,
+    "cogvideox": _cogvideox_pipeline,
+    "hunyuan_video": _hunyuan_pipeline,
+    "ltx_video": _ltx_pipeline,
+    "mochi": _mochi_pipeline,
+}
+
+#: Video size keywords per family: the smallest size each pipeline's VAE and patching accept with 2+ latent frames.
+PIPELINE_SIZES: dict[str, dict[str, int]] = {
+    "wan": {"num_frames": 5, "height": 32, "width": 32},
+    "skyreels_v2": {"num_frames": 5, "height": 32, "width": 32},
+    "cogvideox": {"num_frames": 9, "height": 16, "width": 16},
+    "hunyuan_video": {"num_frames": 5, "height": 32, "width": 32},
+    "ltx_video": {"num_frames": 9, "height": 32, "width": 32},
+    "mochi": {"num_frames": 7, "height": 16, "width": 16},
+}
+
+
+def save_tiny_pipeline(name: str, folder: Any) -> Any:
+    """Build the named tiny pipeline with seeded random weights and `save_pretrained` it into `folder`."""
+    torch.manual_seed(0)
+    TINY_PIPELINES[name]().save_pretrained(folder)
+    return folder
