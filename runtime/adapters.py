@@ -154,8 +154,9 @@ def get_adapter(model_or_class: torch.nn.Module | type) -> ModelAdapter:
         if adapter is not None:
             return adapter
     raise AdapterError(
-        f"no adapter for transformer class {cls.__name__}; supported: {', '.join(supported_classes())} "
-        "(add one with runtime.adapters.register_adapter)"
+        f"no adapter for transformer class {cls.__name__} (supported: {', '.join(supported_classes())}); describe "
+        f"its blocks with dit_accel.runtime.register_adapter({cls.__name__!r}, ModelAdapter(...)) before loading it, "
+        "see docs/adapters.md"
     )
 
 
@@ -176,10 +177,18 @@ def _jsonable(value: Any) -> Any:
 def find_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
     """The denoiser of a pipeline (its `transformer`), or the argument itself when it is already a module.
 
+    A pipeline with a second expert (`transformer_2`, Wan 2.2) is refused: a profile or plan of one expert would
+    silently leave the other unmeasured and unaccelerated.
+
     A `torch.compile`d transformer is unwrapped to the module it compiles: hooks belong on that module (the
     compiled wrapper calls it), and adapters are registered for its class.
     """
     transformer = getattr(pipe_or_transformer, "transformer", None)
+    if getattr(pipe_or_transformer, "transformer_2", None) is not None:
+        raise AdapterError(
+            f"{type(pipe_or_transformer).__name__} has a second expert transformer_2 (a Wan 2.2 two-expert pipeline "
+            "switching at boundary_ratio); two-expert pipelines are not supported yet"
+        )
     if isinstance(transformer, torch.nn.Module):
         return unwrap_module(transformer)
     if isinstance(pipe_or_transformer, torch.nn.Module):
@@ -245,11 +254,61 @@ register_adapter(
 
 
 def fingerprint_model(transformer: torch.nn.Module) -> ModelFingerprint:
-    """The identity a plan records for `transformer`: class name, config hash and ordered block ids."""
+    """The identity a plan records for `transformer`: class name, config hash, ordered block ids and a weight
+    sample."""
     adapter = get_adapter(transformer)
     return ModelFingerprint(
-        type(transformer).__name__, config_hash(transformer.config), tuple(adapter.block_ids(transformer))
+        type(transformer).__name__,
+        config_hash(transformer.config),
+        tuple(adapter.block_ids(transformer)),
+        weights_sample(transformer),
     )
+
+
+#: Values sampled from each weight matrix of the first and last block (`weights_sample`).
+SAMPLES_PER_TENSOR = 4
+#: Relative difference between sampled weights that counts as other weights: loading a float32 checkpoint in
+#: bfloat16 or float16 moves a value by at most 2⁻⁸ of itself (2⁻⁸ + 2⁻¹¹ through float16 then bfloat16).
+WEIGHTS_RTOL = 2.0**-7
+#: Absolute slack for values float16 stores as subnormals (spacing 2⁻²⁴).
+WEIGHTS_ATOL = 1e-7
+
+
+class WeightsMismatchWarning(UserWarning):
+    """A plan is applied to a model whose weights differ from those it was fitted on (same architecture)."""
+
+
+def weights_sample(transformer: torch.nn.Module) -> tuple[float, ...] | None:
+    """`SAMPLES_PER_TENSOR` values at fixed, evenly strided positions of every weight matrix (2-D or more) of the
+    first and last block, as floats with 7 significant digits; None when a weight is not materialised (meta device,
+    offloaded) or not a floating-point tensor.
+
+    It costs a handful of small slices and one device-to-host copy, never a pass over all weights. Values, not a
+    hash: a model loaded in bfloat16 samples values within `WEIGHTS_RTOL` of its float32 self, which a hash would
+    call different; a fused LoRA, a fine-tune or another checkpoint moves most of them further.
+    """
+    blocks = get_adapter(transformer).iter_blocks(transformer)
+    tensors = [p for _, block, _ in (blocks[0], blocks[-1]) for p in block.parameters() if p.dim() >= 2]
+    if not tensors or any(p.is_meta or not p.is_floating_point() for p in tensors):
+        return None
+    picks = []
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        stride = max(flat.numel() // SAMPLES_PER_TENSOR, 1)
+        picks.append(flat[stride // 2 :: stride][:SAMPLES_PER_TENSOR].float().to("cpu"))
+    return tuple(float(f"{v:.7g}") for v in torch.cat(picks).tolist())
+
+
+def weights_differ(recorded: tuple[float, ...], transformer: torch.nn.Module) -> int | None:
+    """How many sampled weights of `transformer` differ from `recorded` beyond dtype rounding (`WEIGHTS_RTOL`);
+    None when the model's weights cannot be sampled. A sample of another length counts as all different."""
+    current = weights_sample(transformer)
+    if current is None:
+        return None
+    if len(current) != len(recorded):
+        return max(len(current), len(recorded))
+    a, b = torch.tensor(recorded, dtype=torch.float64), torch.tensor(current, dtype=torch.float64)
+    return int(((a - b).abs() > WEIGHTS_RTOL * torch.maximum(a.abs(), b.abs()) + WEIGHTS_ATOL).sum())
 
 
 def noisy_latent_channels(config: Any) -> int | None:

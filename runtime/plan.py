@@ -69,6 +69,8 @@ MAX_STEPS = 10_000
 MAX_CELLS = 1 << 20
 MAX_CODEBOOK = 256
 MAX_NAME_CHARS = 1024
+#: Sampled weight values a model fingerprint may hold.
+MAX_WEIGHT_SAMPLES = 4096
 MAX_PATH_CHARS = 4096
 #: Largest `size_*` entry of the profile settings (`dit-plan validate` generates at that size) and their product.
 MAX_VIDEO_SIDE = 16_384
@@ -98,18 +100,27 @@ _ADAPTIVE_KINDS = ("adacache", "bwcache")
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """Identity of the transformer a plan was fitted on: class name, config hash and ordered block ids."""
+    """Identity of the transformer a plan was fitted on: class name, config hash and ordered block ids.
+
+    `weights` (optional; plans written before it existed lack it) is a sample of weight values at fixed positions
+    (`dit_accel.runtime.adapters.weights_sample`): not part of equality, since the same architecture loaded in
+    another dtype samples slightly different values; `apply_plan` compares it with a tolerance.
+    """
 
     transformer_class: str
     config_hash: str
     block_ids: tuple[str, ...]
+    weights: tuple[float, ...] | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "transformer_class": self.transformer_class,
             "config_hash": self.config_hash,
             "block_ids": list(self.block_ids),
         }
+        if self.weights is not None:
+            data["weights"] = list(self.weights)
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> ModelFingerprint:
@@ -130,7 +141,14 @@ class ModelFingerprint:
             isinstance(data["transformer_class"], str) and isinstance(data["config_hash"], str),
             "fields 'model.transformer_class' and 'model.config_hash' must be strings",
         )
-        return cls(data["transformer_class"], data["config_hash"], tuple(ids))
+        weights = data.get("weights")
+        _check_weight_samples(weights, list)
+        return cls(
+            data["transformer_class"],
+            data["config_hash"],
+            tuple(ids),
+            None if weights is None else tuple(float(w) for w in weights),
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,7 +340,17 @@ def check_consistency(plan: Plan) -> None:
     _check_arrays(plan)
 
 
+def _check_weight_samples(weights: Any, kind: type) -> None:
+    """A fingerprint's `weights`: absent, or a `kind` (list in JSON, tuple in memory) of finite numbers."""
+    _expect(
+        weights is None
+        or (isinstance(weights, kind) and len(weights) <= MAX_WEIGHT_SAMPLES and all(_is_number(w) for w in weights)),
+        f"field 'model.weights' must be a list of at most {MAX_WEIGHT_SAMPLES} finite numbers",
+    )
+
+
 def _check_fingerprint(model: ModelFingerprint) -> None:
+    _check_weight_samples(model.weights, tuple)
     ids = model.block_ids
     _expect(
         isinstance(ids, (tuple, list)) and 1 <= len(ids) <= MAX_BLOCKS,

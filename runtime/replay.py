@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +43,14 @@ from .adapters import (
     AttentionModule,
     BlockList,
     ModelAdapter,
+    WeightsMismatchWarning,
     block_inputs,
     block_outputs,
     config_hash,
     find_transformer,
     get_adapter,
     pack_block_outputs,
+    weights_differ,
 )
 from .adaptive import POLICIES, AdaptivePolicy
 from .branches import BranchStates, StepState
@@ -421,10 +424,31 @@ def _pruned_attention(adapter: ModelAdapter) -> AttentionModule:
     return next(a for a in adapter.attention if a.kind != "cross")
 
 
-def apply_plan(pipe_or_transformer: Any, plan: Plan, *, force: bool = False) -> PlanHandle:
+def check_weights(plan: Plan, transformer: torch.nn.Module, strict: bool = False) -> None:
+    """Warn (`WeightsMismatchWarning`), or with `strict` refuse, when the model's sampled weights differ from those
+    the plan was fitted on; plans without a weight sample pass."""
+    if plan.model.weights is None:
+        return
+    differ = weights_differ(plan.model.weights, transformer)
+    if not differ:
+        return
+    message = (
+        f"{differ} of {len(plan.model.weights)} sampled weights differ from those the plan was fitted on (a fused "
+        "LoRA, a fine-tune or another checkpoint?); the schedule may not suit them: measure it with dit-plan validate"
+    )
+    if strict:
+        raise PlanError(message)
+    warnings.warn(message, WeightsMismatchWarning, stacklevel=3)
+
+
+def apply_plan(
+    pipe_or_transformer: Any, plan: Plan, *, force: bool = False, strict_weights: bool = False
+) -> PlanHandle:
     """Install `plan` on a pipeline's transformer (or on a transformer) and return a handle that removes it.
 
     The plan is checked against the model (and compiled: spans, policy, PCA bases) before any hook is installed.
+    Weights that differ from the plan's sample (`check_weights`) warn, or with `strict_weights=True` refuse;
+    `force=True` skips that check with the others.
     Passing the pipeline rather than the transformer lets step remapping read the run length from its scheduler
     when the pipeline does not pass it in the cache context. Example:
 
@@ -434,6 +458,8 @@ def apply_plan(pipe_or_transformer: Any, plan: Plan, *, force: bool = False) -> 
     transformer = find_transformer(pipe_or_transformer)
     adapter = get_adapter(transformer)
     check_plan_matches(plan, transformer, adapter, force=force)
+    if not force:
+        check_weights(plan, transformer, strict=strict_weights)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if registry.get_hook(STEP_HOOK) is not None:
         raise PlanError("a plan is already applied to this transformer; call .remove() on its handle first")
