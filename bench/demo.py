@@ -7,6 +7,8 @@
 4. write the plan, the profile, and GIFs of the first held-out caption (full and accelerated) into `--out`.
 
 A rerun with the same options reuses the finished profile (`--resume` semantics) instead of profiling again.
+Each phase prints one line on stderr (unless `--quiet`), and the summary ends with every file written. The library
+is imported inside the functions, so that `dit-demo --help` does not import torch.
 """
 
 from __future__ import annotations
@@ -19,20 +21,26 @@ from typing import Any
 import click
 
 from dit_accel.harness.captions import CALIBRATION, HELD_OUT
-from dit_accel.harness.cli import OneLineErrorCommand, emit_report, user_errors
-from dit_accel.harness.pipelines import load_pipeline
-from dit_accel.harness.prompts import PromptSpec
-from dit_accel.planner.closed_loop import FAIL_RATIO, ClosedLoop, closed_loop_from_profile
-from dit_accel.planner.methods import FitOptions, fit_profiles
-from dit_accel.planner.profiles import load_profiles
-from dit_accel.planner.validate import PipelineRunner, validate_plan
-from dit_accel.profiler.recorder import RecordSettings
-from dit_accel.profiler.run import profile_prompts
-from dit_accel.runtime import apply_plan, save_plan
+from dit_accel.harness.cli import (
+    CONTEXT_SETTINGS,
+    DEVICE,
+    DTYPE,
+    JSON,
+    QUIET,
+    OneLineErrorCommand,
+    emit_report,
+    say,
+    steps_option,
+    user_errors,
+)
 
 
 def calibration_profile(pipe: Any, path: Path, prompts: int, steps: int, progress: bool = True) -> Path:
     """Profile the first `prompts` calibration captions at `steps` steps into `path` (resuming what is there)."""
+    from dit_accel.harness.prompts import PromptSpec
+    from dit_accel.profiler.recorder import RecordSettings
+    from dit_accel.profiler.run import profile_prompts
+
     specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION[:prompts])]
     profile_prompts(
         pipe, specs, path, RecordSettings(num_inference_steps=steps), resume=path.exists(), progress=progress
@@ -41,35 +49,60 @@ def calibration_profile(pipe: Any, path: Path, prompts: int, steps: int, progres
 
 
 def run_demo(
-    out: Path, calibration: int, held_out: int, steps: int, target_speedup: float, repeats: int, progress: bool = True
+    out: Path,
+    calibration: int,
+    held_out: int,
+    steps: int,
+    target_speedup: float,
+    repeats: int,
+    progress: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Profile → fit → validate on the default model; returns the report (also written to `out/report.json`)."""
+    from dit_accel.harness.files import write_bytes_atomic
+    from dit_accel.harness.pipelines import load_pipeline
+    from dit_accel.harness.prompts import PromptSpec
+    from dit_accel.planner.closed_loop import ClosedLoop, closed_loop_from_profile
+    from dit_accel.planner.methods import FitOptions, fit_profiles
+    from dit_accel.planner.profiles import load_profiles
+    from dit_accel.planner.validate import PipelineRunner, validate_plan
+    from dit_accel.runtime import save_plan
+
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(None)
+    pipe = load_pipeline(None, device=device, dtype=dtype)
+    say(f"1/5 profiling {calibration} calibration caption(s) at {steps} steps", not progress)
     profile = calibration_profile(pipe, out / f"profile_{steps}steps.h5", calibration, steps, progress)
+    say(f"2/5 fitting auto at {target_speedup:g}x (closed loop on the calibration captions)", not progress)
     profiles = load_profiles([str(profile)])
     loop = closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)
     plan = fit_profiles(profiles, FitOptions(method="auto", target_speedup=target_speedup), loop)
     save_plan(plan, out / "auto.plan")
+    say(f"3/5 measuring the final-latent error on {held_out} held-out caption(s)", not progress)
     held_out_specs = [PromptSpec(text, "", i) for i, text in enumerate(HELD_OUT[:held_out])]
     held_out_error = ClosedLoop(pipe, held_out_specs, loop.guidance, loop.size).measure(plan)
+    say(f"4/5 validating: {repeats} interleaved repeat(s), then FLOPs of the first caption", not progress)
     report = validate_plan(
         plan, PipelineRunner(pipe), HELD_OUT[:held_out], steps=steps, repeats=repeats, progress=progress
     )
-    _write_gifs(pipe, plan, HELD_OUT[0], steps, out)
+    say("5/5 writing GIFs of the first held-out caption (full and accelerated)", not progress)
+    gifs = _write_gifs(pipe, plan, HELD_OUT[0], steps, out)
     result = {
         "plan": str(out / "auto.plan"),
         "profile": str(profile),
         "target_speedup": target_speedup,
         **report.to_json(),
         **_prediction_check(float(plan.predicted["error"]), float(held_out_error.max())),
+        "written": [str(out / "auto.plan"), str(profile), *map(str, gifs), str(out / "report.json")],
     }
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    write_bytes_atomic(out / "report.json", json.dumps(result, indent=2, default=str).encode())
     return result
 
 
 def _prediction_check(predicted: float, held_out: float) -> dict[str, Any]:
     """The plan's predicted final-latent error next to the worst held-out caption's, with a warning past 3 dB."""
+    from dit_accel.planner.closed_loop import FAIL_RATIO
+
     gap_db = 20 * math.log10(max(held_out, 1e-12) / max(predicted, 1e-12))
     warning = None
     if held_out > predicted * FAIL_RATIO:
@@ -80,13 +113,17 @@ def _prediction_check(predicted: float, held_out: float) -> dict[str, Any]:
     return {"predicted_error": predicted, "held_out_latent_error": held_out, "warning": warning}
 
 
-def _write_gifs(pipe: Any, plan: Any, prompt: str, steps: int, out: Path) -> None:
+def _write_gifs(pipe: Any, plan: Any, prompt: str, steps: int, out: Path) -> list[Path]:
+    """GIFs of `prompt` generated without and with `plan` (same seed); returns their paths."""
     from dit_accel.defaultmodel.video_io import save_gif
+    from dit_accel.planner.validate import PipelineRunner
+    from dit_accel.runtime import apply_plan
 
     runner = PipelineRunner(pipe)
-    save_gif(runner.generate(prompt, 0, steps), out / "full.gif")
+    full = runner.generate(prompt, 0, steps)
     with apply_plan(pipe, plan):
-        save_gif(runner.generate(prompt, 0, steps), out / "accelerated.gif")
+        accelerated = runner.generate(prompt, 0, steps)
+    return [save_gif(full, out / "full.gif"), save_gif(accelerated, out / "accelerated.gif")]
 
 
 def render(report: dict[str, Any]) -> str:
@@ -109,10 +146,11 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"plan {report['plan']} (auto, target {report['target_speedup']}x, {report['steps']} steps)", *rows]
     if report.get("warning"):
         lines.append(f"warning: {report['warning']}")
+    lines.append("wrote " + ", ".join(report["written"]))
     return "\n".join(lines)
 
 
-@click.command(cls=OneLineErrorCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrorCommand, context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--out",
     default="artifacts/demo",
@@ -134,7 +172,7 @@ def render(report: dict[str, Any]) -> str:
     type=click.IntRange(1, len(HELD_OUT)),
     help="Held-out captions to validate on.",
 )
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(4, 500), help="Denoising steps.")
+@steps_option(default=50, minimum=4)
 @click.option(
     "--target-speedup",
     default=2.0,
@@ -145,8 +183,10 @@ def render(report: dict[str, Any]) -> str:
 @click.option(
     "--repeats", default=3, show_default=True, type=click.IntRange(1), help="Timed repeats per prompt and variant."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@DEVICE
+@DTYPE
+@JSON
+@QUIET
 @user_errors
 def main(
     out: str,
@@ -155,9 +195,16 @@ def main(
     steps: int,
     target_speedup: float,
     repeats: int,
+    device: str,
+    dtype: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Profile the default model, fit a plan, and measure accelerated generation against the full model."""
-    report = run_demo(Path(out), calibration, held_out, steps, target_speedup, repeats, progress=not quiet)
+    """Profile the default model, fit a plan, and measure accelerated generation against the full model.
+
+    The embedded default model only (no --model): its calibration and held-out captions are built in.
+    """
+    report = run_demo(
+        Path(out), calibration, held_out, steps, target_speedup, repeats, not quiet, device=device, dtype=dtype
+    )
     emit_report(report, as_json, render)

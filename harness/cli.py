@@ -124,10 +124,10 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print the report as
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars or phase lines; only the final report.")
 
 
-def steps_option(default: int | None = None, source: str = "") -> Callable[[Callable[..., Any]], Any]:
-    """`--steps N` (denoising steps, at least 2): a fixed default, or `source` naming where the default comes from."""
+def steps_option(default: int | None = None, source: str = "", minimum: int = 2) -> Callable[[Callable[..., Any]], Any]:
+    """`--steps N` (denoising steps, at least `minimum`): a fixed default, or `source` naming where it comes from."""
     where = f"default: {source}" if source else f"default: {default}"
-    return click.option("--steps", default=default, type=click.IntRange(2), help=f"Denoising steps ({where}).")
+    return click.option("--steps", default=default, type=click.IntRange(minimum), help=f"Denoising steps ({where}).")
 
 
 def guidance_option(

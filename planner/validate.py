@@ -163,7 +163,7 @@ def validate_plan(
         )
     bar.close()
     flop_speedup, pipeline_flop_speedup = (
-        _flop_speedups(runner, plan, prompts[0], seed, steps) if flops else (None, None)
+        _flop_speedups(runner, plan, prompts[0], seed, steps, progress) if flops else (None, None)
     )
     predicted = plan.predicted
     return ValidationReport(
@@ -202,11 +202,21 @@ def _generate(runner: PipelineRunner, plan: Plan | None, prompt: str, seed: int,
         return runner.generate(prompt, seed, steps)
 
 
-def _flop_speedups(runner: PipelineRunner, plan: Plan, prompt: str, seed: int, steps: int) -> tuple[float, float]:
-    """(transformer FLOP ratio, whole-pipeline FLOP ratio) of a full run over a planned run of one prompt."""
+def _flop_speedups(
+    runner: PipelineRunner, plan: Plan, prompt: str, seed: int, steps: int, progress: bool = True
+) -> tuple[float, float]:
+    """(transformer FLOP ratio, whole-pipeline FLOP ratio) of a full run over a planned run of one prompt.
+
+    Counting runs each generation several times slower than plain runs, so it shows its own two-run progress bar.
+    """
+    from tqdm.auto import tqdm
+
     root = type(find_transformer(runner.pipe)).__name__
-    full_total, full_modules = count_flops(lambda: _generate(runner, None, prompt, seed, steps))
-    plan_total, plan_modules = count_flops(lambda: _generate(runner, plan, prompt, seed, steps))
+    with tqdm(total=2, desc="count FLOPs", unit="run", disable=not progress) as bar:
+        full_total, full_modules = count_flops(lambda: _generate(runner, None, prompt, seed, steps))
+        bar.update()
+        plan_total, plan_modules = count_flops(lambda: _generate(runner, plan, prompt, seed, steps))
+        bar.update()
     return full_modules.get(root, full_total) / max(plan_modules.get(root, plan_total), 1), full_total / max(
         plan_total, 1
     )

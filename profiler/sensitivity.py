@@ -36,27 +36,46 @@ def sensitivity_steps(num_steps: int, count: int) -> list[int]:
 
 
 def measure_sensitivity(
-    pipe: Any, prompt: str, negative_prompt: str, seed: int, settings: RecordSettings, size: dict[str, int]
+    pipe: Any,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    settings: RecordSettings,
+    size: dict[str, int],
+    progress: bool | None = None,
 ) -> np.ndarray:
-    """Final-latent relative error of reusing the whole stack at each measured step ([steps], NaN where unmeasured)."""
+    """Final-latent relative error of reusing the whole stack at each measured step ([steps], NaN where unmeasured).
+
+    These 1 + `sensitivity_steps` generations take as long as that many prompts, so they get their own progress bar
+    (in transformer calls; `progress=None`: shown only on a terminal).
+    """
+    from tqdm.auto import tqdm
+
     steps = settings.num_inference_steps
     transformer = find_transformer(pipe)
     blocks = len(get_adapter(transformer).block_ids(transformer))
     fingerprint = fingerprint_model(transformer)
-
+    measured = sensitivity_steps(steps, settings.sensitivity_steps)
     spec = PromptSpec(prompt, negative_prompt, seed)
 
     def final_latent() -> torch.Tensor:
         with torch.no_grad():
             return generate(pipe, spec, steps, settings.guidance_scale, size, output_type="latent").float()
 
-    reference = final_latent()
-    scale = float(reference.norm())
-    result = np.full(steps, np.nan, dtype=np.float32)
-    for step in sensitivity_steps(steps, settings.sensitivity_steps):
-        actions = np.full((blocks, steps), COMPUTE, np.uint8)
-        actions[:, step] = REUSE
-        plan = Plan(model=fingerprint, timesteps=np.linspace(999.0, 0.0, steps), actions=actions)
-        with apply_plan(pipe, plan):
-            result[step] = float((final_latent() - reference).norm()) / max(scale, 1e-12)
+    bar = tqdm(desc="step sensitivity", unit="call", leave=False, disable=None if progress is None else not progress)
+    counter = transformer.register_forward_pre_hook(lambda *_: bar.update())
+    try:
+        reference = final_latent()
+        bar.total = bar.n * (1 + len(measured))  # every generation makes as many transformer calls as the first
+        scale = float(reference.norm())
+        result = np.full(steps, np.nan, dtype=np.float32)
+        for step in measured:
+            actions = np.full((blocks, steps), COMPUTE, np.uint8)
+            actions[:, step] = REUSE
+            plan = Plan(model=fingerprint, timesteps=np.linspace(999.0, 0.0, steps), actions=actions)
+            with apply_plan(pipe, plan):
+                result[step] = float((final_latent() - reference).norm()) / max(scale, 1e-12)
+    finally:
+        counter.remove()
+        bar.close()
     return result
