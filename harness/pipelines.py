@@ -6,7 +6,10 @@ noise everywhere: the generator is a CPU `torch.Generator` seeded with the promp
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,32 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32"
     except FileNotFoundError as exc:
         raise DitAccelError(str(exc)) from None
     except (OSError, ValueError, KeyError) as exc:
-        raise DitAccelError(f"cannot load the pipeline in {model}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0]
+        if ("accelerate" in reason or "low_cpu_mem_usage" in reason) and importlib.util.find_spec("accelerate") is None:
+            reason = (
+                "diffusers needs the package 'accelerate' to load it, which is not installed (pip install accelerate)"
+            )
+        raise DitAccelError(f"cannot load the pipeline in {model}: {reason}") from None
     pipe = pipe.to(device)
     get_adapter(find_transformer(pipe))
+    _check_prompt_cleaning(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_prompt_cleaning(pipe: Any) -> None:
+    """Refuse a pipeline whose prompt cleaning needs a package that is missing (SkyReels-V2 calls `ftfy`
+    unconditionally), before it fails mid-run with a NameError."""
+    clean = getattr(sys.modules.get(type(pipe).__module__), "basic_clean", None)
+    if clean is None:
+        return
+    try:
+        clean("a")
+    except NameError as exc:
+        raise DitAccelError(
+            f"{type(pipe).__name__} cleans prompts with the package '{exc.name}', which is not installed "
+            f"(pip install {exc.name})"
+        ) from None
 
 
 def _load(model: str | None, dtype: torch.dtype) -> Any:
@@ -86,14 +110,22 @@ def generate(
         size: video size keywords (`num_frames`, `height`, `width`), empty for the pipeline's defaults.
         output_type: the pipeline's `output_type` ("np" for pixels, "latent" to skip decoding).
         text_inputs: keywords that replace the prompt text (e.g. `prompt_embeds` for a pipeline with no text encoder).
+
+    Raises:
+        DitAccelError: the pipeline needs an input the spec lacks, or the spec's image cannot be read.
     """
+    check_pipeline_inputs(pipe, [spec], text_inputs)
     generator = torch.Generator(device="cpu").manual_seed(spec.seed)
     if text_inputs is None:
         text_inputs = {"prompt": spec.prompt}
         if spec.negative_prompt:
             text_inputs["negative_prompt"] = spec.negative_prompt
+    conditioning = dict(spec.extra)
+    if spec.image is not None:
+        conditioning["image"] = load_image(spec.image)
     result = pipe(
         **text_inputs,
+        **conditioning,
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=generator,
@@ -101,6 +133,41 @@ def generate(
         **size,
     )
     return result.frames
+
+
+def load_image(path: str) -> Any:
+    """The RGB image at `path` (a PIL image, as diffusers' image-to-video pipelines take it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DitAccelError(f"cannot read image {path}: {exc}") from None
+
+
+def check_pipeline_inputs(pipe: Any, specs: list[PromptSpec], text_inputs: dict[str, Any] | None = None) -> None:
+    """Refuse, before any generation, prompts that lack an input the pipeline's `__call__` requires (a parameter
+    without default, such as an image-to-video pipeline's `image`) or that pass `extra` keywords it does not take.
+
+    `text_inputs` are keywords that replace the prompt text (see `generate`), counted as given.
+    """
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    required = [
+        name
+        for name, p in list(parameters.items())[1:]
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    for number, spec in enumerate(specs, 1):
+        given = {"prompt", *(text_inputs or {}), *spec.extra, *(["image"] if spec.image is not None else [])}
+        missing = [name for name in required if name not in given]
+        if missing:
+            hint = ' (add "image": "path" to its line of a .jsonl prompts file)' if missing[0] == "image" else ""
+            raise DitAccelError(f"{type(pipe).__name__} needs '{missing[0]}' and prompt {number} has none{hint}")
+        unknown = sorted(k for k in (*spec.extra, *(["image"] if spec.image else [])) if k not in parameters)
+        if unknown and not takes_any:
+            raise DitAccelError(f"{type(pipe).__name__} takes no keyword '{unknown[0]}' (prompt {number})")
 
 
 def first_video(frames: Any) -> np.ndarray:

@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
+import re
 import subprocess
 import sys
+import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.hooks import HookRegistry
 from tiny_models import TINY_MODELS, make_inputs, tiny_wan
 
-from dit_accel.runtime import AdapterError, fingerprint_model, get_adapter, supported_classes
-from dit_accel.runtime.adapters import config_hash
+from dit_accel.runtime import (
+    AdapterError,
+    Plan,
+    PlanError,
+    apply_plan,
+    fingerprint_model,
+    get_adapter,
+    load_plan,
+    save_plan,
+    supported_classes,
+)
+from dit_accel.runtime.adapters import (
+    _REGISTRY,
+    SAMPLES_PER_TENSOR,
+    WeightsMismatchWarning,
+    config_hash,
+    find_transformer,
+    weights_differ,
+    weights_sample,
+)
 
 EXPECTED_BLOCKS = {
     "wan": ["blocks.0", "blocks.1", "blocks.2"],
@@ -58,19 +84,133 @@ def test_lookup_follows_the_mro():
     assert get_adapter(MyWan) is get_adapter(WanTransformer3DModel)
 
 
-def test_unsupported_transformer_names_class_and_supported_ones():
+def test_unsupported_transformer_names_class_and_supported_ones_and_how_to_register():
     with pytest.raises(AdapterError) as info:
         get_adapter(torch.nn.Linear(2, 2))
     message = str(info.value)
     assert "Linear" in message and "WanTransformer3DModel" in message and "MochiTransformer3DModel" in message
+    assert "register_adapter('Linear', ModelAdapter(...))" in message and "docs/adapters.md" in message
+    assert "\n" not in message
     assert len(supported_classes()) == 6
 
 
-def test_fingerprint_tracks_config_not_weights():
+class MyVideoTransformer(torch.nn.Module):
+    """The transformer of docs/adapters.md's worked example: blocks in `layers`, bare-tensor outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = {"patch_size": 2}
+        self.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(2))
+        for block in self.layers:
+            block.attn1, block.attn2 = torch.nn.Identity(), torch.nn.Identity()
+
+
+def test_docs_worked_example_registers_an_adapter():
+    """The Python block of docs/adapters.md runs as written and makes its class supported."""
+    text = (Path(__file__).parent.parent / "docs" / "adapters.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    model = MyVideoTransformer()
+    with pytest.raises(AdapterError):
+        get_adapter(model)
+    try:
+        exec(code, {})
+        adapter = get_adapter(model)
+        assert adapter.block_ids(model) == ["layers.0", "layers.1"]
+        assert adapter.token_grid(model.config, torch.zeros(1, 4, 3, 8, 8), {}) == (3, 4, 4)
+    finally:
+        _REGISTRY.pop("MyVideoTransformer", None)
+
+
+def test_two_expert_pipelines_are_refused_naming_transformer_2():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=tiny_wan(),
+        transformer_2=tiny_wan(),
+        boundary_ratio=0.875,
+    )
+    plan = Plan.all_compute(fingerprint_model(pipe.transformer), [999.0, 1.0])
+    for refuse in (find_transformer, lambda p: apply_plan(p, plan)):
+        with pytest.raises(AdapterError, match="transformer_2.*two-expert pipelines are not supported yet"):
+            refuse(pipe)
+    assert "dit_plan_step" not in HookRegistry.check_if_exists_or_initialize(pipe.transformer).hooks
+    pipe.transformer_2 = None  # a Wan 2.1 pipeline has the attribute, set to None
+    assert find_transformer(pipe) is pipe.transformer
+
+
+def test_fingerprint_tracks_config_and_samples_weights():
     a, b = tiny_wan(), tiny_wan()
-    assert fingerprint_model(a) == fingerprint_model(b)
+    assert fingerprint_model(a) == fingerprint_model(b)  # equality is class, config and blocks
+    assert fingerprint_model(a).weights != fingerprint_model(b).weights  # other random weights
     assert config_hash(tiny_wan(num_layers=4).config) != config_hash(a.config)
     assert fingerprint_model(a).block_ids == ("blocks.0", "blocks.1", "blocks.2")
+    matrices = [p for block in (a.blocks[0], a.blocks[-1]) for p in block.parameters() if p.dim() >= 2]
+    assert len(fingerprint_model(a).weights) == SAMPLES_PER_TENSOR * len(matrices)
+
+
+def _plan_for(model: torch.nn.Module) -> Plan:
+    return Plan.all_compute(fingerprint_model(model), [999.0, 500.0, 1.0])
+
+
+def test_weights_sample_survives_dtype_and_plan_files(tmp_path):
+    model = tiny_wan()
+    plan = _plan_for(model)
+    loaded = load_plan(save_plan(plan, tmp_path / "w.plan"))
+    assert loaded.model.weights == plan.model.weights
+    for dtype in (torch.bfloat16, torch.float16):
+        assert weights_differ(plan.model.weights, copy.deepcopy(model).to(dtype)) == 0, dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_plan(copy.deepcopy(model).to(torch.bfloat16), loaded).remove()
+
+
+def test_other_weights_warn_and_strict_refuses():
+    model = tiny_wan()
+    plan = _plan_for(model)
+    fused = copy.deepcopy(model)
+    with torch.no_grad():  # a rank-2 LoRA fused into the first block's query at 5% of the weights' scale
+        weight = fused.blocks[0].attn1.to_q.weight
+        weight += 0.05 * weight.std() * (torch.randn(weight.shape[0], 2) @ torch.randn(2, weight.shape[1]))
+    with pytest.warns(WeightsMismatchWarning, match="fused LoRA, a fine-tune or another checkpoint.*dit-plan validate"):
+        apply_plan(fused, plan).remove()
+    with pytest.raises(PlanError, match="sampled weights differ"):
+        apply_plan(fused, plan, strict_weights=True)
+    assert "dit_plan_step" not in HookRegistry.check_if_exists_or_initialize(fused).hooks
+    with pytest.warns(WeightsMismatchWarning):
+        apply_plan(tiny_wan(), plan).remove()  # another checkpoint of the same config
+
+
+def test_plans_without_weight_sample_apply_silently(tmp_path):
+    model = tiny_wan()
+    plan = _plan_for(model)
+    old = Plan.all_compute(dataclasses.replace(plan.model, weights=None), plan.timesteps)
+    path = save_plan(old, tmp_path / "old.plan")
+    assert "weights" not in json.dumps(old.model.to_json())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_plan(tiny_wan(), load_plan(path), strict_weights=True).remove()
+
+
+def test_weight_sample_costs_a_fraction_of_a_forward_pass():
+    """Sampled, not hashed over every weight: taking it is cheaper than one call of the tiny model (measured side
+    by side, median of several)."""
+    model = tiny_wan().eval()
+    kwargs = make_inputs("wan")(500.0)
+
+    def median(fn) -> float:
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[3]
+
+    with torch.no_grad():
+        assert median(lambda: weights_sample(model)) < median(lambda: model(**kwargs))
 
 
 def test_runtime_import_stays_light():

@@ -403,6 +403,21 @@ def _mochi_pipeline() -> Any:
     )
 
 
+def tiny_wan_i2v_pipeline() -> Any:
+    """A Wan image-to-video pipeline without image encoder (as Wan 2.2's I2V runs): the transformer takes the noisy
+    latent, the frame mask (4 channels) and the encoded conditioning image (4 channels)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    transformer = WanTransformer3DModel(**{**tiny_wan().config, "in_channels": 12, "out_channels": 4}).eval()
+    return WanImageToVideoPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16, umt5=True),
+        vae=_wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+
+
 TINY_PIPELINES: dict[str, Callable[[], Any]] = {
     "wan": _wan_pipeline,
     "skyreels_v2": _skyreels_pipeline,
