@@ -39,8 +39,9 @@ class _DefaultToRun(OneLineErrorGroup):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_DefaultToRun, context_settings=CONTEXT_SETTINGS)
-def main() -> None:
+@click.group(cls=_DefaultToRun, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Profile a video diffusion transformer on calibration prompts into an HDF5 file.
 
     \b
@@ -49,6 +50,8 @@ def main() -> None:
     torchrun --nproc_per_node 4 dit-profile --prompts P.txt -o wan.h5 …   # one shard per rank, merged at the end
     dit-profile merge a.h5 b.h5 -o all.h5
     """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 def _render(report: dict[str, Any]) -> str:

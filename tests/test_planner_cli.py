@@ -156,3 +156,26 @@ def test_validate_bad_inputs_are_one_line_errors_before_loading_a_model(profile,
     ]
     for args, words in cases:
         assert_one_line_error(run(*args), out, *words)
+
+
+def test_output_in_a_missing_folder_is_refused_before_reading_the_profiles(tmp_path):
+    out = tmp_path / "missing" / "dir" / "m.plan"
+    result = run("fit", tmp_path / "not-read.h5", "-o", out)
+    assert_one_line_error(result, out, f"output folder {out.parent} does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_plot_with_an_unknown_extension_is_refused_before_reading_the_plan(tmp_path):
+    figure = tmp_path / "figure.xyz"
+    result = run("inspect", tmp_path / "not-read.plan", "--plot", figure)
+    assert_one_line_error(result, figure, ".xyz", "png", "svg")
+    assert "not-read.plan" not in result.stderr
+
+
+def test_validate_output_in_a_missing_folder_is_refused_before_loading_a_model(profile, tmp_path):
+    plan, out = tmp_path / "m.plan", tmp_path / "missing" / "tight.plan"
+    assert run("fit", profile, "-o", plan).exit_code == 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moves left on a black background\n")
+    result = run("validate", plan, "--prompts", prompts, "--min-psnr", "30", "-o", out, "--model", tmp_path)
+    assert_one_line_error(result, out, "does not exist", str(out.parent))

@@ -170,3 +170,25 @@ def test_every_preset_replays_on_the_runtime(method, tmp_path):
     if plan.policy["kind"] == "static":  # adaptive thresholds come from the synthetic profile, not this model
         assert not torch.equal(output, baseline)
     assert method != "unicp" or np.any(plan.actions == PRUNE)
+
+
+def test_validate_cli_runs_in_bfloat16_on_the_cpu(pipeline_dir, plan_path, tmp_path):
+    """--device and --dtype reach the pipeline: a bfloat16 run on the CPU measures finite fidelity."""
+    prompts = tmp_path / "held-out.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["validate", str(plan_path), "--model", str(pipeline_dir), "--prompts", str(prompts), "--repeats", "1"]
+    result = CliRunner().invoke(main, [*args, "--no-flops", "--device", "cpu", "--dtype", "bfloat16", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == STEPS and report["wall_full_s"] > 0 and 0 < report["prompts"][0]["ssim"] <= 1
+
+
+def test_validate_cli_shows_flop_counting_unless_quiet(pipeline_dir, plan_path, tmp_path):
+    prompts = tmp_path / "held-out.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = ["validate", str(plan_path), "--model", str(pipeline_dir), "--prompts", str(prompts), "--repeats", "1"]
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 0, shown.stderr
+    assert "count FLOPs" in shown.stderr and "FLOP speedup" in shown.stdout
+    quiet = CliRunner().invoke(main, [*args, "--quiet"])
+    assert quiet.exit_code == 0 and "count FLOPs" not in quiet.stderr and "validate" not in quiet.stderr
