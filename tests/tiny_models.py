@@ -427,14 +427,15 @@ TINY_PIPELINES: dict[str, Callable[[], Any]] = {
     "mochi": _mochi_pipeline,
 }
 
-#: Video size keywords per family: the smallest size each pipeline's VAE and patching accept with 2+ latent frames.
+#: Video size keywords per family: small sizes each pipeline's VAE and patching accept with 2+ latent frames and
+#: 2×2+ tokens per frame (the planner's foreground labels need more than one token).
 PIPELINE_SIZES: dict[str, dict[str, int]] = {
     "wan": {"num_frames": 5, "height": 32, "width": 32},
     "skyreels_v2": {"num_frames": 5, "height": 32, "width": 32},
     "cogvideox": {"num_frames": 9, "height": 16, "width": 16},
     "hunyuan_video": {"num_frames": 5, "height": 32, "width": 32},
     "ltx_video": {"num_frames": 9, "height": 32, "width": 32},
-    "mochi": {"num_frames": 7, "height": 16, "width": 16},
+    "mochi": {"num_frames": 7, "height": 32, "width": 32},
 }
 
 
