@@ -62,6 +62,8 @@ class PeerSpec:
     quick: float
     integer: bool = False
     fixed: tuple[tuple[str, Any], ...] = ()
+    #: Second knobs the full sweep crosses with `grid` (each entry overrides `fixed`); --quick uses `fixed` alone.
+    sweep: tuple[tuple[tuple[str, Any], ...], ...] = ((),)
 
     def check_value(self, value: float) -> float | int:
         """A grid value as the config wants it; refuses what the config would not accept."""
@@ -77,25 +79,27 @@ class PeerSpec:
 PEERS: dict[str, PeerSpec] = {
     spec.name: spec
     for spec in (
-        PeerSpec("fbc", "FirstBlockCacheConfig", "threshold", (0.1, 0.15, 0.25), 0.15),
+        PeerSpec("fbc", "FirstBlockCacheConfig", "threshold", (0.1, 0.15, 0.25, 0.4), 0.15),
         PeerSpec(
             "taylorseer",
             "TaylorSeerCacheConfig",
             "cache_interval",
-            (2, 3, 5),
+            (2, 3, 4, 5, 6),
             3,
             integer=True,
             fixed=(("disable_cache_before_step", 3), ("max_order", 1)),
+            sweep=((), (("disable_cache_before_step", 1),)),
         ),
         PeerSpec(
             "magcache",
             "MagCacheConfig",
             "threshold",
-            (0.06, 0.12, 0.24),
+            (0.06, 0.12, 0.24, 0.5),
             0.12,
             fixed=(("max_skip_steps", 3), ("retention_ratio", 0.2)),
+            sweep=((), (("max_skip_steps", 6), ("retention_ratio", 0.1))),
         ),
-        PeerSpec("seacache", "SeaCacheConfig", "threshold", (0.1, 0.25, 0.5), 0.25),
+        PeerSpec("seacache", "SeaCacheConfig", "threshold", (0.1, 0.25, 0.5, 1.0), 0.25),
         PeerSpec(
             "pab",
             "PyramidAttentionBroadcastConfig",
@@ -127,11 +131,17 @@ def not_applicable(name: str, adapter: ModelAdapter, guidance: float) -> str | N
 
 
 def peer_settings(
-    name: str, value: float, transformer: torch.nn.Module, steps: int, mag_ratios: Sequence[float] | None = None
+    name: str,
+    value: float,
+    transformer: torch.nn.Module,
+    steps: int,
+    mag_ratios: Sequence[float] | None = None,
+    overrides: Sequence[tuple[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The plain-data settings of one peer run: its knob, its fixed fields and what this model needs."""
+    """The plain-data settings of one peer run: its knob, its fixed fields (with a sweep entry's `overrides`) and
+    what this model needs."""
     spec = PEERS[name]
-    settings: dict[str, Any] = {"peer": name, spec.knob: spec.check_value(value), **dict(spec.fixed)}
+    settings: dict[str, Any] = {"peer": name, spec.knob: spec.check_value(value), **dict(spec.fixed), **dict(overrides)}
     if name == "taylorseer":
         settings["cache_identifiers"] = taylorseer_identifiers(transformer)
         settings["taylor_factors_dtype"] = str(next(transformer.parameters()).dtype).removeprefix("torch.")

@@ -43,6 +43,12 @@ DEFINITIONS = {
     "cache_bytes": (
         "peak bytes of the tensors held in the state of the diffusers hooks on the transformer (plans and peers alike)"
     ),
+    "block_call_speedup": "all block calls / computed block calls, summed over prompts",
+    "matched": (
+        "each method's frontier (its points no other point of the same method beats on both block-call speedup and "
+        "pooled PSNR) interpolated linearly in log block-call speedup, the worst-caption PSNR read on the same "
+        "frontier; 'not reached' where the target lies outside a method's measured range; lead = auto − best peer"
+    ),
     "bound": "T / (T_c + (T - T_c)·rho) with T_c = T·(computed / total block calls) and rho the non-block share of the "
     "un-accelerated run's FLOPs: the speedup if skipped block calls cost nothing; skipping only inside a block "
     "(PAB, TaylorSeer) counts as a skipped block, so the bound overstates what those methods can reach",
@@ -50,6 +56,8 @@ DEFINITIONS = {
 
 
 SPEEDS = {"flop_speedup": "FLOP speedup", "wall_speedup": "wall speedup"}
+#: Block-call speedups at which `matched` compares `auto` with the best peer.
+MATCHED_TARGETS = (1.5, 2.0, 2.5, 3.0)
 
 
 def build_report(summary: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +67,51 @@ def build_report(summary: dict[str, Any]) -> dict[str, Any]:
         **summary,
         "definitions": DEFINITIONS,
         "standing": {speed: standing(summary["rows"], speed=speed) for speed in SPEEDS},
+        "matched": matched(summary["rows"]),
     }
+
+
+def frontier(points: list[dict[str, Any]], speed: str = "block_call_speedup") -> list[dict[str, Any]]:
+    """The points of one method that no other of its points beats on both `speed` and pooled PSNR, by speed."""
+    finite = [p for p in points if math.isfinite(p[speed]) and p[speed] > 0]
+    return sorted((p for p in finite if not any(_dominates(q, p, speed) for q in finite)), key=lambda p: p[speed])
+
+
+def _at_speed(curve: list[dict[str, Any]], key: str, target: float, speed: str) -> float | None:
+    """`key` at `target` speed on a frontier, linear in log speed; None outside its range. Infinite PSNR (a prompt
+    left untouched) is capped at 100 dB so the interpolation stays finite."""
+    pairs = [(math.log(p[speed]), min(p[key], 100.0)) for p in curve]
+    if not pairs or not pairs[0][0] - 1e-9 <= math.log(target) <= pairs[-1][0] + 1e-9:
+        return None
+    xs, ys = zip(*pairs)
+    return float(np.interp(math.log(target), xs, ys))
+
+
+def matched(
+    rows: list[dict[str, Any]], targets: tuple[float, ...] = MATCHED_TARGETS, speed: str = "block_call_speedup"
+) -> list[dict[str, Any]]:
+    """At each target speedup: `auto`'s pooled and worst-caption PSNR, the best peer's of each, and the leads."""
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for row in _ok(rows):
+        if row["kind"] == "peer" or (row["kind"] == "plan" and row["method"] == OURS):
+            methods.setdefault(OURS if row["kind"] == "plan" else row["method"], []).append(row)
+    curves = {name: frontier(points, speed) for name, points in methods.items()}
+    result = []
+    for target in targets:
+        entry: dict[str, Any] = {"speedup": target}
+        for key in ("psnr", "psnr_min"):
+            ours = _at_speed(curves.get(OURS, []), key, target, speed)
+            peers = {n: _at_speed(c, key, target, speed) for n, c in curves.items() if n != OURS}
+            reached = {n: v for n, v in peers.items() if v is not None}
+            best = max(reached, key=reached.get) if reached else None
+            entry[key] = {
+                "auto": ours,
+                "best_peer": best,
+                "peer": reached.get(best) if best else None,
+                "lead": None if ours is None or best is None else ours - reached[best],
+            }
+        result.append(entry)
+    return result
 
 
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -113,6 +165,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = _header(report) + [""] + _table(report) + [""]
     lines += _section("Not applicable", [f"{k}: {v}" for k, v in report["not_applicable"].items()])
     lines += _section("Not fitted", [f"{k}: {v}" for k, v in report["not_fitted"].items()])
+    lines += _section(
+        f"`{OURS}` against the best peer at matched block-call speedups (pooled / worst-caption PSNR, dB)",
+        _matched_lines(report.get("matched", [])),
+    )
     for speed, label in SPEEDS.items():
         entries = report["standing"][speed]
         lines += _section(
@@ -124,6 +180,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         [f"**{k}**: {v}" for k, v in report["definitions"].items()] + [f"**rho** (this run): {report['rho']:.4f}"],
     )
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _matched_lines(entries: list[dict[str, Any]]) -> list[str]:
+    def value(number: float | None) -> str:
+        return "not reached" if number is None else f"{number:.1f}"
+
+    def lead(number: float | None) -> str:
+        return "—" if number is None else f"{number:+.1f}"
+
+    lines = []
+    for e in entries:
+        pooled, worst = e["psnr"], e["psnr_min"]
+        lines.append(
+            f"{e['speedup']:g}x: auto {value(pooled['auto'])} / {value(worst['auto'])}; best peer "
+            f"{pooled['best_peer'] or '—'} {value(pooled['peer'])} / {worst['best_peer'] or '—'} {value(worst['peer'])}"
+            f"; lead {lead(pooled['lead'])} / {lead(worst['lead'])}"
+        )
+    return lines
 
 
 def _header(report: dict[str, Any]) -> list[str]:

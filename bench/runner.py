@@ -159,27 +159,27 @@ def _check_device(name: str) -> None:
 
 @dataclass
 class Inputs:
-    """Everything read from files before the model loads: prompts, plans (given and fitted), generation settings."""
+    """Everything read from files before the model loads: prompts, given plans, profiles to fit plans from,
+    generation settings."""
 
     prompts: list[PromptSpec]
     calibration_prompts: list[PromptSpec]
     plans: list[Variant]
-    not_fitted: dict[str, str]
+    profiles: Any
     steps: int
     guidance: float
     size: dict[str, int]
 
 
 def read_inputs(options: BenchOptions) -> Inputs:
-    """Read prompts, plans and profiles and fit plans; bad files fail here, before the model loads."""
+    """Read prompts, plans and profiles; bad files fail here, before the model loads."""
     from dit_accel.planner.profiles import load_profiles
 
     prompts = read_prompt_file(options.prompts) if options.prompts else list(DEFAULT_PROMPTS)
     plans = file_plans(options.plans)
     profiles = load_profiles(options.profiles) if options.profiles else None
     steps, guidance, size = _generation_settings(options, profiles, plans)
-    fitted, not_fitted = fitted_plans(profiles, *_fit_grid(options)) if options.fit else ([], {})
-    return Inputs(prompts, _calibration_prompts(options, profiles), plans + fitted, not_fitted, steps, guidance, size)
+    return Inputs(prompts, _calibration_prompts(options, profiles), plans, profiles, steps, guidance, size)
 
 
 def run_bench(options: BenchOptions) -> BenchRun:
@@ -191,12 +191,16 @@ def run_bench(options: BenchOptions) -> BenchRun:
     lpips = Lpips(options.lpips_weights) if options.lpips_weights else None
     model = load_model(options.model, options.random_config, options.device, options.dtype)
     transformer = model.transformer
+    fitted, not_fitted = _fit(options, inputs.profiles, model) if options.fit else ([], {})
+    inputs.plans += fitted
     for variant in inputs.plans:
         check_plan(variant.plan, transformer, inputs.steps, variant.setting["source"])
     peers, skipped = _applicable_peers(options, transformer, inputs.guidance)
     runner = VideoRunner(model, inputs.steps, inputs.guidance, inputs.size)
     calibrating = inputs.calibration_prompts if "magcache" in peers else []
-    others = len(inputs.plans) + sum(len(v) for v in peers.values())
+    others = len(inputs.plans) + sum(
+        len(v) * (1 if options.quick or n in options.thresholds else len(PEERS[n].sweep)) for n, v in peers.items()
+    )
     cycle = others + -(-others // BASELINE_EVERY) + 1
     total = 1 + len(calibrating) + cycle * len(inputs.prompts) * options.repeats + 1 + others
     bar = tqdm(total=total, desc="dit-bench", unit="run", disable=not options.progress)
@@ -204,7 +208,8 @@ def run_bench(options: BenchOptions) -> BenchRun:
         calibration = _calibrate(transformer, runner, calibrating, inputs.steps, bar) if calibrating else {}
         variants = [baseline_variant(), *inputs.plans]
         for name, values in peers.items():
-            variants += peer_variants(name, values, transformer, inputs.steps, calibration.get("mag_ratios"))
+            sweep = ((),) if options.quick or name in options.thresholds else PEERS[name].sweep
+            variants += peer_variants(name, values, transformer, inputs.steps, calibration.get("mag_ratios"), sweep)
         measured = _measure(variants, inputs.prompts, runner, model, options.repeats, bar)
     finally:
         bar.close()
@@ -218,7 +223,7 @@ def run_bench(options: BenchOptions) -> BenchRun:
         variants,
         measured,
         skipped,
-        inputs.not_fitted,
+        not_fitted,
         {"magcache": calibration} if calibration else {},
         lpips,
     )
@@ -248,6 +253,17 @@ def _calibration_prompts(options: BenchOptions, profiles: Any) -> list[PromptSpe
             PromptSpec(p.prompt, p.negative_prompt, p.seed) for profile in profiles.profiles for p in profile.prompts
         ]
     return list(DEFAULT_CALIBRATION_PROMPTS)
+
+
+def _fit(options: BenchOptions, profiles: Any, model: BenchModel) -> tuple[list[Variant], dict[str, str]]:
+    """Fit `auto` (with its closed loop on the profile's prompts, as `dit-plan fit` does, unless the model has random
+    weights and no meaningful video) and the presets."""
+    from dit_accel.planner.closed_loop import closed_loop_from_profile
+
+    loop = None
+    if model.fidelity_meaningful:
+        loop = closed_loop_from_profile(model.pipe, profiles.profiles[0].prompts, profiles.header.settings)
+    return fitted_plans(profiles, *_fit_grid(options), closed_loop=loop)
 
 
 def _fit_grid(options: BenchOptions) -> tuple[tuple[float, ...], tuple[str, ...]]:
@@ -503,6 +519,7 @@ def _row(
             **_pooled_fidelity(per_prompt),
             "per_prompt": per_prompt,
             "block_calls": {"computed": computed, "total": total, "fraction": computed / total},
+            "block_call_speedup": total / computed if computed else math.inf,
             "attention_calls": {
                 k.removeprefix("attention_"): {"computed": result.counts.get(k, 0), "total": n}
                 for k, n in baseline.counts.items()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dit_accel.planner.closed_loop import ClosedLoop
 from dit_accel.planner.errors import PlannerError
 from dit_accel.planner.methods import FitOptions, fit_profiles
 from dit_accel.planner.profiles import ProfileSet
@@ -89,16 +90,17 @@ def file_plans(paths: Sequence[str]) -> list[Variant]:
 
 
 def fitted_plans(
-    profiles: ProfileSet, budgets: Sequence[float], presets: Sequence[str]
+    profiles: ProfileSet, budgets: Sequence[float], presets: Sequence[str], closed_loop: ClosedLoop | None = None
 ) -> tuple[list[Variant], dict[str, str]]:
-    """`auto` at every budget and each preset at its paper defaults; a fit the planner refuses is reported, not
-    fatal."""
+    """`auto` at every budget (measured by `closed_loop` when given) and each preset at its paper defaults; a fit the
+    planner refuses is reported, not fatal."""
     requests = [(f"auto @{b:g}x", "auto", b) for b in budgets] + [(p, p, None) for p in presets]
     source = "fitted from " + ", ".join(Path(s.path).name for s in profiles.sources)
     variants, refused = [], {}
     for name, method, budget in requests:
         try:
-            plan = fit_profiles(profiles, FitOptions(method=method, target_speedup=budget))
+            loop = closed_loop if method == "auto" else None
+            plan = fit_profiles(profiles, FitOptions(method=method, target_speedup=budget), loop)
         except PlannerError as exc:
             refused[name] = str(exc)
             continue
@@ -110,12 +112,19 @@ def fitted_plans(
 
 
 def peer_variants(
-    name: str, values: Sequence[float], transformer: torch.nn.Module, steps: int, mag_ratios: Sequence[float] | None
+    name: str,
+    values: Sequence[float],
+    transformer: torch.nn.Module,
+    steps: int,
+    mag_ratios: Sequence[float] | None,
+    sweep: Sequence[Sequence[tuple[str, Any]]] = ((),),
 ) -> list[Variant]:
-    """One variant per grid value of a peer."""
+    """One variant per grid value of a peer and entry of its second-knob `sweep`."""
     knob = PEERS[name].knob
     variants = []
-    for value in values:
-        setting = peer_settings(name, value, transformer, steps, mag_ratios)
-        variants.append(Variant(f"{name} {knob}={setting[knob]:g}", name, "peer", setting))
+    for overrides in sweep:
+        extra = "".join(f", {key}={value:g}" for key, value in overrides)
+        for value in values:
+            setting = peer_settings(name, value, transformer, steps, mag_ratios, overrides)
+            variants.append(Variant(f"{name} {knob}={setting[knob]:g}{extra}", name, "peer", setting))
     return variants

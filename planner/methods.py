@@ -50,7 +50,7 @@ from .predict import Predictor, step_weights
 from .profiles import ProfileSet, load_profiles
 from .reuse_costs import REUSE_COST_FIELDS, ReuseCosts, reuse_costs
 from .search import SearchResult, cell_costs, search, walk_cost
-from .shapes import blending_blocks, edcw_actions, group_spans, interval_row, protected_steps
+from .shapes import blending_blocks, corrector_fronts, edcw_actions, group_spans, interval_row, protected_steps
 from .solver import Budget, Candidate, block_units, choose_candidate, greedy_schedule
 
 PLANNER_VERSION = "0.1.0"
@@ -85,6 +85,7 @@ class FitOptions:
     prune: bool = False
     granularity: str = "stack"
     reuse: str | None = None
+    front_blocks: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -420,7 +421,9 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     """`auto` on measured reuse costs: exact search per reuse mode and robust aggregate, then the closed loop.
 
     Without a budget it aims at a 2x FLOP speedup. Only step 0 (nothing cached) and the steps the user forces with
-    --warmup / --protect-last always compute.
+    --warmup / --protect-last always compute. With a closed loop, candidates also include corrector schedules (the
+    first `front` blocks computed at every step, the rest of the stack reused as one span: cache-dit's DBCache Fn),
+    priced by their FLOPs and by the closed loop's measurement; `options.front_blocks` fixes the front instead.
     """
     options = context.options
     budget = context.budget if context.budget.given else Budget(target_speedup=AUTO_DEFAULT_SPEEDUP)
@@ -431,7 +434,7 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     if options.protect_last:
         forced[context.steps - options.protect_last :] = True
     modes = [(m, r) for m, r in MEASURED_CANDIDATES if options.reuse in (None, m)]
-    candidates = _measured_candidates(context, costs, weights, forced, budget, modes)
+    candidates = _measured_candidates(context, costs, weights, forced, budget, modes, _fronts(context, closed_loop))
     if closed_loop is not None:
         for candidate in candidates:
             candidate["measured"] = closed_loop.measure(_candidate_plan(context, candidate))
@@ -449,8 +452,34 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     }
     if closed_loop is not None:
         predicted["closed_loop"] = _closed_loop_summary(candidates, best)
-    chosen = {"budget": budget.to_json(), "reuse": best["mode"], "objective": best["robust"], "max_run": costs.max_run}
+    chosen = {
+        "budget": budget.to_json(),
+        "reuse": best["mode"],
+        "objective": best["robust"],
+        "max_run": costs.max_run,
+        "front_blocks": best["front"],
+    }
     return MethodResult(best["actions"], policy, predicted, chosen)
+
+
+def _fronts(context: FitContext, closed_loop: ClosedLoop | None) -> tuple[int, ...]:
+    """Corrector fronts to try: the user's, else every candidate depth when a closed loop can measure them.
+
+    Reuse costs are measured for the whole stack only, so a corrector schedule's predicted error is the whole-stack
+    one (computing the front blocks fresh can only shrink what is reused); only the closed loop prices it fairly.
+
+    Raises:
+        PlannerError: the user's front leaves fewer than two blocks to reuse.
+    """
+    front = context.options.front_blocks
+    if front is not None:
+        if not 0 <= front <= context.blocks - 2:
+            raise PlannerError(
+                f"--front-blocks {front} leaves no span to reuse: use 0 to {context.blocks - 2} for "
+                f"{context.blocks} blocks"
+            )
+        return (front,)
+    return corrector_fronts(context.blocks) if closed_loop is not None else (0,)
 
 
 def _measured_costs(context: FitContext) -> ReuseCosts:
@@ -478,17 +507,27 @@ def _measured_candidates(
     forced: np.ndarray,
     budget: Budget,
     modes: Sequence[tuple[str, str]],
+    fronts: Sequence[int] = (0,),
 ) -> list[dict[str, Any]]:
-    """One least-cost schedule per (reuse mode, robust aggregate) under the budget, duplicates dropped."""
+    """One least-cost schedule per (reuse mode, robust aggregate, corrector front) under the budget, duplicates
+    dropped. Corrector fronts try the worst-prompt aggregate only, to keep the closed loop's work bounded."""
     candidates, seen = [], set()
-    for mode, robust in modes:
-        result = search(cell_costs(costs, mode, robust), weights, forced)
-        computed = _computed_steps(context, result.cost, result.reachable(), budget, costs.max_run)
-        candidate = _candidate(context, costs, weights, (mode, robust), result.schedule(computed))
-        key = (mode, candidate["reuse"].tobytes())
-        if key not in seen:
-            seen.add(key)
-            candidates.append(candidate)
+    for front in fronts:
+        for mode, robust in modes:
+            if front and robust != "max" and any(r == "max" for _, r in modes):
+                continue
+            result = search(cell_costs(costs, mode, robust), weights, forced)
+            try:
+                computed = _computed_steps(context, result.cost, result.reachable(), budget, costs.max_run, front)
+            except PlannerError:
+                if front == 0 or len(fronts) == 1:
+                    raise
+                continue  # this corrector depth cannot reach the budget; the others may
+            candidate = _candidate(context, costs, weights, (mode, robust), result.schedule(computed), front)
+            key = (mode, front, candidate["reuse"].tobytes())
+            if key not in seen:
+                seen.add(key)
+                candidates.append(candidate)
     return candidates
 
 
@@ -507,15 +546,23 @@ def _schedule_with(
 
 
 def _candidate(
-    context: FitContext, costs: ReuseCosts, weights: np.ndarray, mode: tuple[str, str], reuse: np.ndarray
+    context: FitContext,
+    costs: ReuseCosts,
+    weights: np.ndarray,
+    mode: tuple[str, str],
+    reuse: np.ndarray,
+    front: int = 0,
 ) -> dict[str, Any]:
-    """A schedule as a candidate: whole-stack actions, predicted worst-prompt error and FLOP speedup."""
+    """A schedule as a candidate: actions (the first `front` blocks always computed), predicted worst-prompt error
+    and FLOP speedup."""
     predictor = context.predictor
     actions = np.where(reuse[None, :], REUSE, COMPUTE).astype(np.uint8).repeat(context.blocks, axis=0)
+    actions[:front] = COMPUTE
     worst = walk_cost(reuse, cell_costs(costs, mode[0], "max"), weights)
     return {
         "mode": mode[0],
         "robust": mode[1],
+        "front": front,
         "actions": actions,
         "reuse": reuse,
         "error": worst,
@@ -534,6 +581,7 @@ def _closed_loop_summary(candidates: list[dict[str, Any]], best: dict[str, Any])
             {
                 "reuse": c["mode"],
                 "objective": c["robust"],
+                "front_blocks": c["front"],
                 "speedup": float(c["speedup"]),
                 "predicted": float(c["error"]),
                 "measured_worst": float(c["measured"].max()),
@@ -544,10 +592,12 @@ def _closed_loop_summary(candidates: list[dict[str, Any]], best: dict[str, Any])
     }
 
 
-def _computed_steps(context: FitContext, cost: np.ndarray, reachable: np.ndarray, budget: Budget, max_run: int) -> int:
+def _computed_steps(
+    context: FitContext, cost: np.ndarray, reachable: np.ndarray, budget: Budget, max_run: int, front: int = 0
+) -> int:
     """How many steps compute: the fewest within the error cap, or the least-cost count meeting the target speedup."""
     predictor, steps = context.predictor, context.steps
-    speedups = {int(n): _stack_speedup(predictor, steps, int(n)) for n in reachable}
+    speedups = {int(n): _stack_speedup(predictor, steps, int(n), front) for n in reachable}
     if budget.max_error is not None:
         within = [n for n in speedups if cost[n] <= budget.max_error]
         if not within:
@@ -565,9 +615,15 @@ def _computed_steps(context: FitContext, cost: np.ndarray, reachable: np.ndarray
     return min(fast, key=lambda n: (cost[n], n))
 
 
-def _stack_speedup(predictor: Predictor, steps: int, computed: int) -> float:
+def _stack_speedup(predictor: Predictor, steps: int, computed: int, front: int = 0) -> float:
+    """FLOP speedup of `computed` full steps, the other steps computing only the first `front` blocks."""
     full = float(predictor.block_flops.sum())
-    return (full + predictor.other_flops) * steps / (full * computed + predictor.other_flops * steps)
+    kept = float(predictor.block_flops[:front].sum())
+    return (
+        (full + predictor.other_flops)
+        * steps
+        / (full * computed + kept * (steps - computed) + predictor.other_flops * steps)
+    )
 
 
 def _candidate_plan(context: FitContext, candidate: dict[str, Any]) -> Plan:
@@ -575,13 +631,12 @@ def _candidate_plan(context: FitContext, candidate: dict[str, Any]) -> Plan:
     if candidate["mode"] == "slope":
         policy["slope_scale"] = [float(b) for b in candidate["beta"]]
     header = context.profiles.header
-    spans = ((0, context.blocks),) if context.blocks > 1 else ()
     return Plan(
         model=header.fingerprint,
         timesteps=header.timesteps,
         sigmas=header.sigmas,
         actions=candidate["actions"],
-        spans=spans,
+        spans=group_spans(candidate["actions"]),
         policy=policy,
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dit_accel.runtime.plan import COMPUTE, PRUNE, REUSE
@@ -25,6 +27,13 @@ def longest_reuse_run(rows: np.ndarray) -> np.ndarray:
         run = np.where(column == REUSE, run + 1, 0)
         longest = np.maximum(longest, run)
     return longest
+
+
+def corrector_fronts(blocks: int) -> tuple[int, ...]:
+    """How many leading blocks a corrector schedule may keep computing: none, about an eighth and a quarter of the
+    stack (1 and 2 of 8 blocks; 4 and 8 of 30, near DBCache's default F8), always leaving two or more to reuse."""
+    depths = {0, math.ceil(blocks / 8), math.ceil(blocks / 4)}
+    return tuple(sorted(d for d in depths if d <= blocks - 2))
 
 
 def group_spans(actions: np.ndarray, alone: np.ndarray | None = None) -> tuple[tuple[int, int], ...]:

@@ -12,6 +12,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist, give each worker (and the subprocesses its tests start) its share of the cores.
+
+    Without it every worker's torch uses all cores and they oversubscribe the machine, which makes the suite slower
+    in parallel than in series.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    torch.set_num_threads(threads)
+
+
+_share_cores_between_workers()
+
 from tiny_models import tiny_cogvideox, tiny_ltx, tiny_wan  # noqa: E402
 
 

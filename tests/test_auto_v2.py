@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from dit_accel.harness.captions import CALIBRATION
-from dit_accel.harness.pipelines import load_pipeline
+from dit_accel.harness.pipelines import generate, load_pipeline
 from dit_accel.harness.prompts import PromptSpec
 from dit_accel.planner import FitOptions, PlannerError
 from dit_accel.planner.closed_loop import FAIL_RATIO, closed_loop_from_profile
 from dit_accel.planner.methods import fit_profiles
 from dit_accel.planner.profiles import load_profiles
+from dit_accel.planner.shapes import corrector_fronts
 from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
-from dit_accel.runtime import REUSE
+from dit_accel.runtime import REUSE, apply_plan
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -45,6 +46,8 @@ def test_a_few_step_plan_is_refused_or_passes_its_closed_loop_and_records_what_i
             continue
         record = plan.predicted["closed_loop"]
         assert record["prompts"] == 2 and len(record["candidates"]) >= 2
+        assert {c["front_blocks"] for c in record["candidates"]} <= set(corrector_fronts(plan.num_blocks))
+        assert plan.provenance["chosen"]["front_blocks"] in corrector_fronts(plan.num_blocks)
         assert record["measured_worst"] <= plan.predicted["error"] * FAIL_RATIO
         assert plan.predicted["speedup"] >= target - 1e-9
         assert float(loop.measure(plan).max()) == pytest.approx(record["measured_worst"], rel=1e-3)
@@ -67,3 +70,44 @@ def test_forced_steps_compute_and_hold_only_is_respected(calibrated):
     plan = fit_profiles(profiles, FitOptions(target_speedup=1.5, warmup=2, protect_last=1, reuse="hold"), None)
     reuse = plan.actions[0] == REUSE
     assert not reuse[:2].any() and not reuse[-1] and plan.policy == {"kind": "static", "reuse": "hold"}
+
+
+def _block_calls(pipe, plan=None) -> np.ndarray:
+    """Forward calls of every block over one generation, counted by hooks of the test's own."""
+    blocks = list(pipe.transformer.blocks)
+    counts = np.zeros(len(blocks), dtype=int)
+    handles = [
+        b.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1)) for i, b in enumerate(blocks)
+    ]
+    spec = PromptSpec(CALIBRATION[0], "", 7)
+    try:
+        if plan is None:
+            generate(pipe, spec, STEPS, 5.0, {}, output_type="latent")
+        else:
+            with apply_plan(pipe, plan):
+                generate(pipe, spec, STEPS, 5.0, {}, output_type="latent")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def test_a_corrector_plan_computes_its_front_blocks_and_skips_exactly_the_planned_calls(calibrated):
+    profiles, loop = calibrated
+    plan = fit_profiles(profiles, FitOptions(target_speedup=1.5, front_blocks=2), None)
+    blocks = plan.num_blocks
+    reuse = plan.actions == REUSE
+    assert not reuse[:2].any() and reuse[2:].any() and np.all(reuse[2:] == reuse[2])
+    assert plan.spans == ((2, blocks),) and plan.provenance["chosen"]["front_blocks"] == 2
+    assert plan.predicted["speedup"] >= 1.5
+    vanilla, accelerated = _block_calls(loop.pipe), _block_calls(loop.pipe, plan)
+    calls_per_step = vanilla // STEPS
+    assert np.all(vanilla == calls_per_step * STEPS)
+    assert np.array_equal(accelerated, calls_per_step * (~reuse).sum(axis=1))
+
+
+def test_a_front_that_leaves_nothing_to_reuse_is_refused_in_one_line(calibrated):
+    profiles, _ = calibrated
+    blocks = profiles.num_blocks
+    with pytest.raises(PlannerError, match=rf"--front-blocks {blocks - 1} leaves no span to reuse: use 0 to"):
+        fit_profiles(profiles, FitOptions(target_speedup=1.5, front_blocks=blocks - 1), None)

@@ -16,9 +16,10 @@ from dit_accel.bench import BenchError
 from dit_accel.bench.cli import main
 from dit_accel.bench.measure import CallCounter, caching_bound, hook_state_bytes
 from dit_accel.bench.models import WAN_1_3B_CONFIG, random_transformer
-from dit_accel.bench.peers import not_applicable, peer_enabled, peer_settings, taylorseer_identifiers
-from dit_accel.bench.report import render_markdown, standing, write_outputs
+from dit_accel.bench.peers import PEERS, not_applicable, peer_enabled, peer_settings, taylorseer_identifiers
+from dit_accel.bench.report import frontier, matched, render_markdown, standing, write_outputs
 from dit_accel.bench.runner import bracketed
+from dit_accel.bench.variants import peer_variants
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import REUSE, Plan, fingerprint_model, get_adapter, load_plan, save_plan
 
@@ -299,6 +300,58 @@ def test_standing_interpolates_on_peer_curves():
         "peer_psnr_at_equal_speedup"
     ] == pytest.approx(30.0)
     assert entry["dominated_by"] == [] and entry["dominates"] == []
+
+
+def _row(name: str, method: str, kind: str, speed: float, psnr: float, worst: float) -> dict:
+    return {
+        "name": name,
+        "method": method,
+        "kind": kind,
+        "status": "ok",
+        "block_call_speedup": speed,
+        "psnr": psnr,
+        "psnr_min": worst,
+    }
+
+
+def test_matched_compares_auto_with_the_best_peer_frontier_in_log_speedup():
+    rows = [
+        _row("auto @1.5x", "auto", "plan", 1.5, 40.0, 36.0),
+        _row("auto @3x", "auto", "plan", 3.0, 24.0, 18.0),
+        _row("m1", "magcache", "peer", 1.2, 45.0, 40.0),
+        _row("m2", "magcache", "peer", 3.0, 20.0, 15.0),
+        _row("m3", "magcache", "peer", 2.0, 25.0, 21.0),  # beaten by m1-m2's line but not by any one point: kept
+        _row("m4", "magcache", "peer", 1.9, 24.0, 30.0),  # beaten by m3 (faster and better): off the frontier
+        _row("t1", "taylorseer", "peer", 1.6, 38.0, 37.0),
+    ]
+    assert [r["name"] for r in frontier(rows[2:6])] == ["m1", "m3", "m2"]
+    at_2x = next(e for e in matched(rows) if e["speedup"] == 2.0)
+    expected = 40.0 + (24.0 - 40.0) * math.log(2.0 / 1.5) / math.log(2.0)
+    assert at_2x["psnr"]["auto"] == pytest.approx(expected)
+    assert at_2x["psnr"]["best_peer"] == "magcache" and at_2x["psnr"]["peer"] == pytest.approx(25.0)
+    assert at_2x["psnr"]["lead"] == pytest.approx(expected - 25.0)
+    at_15 = next(e for e in matched(rows) if e["speedup"] == 1.5)
+    assert at_15["psnr_min"]["best_peer"] == "magcache"  # taylorseer's one point (1.6x) does not reach 1.5x
+    assert at_15["psnr_min"]["auto"] == pytest.approx(36.0)
+    at_3x = next(e for e in matched(rows) if e["speedup"] == 3.0)
+    assert at_3x["psnr"]["lead"] == pytest.approx(4.0) and at_3x["psnr_min"]["lead"] == pytest.approx(3.0)
+    rows = [r for r in rows if r["name"] != "auto @3x"]
+    at_3x = next(e for e in matched(rows) if e["speedup"] == 3.0)
+    assert at_3x["psnr"]["auto"] is None and at_3x["psnr"]["lead"] is None  # not reached: reported, not dropped
+
+
+def test_a_peer_sweep_crosses_its_grid_with_its_second_knob():
+    transformer = tiny_wan(2)
+    variants = peer_variants("taylorseer", (2, 4), transformer, 8, None, PEERS["taylorseer"].sweep)
+    names = [v.name for v in variants]
+    assert names == [
+        "taylorseer cache_interval=2",
+        "taylorseer cache_interval=4",
+        "taylorseer cache_interval=2, disable_cache_before_step=1",
+        "taylorseer cache_interval=4, disable_cache_before_step=1",
+    ]
+    assert [v.setting["disable_cache_before_step"] for v in variants] == [3, 3, 1, 1]
+    assert all(len(PEERS[name].sweep) >= 2 for name in ("taylorseer", "magcache"))
 
 
 def test_outputs_are_all_or_nothing(tmp_path):

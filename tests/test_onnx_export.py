@@ -75,16 +75,16 @@ def test_shipped_plan_replays_through_onnxruntime_like_the_torch_runtime(pipe, t
 
 
 def test_per_block_extrapolating_plan_with_pruning_and_dws_blend_matches_the_torch_runtime(pipe, tmp_path):
+    # three action sets (all compute; per-block reuse with a pruned, blended block; all reuse), the second used at
+    # two steps with different blend weights: one graph serves both, its weight an input of the step
     steps = 8
     actions = np.full((8, steps), COMPUTE, np.uint8)
-    actions[:4, 2] = REUSE
-    actions[2:6, 3] = REUSE
-    actions[6, 3] = PRUNE
-    actions[:, 4] = REUSE
-    actions[1, 5] = PRUNE
-    actions[6, 5] = PRUNE
+    for step in (2, 5):
+        actions[:4, step] = REUSE
+        actions[6, step] = PRUNE
+    actions[:, 3] = REUSE
     dws = np.ones(actions.shape, np.float32)
-    dws[6, 3], dws[6, 5] = 0.3, 0.6
+    dws[6, 2], dws[6, 5] = 0.3, 0.6
     arrays = {**random_bases(pipe.transformer, 16), "dws_weight": dws}
     plan = Plan(
         model=fingerprint_model(pipe.transformer),
@@ -95,13 +95,14 @@ def test_per_block_extrapolating_plan_with_pruning_and_dws_blend_matches_the_tor
     )
     manifest = export_onnx(pipe, plan, tmp_path / "export", EXAMPLE_PROMPT)
     assert manifest["reuse"] == "extrapolate"
-    assert len(manifest["graphs"]) == 5
-    assert manifest["steps"][3]["blend"] == {"blend.6": pytest.approx(0.3)}
+    assert len(manifest["graphs"]) == 3
+    assert manifest["steps"][2]["blend"] == {"blend.6": pytest.approx(0.3)}
+    assert manifest["steps"][5]["blend"] == {"blend.6": pytest.approx(0.6)}
     expected, actual = _torch_and_onnx(pipe, plan, tmp_path / "export")
     assert _relative_error(expected, actual) <= 1e-4
     weights = (tmp_path / "export" / "weights.bin").stat().st_size
     params = sum(p.numel() * 4 for p in pipe.transformer.parameters())
-    assert weights <= 1.1 * params  # five graphs, one copy of the weights (not five)
+    assert weights <= 1.1 * params  # three graphs, one copy of the weights (not five)
 
 
 def test_unsupported_op_error_names_module_and_op_and_writes_nothing(pipe, tmp_path):
