@@ -1,8 +1,9 @@
 """Calibration data flow: which prompts run, on which pipeline, into which file, and how runs resume and merge.
 
 `profile_prompts` is what `dit-profile` calls. It measures per-block cost once (a short pass before any probe is
-installed), then generates every prompt with the `Recorder` attached and appends each finished prompt to the
-profile atomically, so an interrupted run resumes with `resume=True` and loses at most the prompt in progress.
+installed), then generates every prompt with the `Recorder` attached, makes each finished prompt durable as its own
+sealed shard beside the output and assembles the profile once at the end (`ProfileWriter`), so an interrupted run
+resumes with `resume=True` and loses at most the prompt in progress. One run per output: a second is refused.
 Under `torchrun`, every rank profiles its shard of prompts into its own file and rank 0 merges them.
 """
 
@@ -26,7 +27,18 @@ from dit_accel.runtime.adapters import find_transformer, fingerprint_model, get_
 from .flops import count_flops
 from .foreground import foreground_mask, latent_to_token_features
 from .recorder import Recorder, RecordSettings
-from .schema import ProfileError, ProfileHeader, ProfileWriter, PromptInfo, iter_prompt_groups, open_profile, prompt_key
+from .schema import (
+    ProfileError,
+    ProfileHeader,
+    ProfileLock,
+    ProfileWriter,
+    PromptInfo,
+    iter_prompt_groups,
+    open_profile,
+    parts_folder,
+    prompt_key,
+    written_prompts,
+)
 from .sensitivity import measure_sensitivity, sensitivity_steps
 
 MAX_STORED_VIDEO_BYTES = 4 << 20
@@ -136,57 +148,22 @@ def profile_prompts(
     progress: bool = True,
 ) -> RunSummary:
     """Profile this rank's share of `prompts` into `output` (see module docstring)."""
-    from tqdm.auto import tqdm
-
     size = size or {}
     output = Path(output)
     transformer = find_transformer(pipe)
-    adapter = get_adapter(transformer)
     run_settings = {
         **asdict(settings),
         **{f"size_{k}": v for k, v in sorted(size.items())},
         "pipeline": type(pipe).__name__,
     }
-    done = _check_existing(output, fingerprint_model(transformer), run_settings, resume)
-    mine = [(index, spec) for index, spec in enumerate(prompts) if index % world_size == rank]
-    todo = [(index, spec) for index, spec in mine if index not in done]
-    check_pipeline_inputs(pipe, [spec for _, spec in todo])  # a missing image: refused before any writing
-    started = time.perf_counter()
-    writer = ProfileWriter(output, None) if output.exists() else None
-    cost = measure_cost(pipe, todo[0][1], settings.guidance_scale, size) if todo and writer is None else None
-    recorder = Recorder(transformer, adapter, settings)
-    bar = tqdm(
-        total=len(todo) * settings.num_inference_steps,
-        desc=f"profiling {output.name}",
-        unit="step",
-        disable=not progress,
-    )
-    recorder.progress = bar
-    try:
-        for index, spec in todo:
-            arrays = _profile_one(pipe, recorder, spec, settings, size, adapter)
-            if index < settings.sensitivity_prompts and sensitivity_steps(
-                settings.num_inference_steps, settings.sensitivity_steps
-            ):
-                recorder.remove()  # the sensitivity runs replay plans; they must not be recorded
-                bar.set_postfix_str("step sensitivity")
-                arrays["step_sensitivity"] = measure_sensitivity(
-                    pipe, spec.prompt, spec.negative_prompt, spec.seed, settings, size
-                )
-                bar.set_postfix_str("")
-                recorder = Recorder(transformer, adapter, settings)
-                recorder.progress = bar
-            if writer is None:
-                branches = recorder.observed_branches()  # what the pipeline ran, not what the guidance suggests
-                writer = ProfileWriter(
-                    output, _header(pipe, transformer, adapter, settings, run_settings, cost, branches)
-                )
-            writer.add_prompt(
-                PromptInfo(prompt_key(index), index, spec.prompt, spec.negative_prompt, spec.seed), arrays
-            )
-    finally:
-        bar.close()
-        recorder.remove()
+    check_output_location(output)
+    with ProfileLock(output) as lock:
+        done = _check_existing(output, fingerprint_model(transformer), run_settings, resume)
+        mine = [(index, spec) for index, spec in enumerate(prompts) if index % world_size == rank]
+        todo = [(index, spec) for index, spec in mine if index not in done]
+        check_pipeline_inputs(pipe, [spec for _, spec in todo])  # a missing image: refused before any writing
+        started = time.perf_counter()
+        _record_prompts(pipe, todo, output, settings, size, run_settings, lock, progress)
     elapsed = time.perf_counter() - started
     size_bytes = output.stat().st_size if output.exists() else 0
     complete = len(done) + len(todo)
@@ -200,6 +177,59 @@ def profile_prompts(
         size_bytes,
         size_bytes / max(complete, 1),
     )
+
+
+def _record_prompts(
+    pipe: Any,
+    todo: list[tuple[int, PromptSpec]],
+    output: Path,
+    settings: RecordSettings,
+    size: dict[str, int],
+    run_settings: dict[str, Any],
+    lock: ProfileLock,
+    progress: bool,
+) -> None:
+    """Profile `todo` into `output`: each prompt made durable as it finishes, the file assembled at the end."""
+    from tqdm.auto import tqdm
+
+    transformer = find_transformer(pipe)
+    adapter = get_adapter(transformer)
+    writer = ProfileWriter(output, None, lock=lock) if written_prompts(output) is not None else None
+    cost = measure_cost(pipe, todo[0][1], settings.guidance_scale, size) if todo and writer is None else None
+    recorder = Recorder(transformer, adapter, settings)
+    bar = tqdm(
+        total=len(todo) * settings.num_inference_steps,
+        desc=f"profiling {output.name}",
+        unit="step",
+        disable=not progress,
+    )
+    recorder.progress = bar
+    try:
+        for index, spec in todo:
+            arrays = _profile_one(pipe, recorder, spec, settings, size, adapter)
+            branches = recorder.observed_branches()  # what the pipeline ran, not what the guidance suggests
+            if index < settings.sensitivity_prompts and sensitivity_steps(
+                settings.num_inference_steps, settings.sensitivity_steps
+            ):
+                recorder.remove()  # the sensitivity runs replay plans; they must not be recorded
+                bar.set_postfix_str("step sensitivity")
+                arrays["step_sensitivity"] = measure_sensitivity(
+                    pipe, spec.prompt, spec.negative_prompt, spec.seed, settings, size
+                )
+                bar.set_postfix_str("")
+                recorder = Recorder(transformer, adapter, settings)
+                recorder.progress = bar
+            if writer is None:
+                header = _header(pipe, transformer, adapter, settings, run_settings, cost, branches)
+                writer = ProfileWriter(output, header, lock=lock)
+            writer.add_prompt(
+                PromptInfo(prompt_key(index), index, spec.prompt, spec.negative_prompt, spec.seed), arrays
+            )
+        if writer is not None:
+            writer.finish()
+    finally:
+        bar.close()
+        recorder.remove()
 
 
 def _profile_one(
@@ -261,42 +291,52 @@ def _header(
 
 
 def check_output_location(output: str | os.PathLike) -> None:
-    """Refuse early (before loading a model) an output whose folder is missing or not writable."""
+    """Refuse early (before loading a model) an output whose folder is missing or not writable, or that another
+    run is writing (its lock is held)."""
     folder = Path(output).parent
     if not folder.is_dir():
         raise DitAccelError(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise DitAccelError(f"output folder {folder} is not writable")
+    with ProfileLock(output):
+        pass
 
 
 def _check_existing(output: Path, fingerprint: Any, run_settings: dict, resume: bool) -> set[int]:
-    """Indices already complete in `output`; refuses to touch a file of another model or settings."""
-    if not output.exists():
-        check_output_location(output)
-        return set()
+    """Indices already complete in `output` and its unfinished shards; refuses a file of another model or settings."""
     try:
-        existing = open_profile(output)
+        state = written_prompts(output)
     except ProfileError as exc:
         raise DitAccelError(
             f"{output} exists and is not a readable profile ({exc}); choose another output path"
         ) from None
-    if existing.header.fingerprint != fingerprint:
+    if state is None:
+        return set()
+    header, prompts = state
+    if header.fingerprint != fingerprint:
         raise DitAccelError(
             f"{output} exists and holds a profile of another model "
-            f"({existing.header.fingerprint.transformer_class}); choose another output path"
+            f"({header.fingerprint.transformer_class}); choose another output path"
         )
     if not resume:
-        raise DitAccelError(f"{output} already exists; pass --resume to complete it or choose another output path")
-    if existing.header.settings != run_settings:
+        raise DitAccelError(_not_resumed(output, len(prompts)))
+    if header.settings != run_settings:
         differ = sorted(
-            k
-            for k in set(run_settings) | set(existing.header.settings)
-            if run_settings.get(k) != existing.header.settings.get(k)
+            k for k in set(run_settings) | set(header.settings) if run_settings.get(k) != header.settings.get(k)
         )
         raise DitAccelError(
             f"{output} was recorded with different settings ({', '.join(differ)}); resume with the same options"
         )
-    return {p.index for p in existing.prompts}
+    return {p.index for p in prompts}
+
+
+def _not_resumed(output: Path, prompts: int) -> str:
+    if output.exists():
+        return f"{output} already exists; pass --resume to complete it or choose another output path"
+    return (
+        f"an interrupted run left {prompts} finished prompt(s) of {output} in {parts_folder(output)}; pass --resume "
+        "to complete it, or remove that folder to start over"
+    )
 
 
 def merge_profiles(inputs: list[str | os.PathLike], output: str | os.PathLike) -> int:

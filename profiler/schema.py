@@ -6,12 +6,20 @@ attribute; the root carries the schema version and the model fingerprint. See do
 
 Integrity: every profile starts with a 512-byte HDF5 user block (which HDF5 ignores) holding a magic string and
 the SHA-256 of the rest of the file. `open_profile` verifies it before the HDF5 library parses anything, so a
-truncated, bit-flipped or edited file is refused with a message instead of reaching HDF5's C parser (which can
-hang on some corruptions).
+truncated, bit-flipped or edited file is refused with a message instead of reaching HDF5's C parser.
 
-Crash safety: `ProfileWriter.add_prompt` never modifies the file in place. It copies the current file to a
-temporary file beside it, appends the prompt there, and renames it over the original, so a run killed at any moment
-leaves the last complete file (losing at most the prompt in progress).
+Hostile files: a correct seal does not make a file trustworthy. Before any data is read, `open_profile` walks the
+whole file and refuses links, external or virtual storage, filters other than gzip, objects the schema does not
+define, dtypes, ranks and dimensions that disagree with the schema and the root grids, and declared sizes beyond
+`DATA_EXPANSION` × the file size + `DATA_SLACK_BYTES` in total; `h5_safe` inflates chunks itself with a bounded
+output. Every field read is range-checked (`Field.values`) before a consumer sees it.
+
+Crash safety and cost: `ProfileWriter.add_prompt` writes each finished prompt atomically as its own small sealed
+profile ("shard") in a hidden folder beside the output (`.<name>.parts/`); `finish` assembles the final file from
+the previous output and the shards in one atomic replacement, then removes the folder. Each prompt's bytes are
+written about twice however many prompts there are (the old writer copied the whole file per prompt). A run killed
+at any moment loses at most the prompt in progress; the next writer (`dit-profile --resume`) picks the shards up.
+One writer per output at a time: a lock file beside it (`fcntl.flock`) refuses a second.
 
 Example:
     >>> profile = open_profile("wan.h5")
@@ -21,9 +29,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
+import io
 import json
+import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,8 +47,11 @@ import h5py
 import numpy as np
 
 from dit_accel.harness.errors import DitAccelError
-from dit_accel.harness.files import atomic_path
+from dit_accel.harness.files import atomic_path, sync_folder
 from dit_accel.runtime.plan import ModelFingerprint
+
+from . import h5_safe
+from .h5_safe import Limits, UnsafeHdf5
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "dit-profile"
@@ -44,6 +60,12 @@ SEAL_MAGIC = b"DIT-PROFILE-SHA256:"
 MAX_FIELD_VALUES = (
     1 << 28
 )  # 268 M values per field: 10x Wan-1.3B's largest field, a stated bound on what a read allocates
+DATA_EXPANSION = 64  # declared data may exceed the file size this many times (gzip); real profiles: about 1.1x
+DATA_SLACK_BYTES = 16 << 20  # ... plus this much, for small files of well-compressed fields (a flat 4 MB video)
+MAX_ATTR_BYTES = 1 << 20  # any text attribute: prompts, settings, the model fingerprint
+MAX_JSON_DEPTH = 16  # real headers nest 2 levels
+MAX_GRID = 1 << 16  # per token-grid axis
+COS_SLACK = 1e-3  # rounding of float32 cosine distances and attention probabilities around their bounds
 
 
 class ProfileError(DitAccelError):
@@ -51,44 +73,83 @@ class ProfileError(DitAccelError):
 
 
 @dataclass(frozen=True)
+class Values:
+    """What a field's values may be: within [low, high], and NaN only where the recorder marks "not recorded"."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    nan_means_unrecorded: bool = False
+
+
+_DRIFT = Values(0.0, math.inf, True)  # relative L1, norms, squared norms, errors: >= 0, NaN where not recorded
+_COS_DISTANCE = Values(-COS_SLACK, 2.0 + COS_SLACK, True)  # 1 - cos
+_ATTENTION = Values(0.0)  # attention weights: >= 0, always recorded (not capped at 1: synthetic profiles scale them)
+
+
+@dataclass(frozen=True)
 class Field:
-    """One per-prompt dataset: its path inside the prompt's group, dimension names, and storage dtype."""
+    """One per-prompt dataset: its path inside the prompt's group, dimension names, storage dtype, allowed values."""
 
     path: str
     dims: tuple[str, ...]
     dtype: str
+    values: Values = Values()
 
 
 # Per-prompt fields. Branch order is the file's `branches` attribute; steps and blocks follow the root grids.
 FIELDS: dict[str, Field] = {
-    "residual_rel_l1": Field("drift/residual_rel_l1", ("branch", "step", "block"), "float32"),
-    "residual_cos": Field("drift/residual_cos", ("branch", "step", "block"), "float32"),
-    "output_rel_l1": Field("drift/output_rel_l1", ("branch", "step", "block"), "float32"),
-    "output_cos": Field("drift/output_cos", ("branch", "step", "block"), "float32"),
-    "residual_norm": Field("norms/residual", ("branch", "step", "block"), "float32"),
-    "output_norm": Field("norms/output", ("branch", "step", "block"), "float32"),
-    "model_output_rel_l1": Field("model_output/rel_l1", ("branch", "step"), "float32"),
-    "motion": Field("motion", ("branch", "step", "block"), "float32"),
+    "residual_rel_l1": Field("drift/residual_rel_l1", ("branch", "step", "block"), "float32", _DRIFT),
+    "residual_cos": Field("drift/residual_cos", ("branch", "step", "block"), "float32", _COS_DISTANCE),
+    "output_rel_l1": Field("drift/output_rel_l1", ("branch", "step", "block"), "float32", _DRIFT),
+    "output_cos": Field("drift/output_cos", ("branch", "step", "block"), "float32", _COS_DISTANCE),
+    "residual_norm": Field("norms/residual", ("branch", "step", "block"), "float32", _DRIFT),
+    "output_norm": Field("norms/output", ("branch", "step", "block"), "float32", _DRIFT),
+    "model_output_rel_l1": Field("model_output/rel_l1", ("branch", "step"), "float32", _DRIFT),
+    "motion": Field("motion", ("branch", "step", "block"), "float32", Values(0.0, 1.0 + COS_SLACK, True)),
     "attention_steps": Field("attention/steps", ("attention_step",), "int32"),
     "attention_received": Field(
-        "attention/received", ("attention_step", "block", "frame", "height", "width"), "float16"
+        "attention/received", ("attention_step", "block", "frame", "height", "width"), "float16", _ATTENTION
     ),
     "query_index": Field("attention/query_index", ("query",), "int32"),
-    "cross_attention": Field("attention/cross", ("attention_step", "block", "query", "text_token"), "float16"),
-    "foreground": Field("foreground", ("frame", "height", "width"), "uint8"),
+    "cross_attention": Field(
+        "attention/cross", ("attention_step", "block", "query", "text_token"), "float16", _ATTENTION
+    ),
+    "foreground": Field("foreground", ("frame", "height", "width"), "uint8", Values(0, 1)),
     "feature_queries": Field("features/queries", ("block", "sample", "head", "channel"), "float16"),
     "feature_keys": Field("features/keys", ("block", "sample", "head", "channel"), "float16"),
     "video": Field("video", ("frame", "pixel_height", "pixel_width", "rgb"), "uint8"),
-    "step_sensitivity": Field("sensitivity/final_error", ("step",), "float32"),
-    "reuse_gram": Field("reuse/gram", ("branch", "step", "lag", "lag"), "float32"),
-    "stack_output_sq": Field("reuse/stack_output_sq", ("branch", "step"), "float32"),
+    "step_sensitivity": Field("sensitivity/final_error", ("step",), "float32", _DRIFT),
+    "reuse_gram": Field("reuse/gram", ("branch", "step", "lag", "lag"), "float32", Values(nan_means_unrecorded=True)),
+    "stack_output_sq": Field("reuse/stack_output_sq", ("branch", "step"), "float32", _DRIFT),
 }
 _ROOT_ARRAYS = {
-    "timesteps": ("timesteps", ("step",), "float64"),
-    "sigmas": ("sigmas", ("step",), "float64"),
-    "block_flops": ("cost/flops", ("block",), "int64"),
-    "block_seconds": ("cost/seconds", ("block",), "float64"),
+    "timesteps": ("timesteps", ("step",), "float64", Values()),
+    "sigmas": ("sigmas", ("step",), "float64", Values(0.0)),
+    "block_flops": ("cost/flops", ("block",), "int64", Values(0.0)),
+    "block_seconds": ("cost/seconds", ("block",), "float64", Values(0.0)),
 }
+# The file's tree: every group and dataset a profile may hold (a prompt group's subtree is built from FIELDS).
+_ROOT_TREE = {
+    "timesteps": "timesteps",
+    "sigmas": "sigmas",
+    "cost": {"flops": "block_flops", "seconds": "block_seconds"},
+}
+_PROMPT_KEY = re.compile(r"p\d{5,9}")
+_UNTIED_DIMS = {("video", "frame")}  # video frames are pixel frames, not the token grid's (Wan: 81 vs 21)
+
+
+def _tree(paths: dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, path in paths.items():
+        *groups, leaf = path.split("/")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = name
+    return tree
+
+
+_PROMPT_TREE = _tree({name: spec.path for name, spec in FIELDS.items()})
 
 
 @dataclass(frozen=True)
@@ -123,6 +184,19 @@ class ProfileHeader:
             return f"profiles were recorded with different settings ({', '.join(differ)})"
         return None
 
+    def dim_sizes(self) -> dict[str, int]:
+        """The sizes every prompt's fields must agree with, by dimension name."""
+        frames, height, width = self.grid
+        return {
+            "branch": len(self.branches),
+            "step": int(self.timesteps.shape[0]),
+            "block": len(self.fingerprint.block_ids),
+            "frame": frames,
+            "height": height,
+            "width": width,
+            "rgb": 3,
+        }
+
 
 @dataclass(frozen=True)
 class PromptInfo:
@@ -135,44 +209,318 @@ class PromptInfo:
     seed: int
 
 
-class ProfileWriter:
-    """Creates a profile file and appends complete prompts to it atomically."""
+def prompt_key(index: int) -> str:
+    return f"p{index:05d}"
 
-    def __init__(self, path: str | os.PathLike, header: ProfileHeader | None) -> None:
-        """Writer for `path`; creates the file with `header` unless it exists (then `header` may be None)."""
+
+# --- writing -------------------------------------------------------------------------------------------------------
+
+
+def parts_folder(path: str | os.PathLike) -> Path:
+    """The hidden folder beside `path` holding the finished prompts of a run not yet assembled into `path`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.parts")
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+class ProfileLock:
+    """An exclusive lock on one output path (`flock` on a hidden lock file beside it): one writer at a time.
+
+    The lock file is removed on release; a process that locked a file another one had just removed notices (the
+    path no longer names the file it locked) and reports the output as busy rather than write beside it.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.header = header
-        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)  # left by a run killed during an atomic write
-        if not self.path.exists():
+        self._fd: int | None = None
+
+    def acquire(self) -> ProfileLock:
+        """Take the lock, or raise a one-line `ProfileError` if another writer holds it or the folder refuses."""
+        lock = _lock_path(self.path)
+        with _writing(self.path):
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_ino != os.stat(lock).st_ino:
+                raise BlockingIOError
+        except OSError:
+            os.close(fd)
+            raise ProfileError(
+                f"{self.path} is being written by another run (it holds {lock}); wait for it or choose another output"
+            ) from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (a no-op when not held)."""
+        if self._fd is not None:
+            _lock_path(self.path).unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ProfileLock:
+        return self.acquire()
+
+    def __exit__(self, *_: Any) -> None:
+        self.release()
+
+
+class ProfileWriter:
+    """Writes a profile prompt by prompt: each as a sealed shard beside the output, the output assembled once.
+
+    `add_prompt` makes a prompt durable (its shard is written atomically); `finish` assembles the output. The
+    one-call form `ProfileWriter(path, header).add_prompts(prompts)` writes all prompts straight into one atomic
+    replacement of the output. As a context manager, a block that ends without error finishes the file; one that
+    raises keeps the shards for `dit-profile --resume`.
+
+    Example:
+        >>> with ProfileWriter("wan.h5", header) as writer:
+        ...     for info, arrays in recorded():
+        ...         writer.add_prompt(info, arrays)
+    """
+
+    def __init__(self, path: str | os.PathLike, header: ProfileHeader | None, lock: ProfileLock | None = None) -> None:
+        """Writer for `path`, holding `lock` (or taking its own). `header` may be None when `path` or unfinished
+        shards of it exist; otherwise it is the header of the new file."""
+        self.path = Path(path)
+        self.parts = parts_folder(self.path)
+        self._own_lock = lock is None
+        self._lock = lock or ProfileLock(self.path).acquire()
+        try:
+            self._remove_stale()
+            self.header = self._resolve_header(header)
+        except BaseException:
+            self.close()
+            raise
+
+    def _resolve_header(self, header: ProfileHeader | None) -> ProfileHeader:
+        state = written_prompts(self.path)
+        if state is None:
             if header is None:
                 raise ProfileError(f"{self.path} does not exist and no header was given to create it")
-            self._atomic(lambda f: _write_header(f, header), copy=False)
+            return header
+        reason = header.compatible_with(state[0]) if header is not None else None
+        if reason:
+            raise ProfileError(f"cannot add to {self.path}: {reason}")
+        return state[0]
+
+    def _remove_stale(self) -> None:
+        """Temporaries of writers killed mid-write (safe to remove: this writer holds the output's lock)."""
+        for stale in [*self.path.parent.glob(f".{self.path.name}.*.tmp"), *self.parts.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
 
     def add_prompt(self, info: PromptInfo, arrays: dict[str, np.ndarray]) -> None:
-        """Append one complete prompt (fields by `FIELDS` name); the file is replaced atomically."""
-        self.add_prompts([(info, arrays)])
+        """Make one complete prompt durable: written atomically as a sealed shard; `finish` puts it in the output."""
+        _check_fields(arrays)
+        with _writing(self.path):
+            self.parts.mkdir(exist_ok=True)
+            _write_file(self.parts / f"{info.key}.h5", self.header, [], [(info, arrays)])
 
     def add_prompts(self, prompts: list[tuple[PromptInfo, dict[str, np.ndarray]]]) -> None:
-        """Append several complete prompts in one atomic replacement of the file."""
+        """Append several complete prompts in one atomic replacement of the output, then close the writer."""
         for _, arrays in prompts:
-            unknown = set(arrays) - set(FIELDS)
-            if unknown:
-                raise ValueError(f"unknown profile fields: {sorted(unknown)}")
+            _check_fields(arrays)
+        try:
+            self._assemble(prompts)
+        finally:
+            self.close()
 
-        def write(f: h5py.File) -> None:
-            for info, arrays in prompts:
-                _write_prompt(f, info, arrays)
+    def finish(self) -> None:
+        """Assemble the output from the previous file and every shard, remove the shards, close the writer."""
+        try:
+            self._assemble([])
+        finally:
+            self.close()
 
-        self._atomic(write, copy=True)
+    def close(self) -> None:
+        """Release the lock this writer took; shards not yet assembled stay for a resumed run."""
+        if self._own_lock:
+            self._lock.release()
 
-    def _atomic(self, write, copy: bool) -> None:
-        with atomic_path(self.path) as tmp:
-            if copy:
-                shutil.copyfile(self.path, tmp)
-            with h5py.File(tmp, "a") if copy else h5py.File(tmp, "w", userblock_size=USERBLOCK_BYTES) as handle:
-                write(handle)
-            seal(tmp)
+    def __enter__(self) -> ProfileWriter:
+        return self
+
+    def __exit__(self, kind: type | None, *_: Any) -> None:
+        if kind is None:
+            self.finish()
+        else:
+            self.close()
+
+    def _assemble(self, extra: list[tuple[PromptInfo, dict[str, np.ndarray]]]) -> None:
+        sources = _sources(self.path, self.header)
+        held = {info.index for _, infos in sources for info in infos}
+        repeated = sorted(held & {info.index for info, _ in extra})
+        if repeated:
+            raise ProfileError(f"{self.path} already holds prompt {repeated[0]}")
+        if extra or len(sources) > 1 or not self.path.exists():
+            with _writing(self.path):
+                _write_file(self.path, self.header, sources, extra)
+        if self.parts.exists():
+            shutil.rmtree(self.parts)
+            sync_folder(self.path.parent)
+
+
+def _check_fields(arrays: dict[str, np.ndarray]) -> None:
+    unknown = set(arrays) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown profile fields: {sorted(unknown)}")
+
+
+def _sources(path: Path, header: ProfileHeader) -> list[tuple[Path, list[PromptInfo]]]:
+    """Files whose prompts go into `path`: the output itself, then each shard holding a prompt it lacks."""
+    sources, held = [], set()
+    if path.exists():
+        existing = open_profile(path)
+        sources.append((path, existing.prompts))
+        held = {info.index for info in existing.prompts}
+    for shard, infos in _shards(path, header):
+        if infos[0].index not in held:
+            sources.append((shard, infos))
+    return sources
+
+
+def _shards(path: Path, header: ProfileHeader | None) -> list[tuple[Path, list[PromptInfo]]]:
+    """Every shard of `path` with its one prompt, checked to be complete and to match `header` (if given)."""
+    found = []
+    for shard in sorted(parts_folder(path).glob("p*.h5")):
+        profile = open_profile(shard)
+        if [p.key for p in profile.prompts] != [shard.stem]:
+            raise ProfileError(f"{shard} is not a finished prompt of {path.name}; remove it to re-profile that prompt")
+        reason = header.compatible_with(profile.header) if header is not None else None
+        if reason:
+            raise ProfileError(f"{shard} does not belong to {path}: {reason}")
+        header = header or profile.header
+        found.append((shard, profile.prompts))
+    return found
+
+
+def written_prompts(path: str | os.PathLike) -> tuple[ProfileHeader, list[PromptInfo]] | None:
+    """The header and complete prompts of `path` together with its unfinished shards; None if neither exists."""
+    path = Path(path)
+    existing = open_profile(path) if path.exists() else None
+    shards = _shards(path, existing.header if existing else None)
+    if existing is None and not shards:
+        return None
+    header = existing.header if existing else open_profile(shards[0][0]).header
+    infos = {info.index: info for _, found in shards for info in found}
+    infos.update({info.index: info for info in (existing.prompts if existing else [])})
+    return header, [infos[i] for i in sorted(infos)]
+
+
+def _write_file(
+    path: Path,
+    header: ProfileHeader,
+    sources: list[tuple[Path, list[PromptInfo]]],
+    extra: list[tuple[PromptInfo, dict[str, np.ndarray]]],
+) -> None:
+    """Write a sealed profile atomically: header, prompts copied from `sources` (as stored), and `extra`."""
+    with atomic_path(path) as tmp:
+        with _WriteGuard(tmp) as guard:
+            with h5py.File(guard, "w", userblock_size=USERBLOCK_BYTES) as f:
+                _write_header(f, header)
+                for source, infos in sources:
+                    with h5py.File(source, "r") as src:
+                        for info in infos:
+                            f.copy(src["prompts"][info.key], f["prompts"], name=info.key)
+                for info, arrays in extra:
+                    _write_prompt(f, info, arrays)
+            guard.raise_failure()
+        seal(tmp)
+
+
+class _WriteGuard(io.RawIOBase):
+    """The file HDF5 writes a profile through (h5py's file-object driver), so that a failed write cannot crash it.
+
+    HDF5 (2.0) segfaults when it closes a file whose writes failed (a full disk; found by tests/test_profile_file.py).
+    Here the first failure is recorded and every write reported to HDF5 as done, so HDF5 closes the file normally;
+    `raise_failure` then raises the recorded error, and the caller discards the temporary file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._file = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
+        self.failure: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        return self._file.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if self.failure is None:
+            try:
+                return self.write_through(data)
+            except OSError as exc:
+                self.failure = exc
+        self._file.seek(size, os.SEEK_CUR)
+        return size
+
+    def write_through(self, data: Any) -> int:
+        """Write to the real file (the one place a full disk or a read-only file system shows)."""
+        return self._file.write(data)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.failure is None:
+            try:
+                return self._file.truncate(size)
+            except OSError as exc:
+                self.failure = exc
+        return self._file.tell() if size is None else size
+
+    def flush(self) -> None:
+        """Nothing to flush (unbuffered); the caller syncs the file once it is complete."""
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
+_WRITE_FAILURES = {
+    **dict.fromkeys((errno.ENOSPC, errno.EDQUOT, errno.EFBIG), "is full"),
+    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS), "is not writable"),
+    errno.ENOENT: "does not exist",
+}
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """OS and HDF5 write failures (full disk, read-only folder) become one `ProfileError` line naming the folder."""
+    try:
+        yield
+    except OSError as exc:
+        code = exc.errno or _errno_in(str(exc))
+        state = _WRITE_FAILURES.get(code, "is full or not writable")
+        reason = (exc.strerror or str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+        raise ProfileError(
+            f"cannot write {path.name}: folder {path.parent} {state} ({reason}); the previous file is unchanged"
+        ) from None
+
+
+def _errno_in(message: str) -> int | None:
+    """HDF5 reports the system error inside its message (`errno = 28`)."""
+    found = re.search(r"errno = (\d+)", message)
+    return int(found.group(1)) if found else None
 
 
 def _write_header(f: h5py.File, header: ProfileHeader) -> None:
@@ -186,7 +534,7 @@ def _write_header(f: h5py.File, header: ProfileHeader) -> None:
     f.attrs["cfg_mode"] = header.cfg_mode
     f.attrs["model_flops"] = int(header.model_flops)
     f.attrs["model_seconds"] = float(header.model_seconds)
-    for name, (path, dims, dtype) in _ROOT_ARRAYS.items():
+    for name, (path, dims, dtype, _) in _ROOT_ARRAYS.items():
         dataset = f.create_dataset(path, data=np.asarray(getattr(header, name), dtype=dtype))
         dataset.attrs["dims"] = json.dumps(dims)
     f.create_group("prompts")
@@ -208,12 +556,14 @@ def _write_prompt(f: h5py.File, info: PromptInfo, arrays: dict[str, np.ndarray])
     group.attrs["complete"] = True
 
 
-def _content_digest(path: str | os.PathLike) -> str:
+# --- the seal ------------------------------------------------------------------------------------------------------
+
+
+def _content_digest(handle: Any) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        handle.seek(USERBLOCK_BYTES)
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    handle.seek(USERBLOCK_BYTES)
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -225,42 +575,54 @@ def seal(path: str | os.PathLike) -> None:
 
     Refuses a file without the 512-byte user block profiles are created with, rather than overwrite its HDF5 header.
     """
-    with open(path, "rb") as handle:
-        head = handle.read(USERBLOCK_BYTES + len(_HDF5_SIGNATURE))
-    if head[USERBLOCK_BYTES:] != _HDF5_SIGNATURE:
-        raise ProfileError(
-            f"{path}: not an HDF5 file with a {USERBLOCK_BYTES}-byte user block; only profiles written by this "
-            "version can be sealed"
-        )
-    stamp = SEAL_MAGIC + _content_digest(path).encode()
     with open(path, "r+b") as handle:
+        head = handle.read(USERBLOCK_BYTES + len(_HDF5_SIGNATURE))
+        if head[USERBLOCK_BYTES:] != _HDF5_SIGNATURE:
+            raise ProfileError(
+                f"{path}: not an HDF5 file with a {USERBLOCK_BYTES}-byte user block; only profiles written by this "
+                "version can be sealed"
+            )
+        stamp = SEAL_MAGIC + _content_digest(handle).encode()
+        handle.seek(0)
         handle.write(stamp.ljust(USERBLOCK_BYTES, b"\0"))
 
 
 def _verify_seal(path: Path) -> None:
-    with open(path, "rb") as handle:
+    try:
+        fd = h5_safe.open_regular(path)
+    except UnsafeHdf5 as exc:
+        raise ProfileError(f"profile {path} {exc}") from None
+    with open(fd, "rb") as handle:
         block = handle.read(USERBLOCK_BYTES)
-    if not block.startswith(SEAL_MAGIC):
-        raise ProfileError(f"{path}: not a dit-profile file (no profile seal; written by another tool or damaged)")
-    expected = block[len(SEAL_MAGIC) : len(SEAL_MAGIC) + 64].decode("ascii", "replace")
-    if _content_digest(path) != expected:
-        raise ProfileError(
-            f"{path}: profile content does not match its checksum (truncated, damaged or edited); re-profile or "
-            "restore it"
-        )
+        if not block.startswith(SEAL_MAGIC):
+            raise ProfileError(f"{path}: not a dit-profile file (no profile seal; written by another tool or damaged)")
+        expected = block[len(SEAL_MAGIC) : len(SEAL_MAGIC) + 64].decode("ascii", "replace")
+        if _content_digest(handle) != expected:
+            raise ProfileError(
+                f"{path}: profile content does not match its checksum (truncated, damaged or edited); re-profile or "
+                "restore it"
+            )
 
 
-def prompt_key(index: int) -> str:
-    return f"p{index:05d}"
+# --- reading -------------------------------------------------------------------------------------------------------
 
 
 class Profile:
-    """A read-only view of a profile file: header, prompts, and fields as numpy arrays."""
+    """A read-only view of a profile file: header, prompts, and fields as numpy arrays (range-checked)."""
 
-    def __init__(self, path: Path, header: ProfileHeader, prompts: list[PromptInfo]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        header: ProfileHeader,
+        prompts: list[PromptInfo],
+        shapes: dict[str, dict[str, tuple[int, ...]]],
+        limits: Limits,
+    ) -> None:
         self.path = path
         self.header = header
         self.prompts = prompts
+        self._shapes = shapes  # prompt key -> field -> shape, as checked when the file was opened
+        self._limits = limits
 
     @property
     def block_ids(self) -> tuple[str, ...]:
@@ -268,22 +630,39 @@ class Profile:
 
     def has(self, name: str) -> bool:
         """Whether every prompt recorded field `name`."""
-        with self._damage_as_error(), self._open() as f:
-            return bool(self.prompts) and all(FIELDS[name].path in f["prompts"][p.key] for p in self.prompts)
+        return bool(self.prompts) and all(self.recorded(p, name) for p in self.prompts)
 
     def recorded(self, prompt: PromptInfo, name: str) -> bool:
         """Whether `prompt` recorded field `name`."""
-        with self._damage_as_error(), self._open() as f:
-            return FIELDS[name].path in f["prompts"][prompt.key]
+        return name in self._shapes[prompt.key]
 
     def read(self, prompt: PromptInfo | int, name: str) -> np.ndarray:
         """Field `name` of one prompt (a `PromptInfo`, or a position in `prompts`)."""
         info = self.prompts[prompt] if isinstance(prompt, int) else prompt
+        if not self.recorded(info, name):
+            raise ProfileError(f"{self.path}: prompt {info.index} has no '{name}' (re-profile recording it)")
         with self._damage_as_error(), self._open() as f:
-            group = f["prompts"][info.key]
-            if FIELDS[name].path not in group:
-                raise ProfileError(f"{self.path}: prompt {info.index} has no '{name}' (re-profile recording it)")
-            return _read_dataset(group[FIELDS[name].path], self.path)
+            return self._read_field(f, info, name)
+
+    def read_all(self, info: PromptInfo) -> dict[str, np.ndarray]:
+        """Every field `info` recorded, read in one opening of the file."""
+        with self._damage_as_error(), self._open() as f:
+            return {name: self._read_field(f, info, name) for name in FIELDS if self.recorded(info, name)}
+
+    def _read_field(self, f: h5py.File, info: PromptInfo, name: str) -> np.ndarray:
+        spec = FIELDS[name]
+        node = h5_safe.member(f, "prompts", h5py.Group)
+        node = h5_safe.member(node, info.key, h5py.Group)
+        *groups, leaf = spec.path.split("/")
+        for group in groups:
+            node = h5_safe.member(node, group, h5py.Group)
+        dataset = h5_safe.member(node, leaf, h5py.Dataset)
+        h5_safe.check_dataset(dataset, spec.dtype, len(spec.dims), self._limits)
+        if dataset.shape != self._shapes[info.key][name]:
+            raise ProfileError(f"{self.path}: {dataset.name} changed shape since the profile was opened")
+        values = h5_safe.read_dataset(dataset, self._limits)
+        _check_values(values, name, self.header, f"prompt {info.index} field {name}")
+        return values
 
     @contextlib.contextmanager
     def _damage_as_error(self) -> Iterator[None]:
@@ -292,6 +671,10 @@ class Profile:
             yield
         except ProfileError:
             raise
+        except _BadValues as exc:
+            raise ProfileError(f"{self.path}: {exc}") from None
+        except UnsafeHdf5 as exc:
+            raise ProfileError(f"{self.path}: refused: {exc}") from None
         except Exception as exc:
             raise ProfileError(
                 f"{self.path}: damaged profile ({type(exc).__name__}: "
@@ -311,60 +694,101 @@ class Profile:
             raise ProfileError(f"{self.path}: cannot open profile ({exc})") from None
 
 
-def _read_dataset(dataset: h5py.Dataset, path: Path) -> np.ndarray:
-    """A dataset's values, refusing declared sizes beyond any real profile field before reading."""
-    if dataset.size > MAX_FIELD_VALUES:
-        raise ProfileError(
-            f"{path}: dataset {dataset.name} declares {dataset.size} values, more than any profile field"
+class _BadValues(Exception):
+    """A field holds values outside what the recorder can produce (one-line message naming the field)."""
+
+
+def _check_values(values: np.ndarray, name: str, header: ProfileHeader, what: str) -> None:
+    """Refuse values no recording holds: outside the field's range, infinite, NaN where NaN means nothing."""
+    rule = FIELDS[name].values
+    if name == "attention_steps":
+        rule = Values(0, int(header.timesteps.shape[0]) - 1)
+    elif name == "query_index":
+        rule = Values(0, math.prod(header.grid) - 1)
+    _check_range(values, what, rule)
+    if name == "reuse_gram" and values.size:
+        diagonal = np.diagonal(values, axis1=-2, axis2=-1)
+        scale = float(np.nanmax(np.abs(values), initial=0.0))
+        if np.nanmin(diagonal, initial=0.0) < -COS_SLACK * scale:
+            raise _BadValues(f"{what} has negative squared norms on its diagonal")
+
+
+def _check_range(values: np.ndarray, what: str, rule: Values) -> None:
+    if values.dtype.kind == "f":
+        nan = np.isnan(values)
+        if not rule.nan_means_unrecorded and nan.any():
+            raise _BadValues(f"{what} holds NaN, which it never records")
+        if np.isinf(values).any():
+            raise _BadValues(f"{what} holds infinite values")
+        values = values[~nan] if nan.any() else values
+    if values.size and (values.min() < rule.low or values.max() > rule.high):
+        raise _BadValues(
+            f"{what} holds values in [{values.min():.6g}, {values.max():.6g}], outside [{rule.low:g}, {rule.high:g}]"
         )
-    return dataset[()]
+
+
+def _limits(file_bytes: int) -> Limits:
+    return Limits(
+        file_bytes=file_bytes,
+        data_bytes=DATA_EXPANSION * file_bytes + DATA_SLACK_BYTES,
+        max_values=MAX_FIELD_VALUES,
+        attr_bytes=MAX_ATTR_BYTES,
+        json_depth=MAX_JSON_DEPTH,
+    )
 
 
 def open_profile(path: str | os.PathLike) -> Profile:
     """Open and check a profile file; anything wrong raises `ProfileError` with one line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ProfileError(f"profile {path} does not exist")
+    try:
+        limits = _limits(h5_safe.regular_file_size(path))
+    except UnsafeHdf5 as exc:
+        raise ProfileError(f"profile {path} {exc}") from None
     _verify_seal(path)
     try:
         with h5py.File(path, "r") as f:
-            header = _read_header(f, path)
-            prompts = _read_prompts(f)
+            header = _read_header(f, path, limits)
+            prompts, shapes = _read_prompts(f, header, limits)
     except ProfileError:
         raise
+    except (UnsafeHdf5, _BadValues) as exc:
+        raise ProfileError(f"{path}: refused: {exc}") from None
     except Exception as exc:  # h5py raises OSError/KeyError/ValueError/RuntimeError for damaged files
         raise ProfileError(
             f"{path}: not a readable profile ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'damaged file'})"
         ) from None
-    return Profile(path, header, prompts)
+    return Profile(path, header, prompts, shapes, limits)
 
 
-def _read_header(f: h5py.File, path: Path) -> ProfileHeader:
-    if f.attrs.get("format") != FORMAT_NAME:
+def _read_header(f: h5py.File, path: Path, limits: Limits) -> ProfileHeader:
+    if h5_safe.read_attr(f, "format", "str", limits, required=False) != FORMAT_NAME:
         raise ProfileError(f"{path}: not a dit-profile file")
-    version = int(f.attrs.get("schema_version", -1))
+    version = h5_safe.read_attr(f, "schema_version", "int", limits, required=False)
     if version != SCHEMA_VERSION:
         raise ProfileError(
             f"{path}: profile schema version {version} is not supported (this version reads {SCHEMA_VERSION}); "
             "re-profile"
         )
-    arrays = {name: np.asarray(f[p][()], dtype=dtype) for name, (p, _, dtype) in _ROOT_ARRAYS.items()}
-    fingerprint = ModelFingerprint.from_json(json.loads(f.attrs["model_fingerprint"]))
+    fingerprint = _fingerprint(h5_safe.read_json_attr(f, "model_fingerprint", limits))
     header = ProfileHeader(
         fingerprint=fingerprint,
-        settings=json.loads(f.attrs["settings"]),
-        branches=tuple(json.loads(f.attrs["branches"])),
-        grid=tuple(int(x) for x in f.attrs["grid"]),
-        adapter=str(f.attrs["adapter"]),
-        cfg_mode=str(f.attrs["cfg_mode"]),
-        model_flops=int(f.attrs["model_flops"]),
-        model_seconds=float(f.attrs["model_seconds"]),
-        **arrays,
+        settings=_json_dict(h5_safe.read_json_attr(f, "settings", limits)),
+        branches=_branches(h5_safe.read_json_attr(f, "branches", limits)),
+        grid=_grid(h5_safe.read_attr(f, "grid", "ints", limits)),
+        adapter=h5_safe.read_attr(f, "adapter", "str", limits),
+        cfg_mode=h5_safe.read_attr(f, "cfg_mode", "str", limits),
+        model_flops=h5_safe.read_attr(f, "model_flops", "int", limits),
+        model_seconds=h5_safe.read_attr(f, "model_seconds", "float", limits),
+        **_read_root_arrays(f, limits),
     )
+    _check_range(np.array([header.model_flops, header.model_seconds], np.float64), "model cost", Values(0.0))
     steps, blocks = header.timesteps.shape[0], len(fingerprint.block_ids)
     if (
-        header.sigmas.shape != (steps,)
+        steps < 1
+        or header.sigmas.shape != (steps,)
         or header.block_flops.shape != (blocks,)
         or header.block_seconds.shape != (blocks,)
     ):
@@ -372,28 +796,122 @@ def _read_header(f: h5py.File, path: Path) -> ProfileHeader:
     return header
 
 
-def _read_prompts(f: h5py.File) -> list[PromptInfo]:
-    prompts = []
-    for key in sorted(f["prompts"]):
-        attrs = f["prompts"][key].attrs
-        if attrs.get("complete"):
-            prompts.append(
-                PromptInfo(
-                    key, int(attrs["index"]), str(attrs["prompt"]), str(attrs["negative_prompt"]), int(attrs["seed"])
-                )
-            )
-    return sorted(prompts, key=lambda p: p.index)
+def _read_root_arrays(f: h5py.File, limits: Limits) -> dict[str, np.ndarray]:
+    datasets: dict[str, h5py.Dataset] = {}
+    _walk(f, _ROOT_TREE, datasets, skip=frozenset({"prompts"}))
+    arrays = {}
+    for name, (_, dims, dtype, values) in _ROOT_ARRAYS.items():
+        if name not in datasets:
+            raise UnsafeHdf5(f"the profile lacks its '{name}' array")
+        h5_safe.check_dataset(datasets[name], dtype, len(dims), limits)
+        _check_dims_attr(datasets[name], dims, limits)
+        arrays[name] = h5_safe.read_dataset(datasets[name], limits)
+        _check_range(arrays[name], name, values)
+    return arrays
+
+
+def _walk(
+    group: h5py.Group, tree: dict[str, Any], found: dict[str, h5py.Dataset], skip: frozenset = frozenset()
+) -> None:
+    """Collect the datasets of `tree` under `group`, refusing any name, link or object kind the tree lacks (names in
+    `skip` are the caller's to check)."""
+    for name in h5_safe.members(group, set(tree) | skip):
+        node = tree.get(name)
+        if isinstance(node, dict):
+            _walk(h5_safe.member(group, name, h5py.Group), node, found)
+        elif node is not None:
+            found[node] = h5_safe.member(group, name, h5py.Dataset)
+
+
+def _check_dims_attr(dataset: h5py.Dataset, dims: tuple[str, ...], limits: Limits) -> None:
+    stored = h5_safe.read_json_attr(dataset, "dims", limits)
+    if stored != list(dims):
+        raise UnsafeHdf5(f"{dataset.name} has dims {str(stored)[:80]}, the schema says {list(dims)}")
+
+
+def _fingerprint(data: Any) -> ModelFingerprint:
+    try:
+        fingerprint = ModelFingerprint.from_json(data)
+    except DitAccelError as exc:
+        raise UnsafeHdf5(f"model_fingerprint is malformed ({exc})") from None
+    if len(fingerprint.block_ids) > MAX_GRID:
+        raise UnsafeHdf5(f"model_fingerprint lists {len(fingerprint.block_ids)} blocks")
+    return fingerprint
+
+
+def _json_dict(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise UnsafeHdf5("settings is not a JSON object")
+    return data
+
+
+def _branches(data: Any) -> tuple[str, ...]:
+    if not (isinstance(data, list) and 1 <= len(data) <= 2 and all(isinstance(b, str) for b in data)):
+        raise UnsafeHdf5("branches is not a list of one or two branch names")
+    return tuple(data)
+
+
+def _grid(values: list[int]) -> tuple[int, int, int]:
+    if len(values) != 3 or not all(1 <= v <= MAX_GRID for v in values):
+        raise UnsafeHdf5(f"grid {values[:4]} is not three sizes in [1, {MAX_GRID}]")
+    return values[0], values[1], values[2]
+
+
+def _read_prompts(
+    f: h5py.File, header: ProfileHeader, limits: Limits
+) -> tuple[list[PromptInfo], dict[str, dict[str, tuple[int, ...]]]]:
+    """Every complete prompt, and the shape of each field it holds; the whole tree is checked before any read."""
+    group = h5_safe.member(f, "prompts", h5py.Group)
+    prompts, shapes, total = [], {}, 0
+    for key in h5_safe.members(group):
+        if not _PROMPT_KEY.fullmatch(key):
+            raise UnsafeHdf5(f"/prompts/{key[:40]} is not a prompt group name")
+        prompt = h5_safe.member(group, key, h5py.Group)
+        shapes[key], nbytes = _check_prompt_tree(prompt, header, limits)
+        total += nbytes
+        if total > limits.data_bytes:
+            raise UnsafeHdf5(f"the prompts declare more than {limits.data_bytes} bytes, beyond this file's size")
+        info = _prompt_info(prompt, key, limits)
+        if info is not None:
+            prompts.append(info)
+    return sorted(prompts, key=lambda p: p.index), shapes
+
+
+def _check_prompt_tree(
+    prompt: h5py.Group, header: ProfileHeader, limits: Limits
+) -> tuple[dict[str, tuple[int, ...]], int]:
+    datasets: dict[str, h5py.Dataset] = {}
+    _walk(prompt, _PROMPT_TREE, datasets)
+    sizes, shapes, total = header.dim_sizes(), {}, 0
+    for name, dataset in datasets.items():
+        spec = FIELDS[name]
+        total += h5_safe.check_dataset(dataset, spec.dtype, len(spec.dims), limits)
+        _check_dims_attr(dataset, spec.dims, limits)
+        for dim, size in zip(spec.dims, dataset.shape):
+            if sizes.setdefault(f"{name}.{dim}" if (name, dim) in _UNTIED_DIMS else dim, size) != size:
+                raise UnsafeHdf5(f"{dataset.name} has {size} along '{dim}' where the profile has {sizes[dim]}")
+        shapes[name] = dataset.shape
+    return shapes, total
+
+
+def _prompt_info(prompt: h5py.Group, key: str, limits: Limits) -> PromptInfo | None:
+    """The prompt's attributes, or None when it is not marked complete."""
+    if not h5_safe.read_attr(prompt, "complete", "bool", limits, required=False):
+        return None
+    index = h5_safe.read_attr(prompt, "index", "int", limits)
+    if prompt_key(index) != key:
+        raise UnsafeHdf5(f"/prompts/{key} holds prompt index {index}")
+    return PromptInfo(
+        key,
+        index,
+        h5_safe.read_attr(prompt, "prompt", "str", limits),
+        h5_safe.read_attr(prompt, "negative_prompt", "str", limits),
+        h5_safe.read_attr(prompt, "seed", "int", limits),
+    )
 
 
 def iter_prompt_groups(path: str | os.PathLike) -> Iterator[tuple[PromptInfo, dict[str, np.ndarray]]]:
     """Every complete prompt of a profile with all its fields (used to merge shards)."""
     profile = open_profile(path)
     for info in profile.prompts:
-        with profile._damage_as_error(), profile._open() as f:
-            group = f["prompts"][info.key]
-            arrays = {
-                name: _read_dataset(group[spec.path], profile.path)
-                for name, spec in FIELDS.items()
-                if spec.path in group
-            }
-        yield info, arrays
+        yield info, profile.read_all(info)
