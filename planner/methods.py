@@ -427,8 +427,8 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     """
     options = context.options
     budget = context.budget if context.budget.given else Budget(target_speedup=AUTO_DEFAULT_SPEEDUP)
-    costs = _measured_costs(context)
-    weights = _measured_weights(context, costs)
+    costs = measured_costs(context)
+    weights = measured_weights(context, costs)
     forced = np.zeros(context.steps, dtype=bool)
     forced[: options.warmup or 0] = True
     if options.protect_last:
@@ -437,7 +437,7 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     candidates = _measured_candidates(context, costs, weights, forced, budget, modes, _fronts(context, closed_loop))
     if closed_loop is not None:
         for candidate in candidates:
-            candidate["measured"] = closed_loop.measure(_candidate_plan(context, candidate))
+            candidate["measured"] = closed_loop.measure(candidate_plan(context, candidate))
         best = min(candidates, key=lambda c: (float(c["measured"].max()), -c["speedup"]))
         _check_closed_loop(context, best, costs, weights, forced, modes, closed_loop)
     else:
@@ -482,14 +482,15 @@ def _fronts(context: FitContext, closed_loop: ClosedLoop | None) -> tuple[int, .
     return corrector_fronts(context.blocks) if closed_loop is not None else (0,)
 
 
-def _measured_costs(context: FitContext) -> ReuseCosts:
+def measured_costs(context: FitContext) -> ReuseCosts:
+    """Reuse costs from the profiles' Gram matrices, for runs up to the lags recorded (and --max-reuse)."""
     profiles = context.profiles
     lags = profiles.stack("reuse_gram").shape[-1]
     runs = min((lags - 1) // 2, context.options.max_reuse or lags)
     return reuse_costs(profiles.stack("reuse_gram"), profiles.stack("stack_output_sq"), max_run=runs)
 
 
-def _measured_weights(context: FitContext, costs: ReuseCosts) -> np.ndarray:
+def measured_weights(context: FitContext, costs: ReuseCosts) -> np.ndarray:
     """Per step, the final-latent error of a unit stack-output error there: |σ_s − σ_{s+1}|, rescaled where the
     profile measured step sensitivity so that a single reused step predicts exactly the final error measured."""
     weights = step_weights(context.profiles.header.sigmas)
@@ -523,7 +524,7 @@ def _measured_candidates(
                 if front == 0 or len(fronts) == 1:
                     raise
                 continue  # this corrector depth cannot reach the budget; the others may
-            candidate = _candidate(context, costs, weights, (mode, robust), result.schedule(computed), front)
+            candidate = measured_candidate(context, costs, weights, (mode, robust), result.schedule(computed), front)
             key = (mode, front, candidate["reuse"].tobytes())
             if key not in seen:
                 seen.add(key)
@@ -542,10 +543,10 @@ def _schedule_with(
     """The least-cost candidate of a search over one (reuse mode, aggregate) with exactly `computed` computed steps."""
     if not np.isfinite(result.cost[computed]):
         return None
-    return _candidate(context, costs, weights, mode, result.schedule(computed))
+    return measured_candidate(context, costs, weights, mode, result.schedule(computed))
 
 
-def _candidate(
+def measured_candidate(
     context: FitContext,
     costs: ReuseCosts,
     weights: np.ndarray,
@@ -626,7 +627,8 @@ def _stack_speedup(predictor: Predictor, steps: int, computed: int, front: int =
     )
 
 
-def _candidate_plan(context: FitContext, candidate: dict[str, Any]) -> Plan:
+def candidate_plan(context: FitContext, candidate: dict[str, Any]) -> Plan:
+    """The bare plan of one measured candidate (schedule, spans, reuse policy): what the closed loop replays."""
     policy = {"kind": "static", "reuse": candidate["mode"]}
     if candidate["mode"] == "slope":
         policy["slope_scale"] = [float(b) for b in candidate["beta"]]
@@ -665,7 +667,7 @@ def _check_closed_loop(
         trial = _schedule_with(context, costs, weights, modes[0], result, middle)
         if (
             trial is not None
-            and float(closed_loop.measure(_candidate_plan(context, trial)).max()) <= trial["error"] * FAIL_RATIO
+            and float(closed_loop.measure(candidate_plan(context, trial)).max()) <= trial["error"] * FAIL_RATIO
         ):
             passing, high = middle, middle - 1
         else:

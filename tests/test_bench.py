@@ -451,3 +451,13 @@ def test_row_psnr_pools_the_mse_so_one_untouched_prompt_does_not_make_it_infinit
     assert pooled["psnr"] == pytest.approx(20.0 + 10 * math.log10(2)) and pooled["psnr_min"] == 20.0
     assert pooled["ssim"] == 0.75 and pooled["lpips"] is None
     assert _pooled_fidelity([{"psnr": math.inf, "ssim": 1.0}])["psnr"] == math.inf
+
+
+def test_spearman_ranks_ties_and_ignores_monotone_rescaling():
+    from dit_accel.bench.rank_correlation import spearman
+
+    x = np.array([0.1, 0.4, 0.2, 0.9, 0.3])
+    assert spearman(x, np.exp(5 * x)) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 30.0, 25.0])) == pytest.approx(0.8)
+    assert spearman(np.array([1.0, 1.0, 2.0]), np.array([3.0, 3.0, 1.0])) == pytest.approx(-1.0)
