@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -306,10 +305,8 @@ def test_readme_python_snippet_runs_as_written():
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     (snippet,) = [b for b in blocks if "apply_plan" in b]
     namespace: dict = {}
-    started = time.perf_counter()
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["video"].shape[-1] == 3 and namespace["plan"].provenance["method"] == "auto"
-    assert time.perf_counter() - started < 120
 
 
 # -- long phases show progress --------------------------------------------------------------------------------------
