@@ -92,10 +92,38 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def pruned_block_flops(
-    block_flops: np.ndarray, tokens: int, head_dim: int, ranks: np.ndarray, heads: int
+    block_flops: np.ndarray,
+    tokens: int,
+    head_dim: int,
+    ranks: np.ndarray,
+    heads: int,
+    attention_ratio: float | None = None,
 ) -> np.ndarray:
-    """FLOPs of a pruned call of each block: QKᵀ in rank r instead of head_dim, plus projecting q and k onto the
-    basis."""
-    saved = 2.0 * tokens * tokens * heads * (head_dim - ranks)
-    projection = 2.0 * 2.0 * tokens * heads * head_dim * ranks
+    """Cost of a pruned call of each block, in FLOPs, as the fused kernels run it: the planner prunes a block only
+    where this is below `block_flops`.
+
+    Without `attention_ratio`: QKᵀ at the *kernel rank* (the rank rounded up to a multiple of 8, at most head_dim:
+    the runtime pads the basis so that the memory-efficient and cuDNN kernels take the call, see
+    `dit_accel.runtime.pruning`) instead of head_dim, plus projecting q and k onto the padded basis. A block whose
+    kernel rank reaches head_dim saves nothing, so the planner never prunes it.
+
+    With `attention_ratio` (pruned / full attention wall time measured on the device the plan is for, e.g. by
+    `dit_accel.runtime.pruning.time_pruned_attention` or the GPU suite's pruned-attention row): the block's
+    attention FLOPs (4·tokens²·heads·head_dim) are scaled by that ratio, so a ratio of 1 or more (pruning measured
+    slower, as on CPU) leaves the cost unchanged and nothing is pruned.
+
+    FLOPs, not a wall-clock measurement taken here, are the default because plans are fitted on one machine and
+    replayed on another (a CPU timing says nothing about the GPU kernels), and because the same profile and options
+    must give the same plan bytes.
+    """
+    from dit_accel.runtime.pruning import kernel_rank
+
+    if attention_ratio is not None:
+        if not attention_ratio >= 0.0:
+            raise PlannerError(f"a measured pruned/full attention time ratio must be >= 0, got {attention_ratio}")
+        attention = 4.0 * tokens * tokens * heads * head_dim
+        return np.clip(block_flops - attention * (1.0 - attention_ratio), 0.0, block_flops)
+    padded = np.array([kernel_rank(rank, head_dim) for rank in np.asarray(ranks)], dtype=np.float64)
+    saved = 2.0 * tokens * tokens * heads * (head_dim - padded)
+    projection = 2.0 * 2.0 * tokens * heads * head_dim * padded
     return np.clip(block_flops - saved + projection, 0.0, block_flops)

@@ -31,6 +31,7 @@ class SyntheticSpec:
     drift: np.ndarray | None = None
     foreground_blocks: tuple[int, ...] = (0,)
     rank: int = 2
+    head_dim: int = HEAD_DIM
     prompts: int = 2
     transformer_class: str = "WanTransformer3DModel"
     config_hash: str = "0" * 64
@@ -109,10 +110,11 @@ def _attention(spec: SyntheticSpec, rng: np.random.Generator) -> np.ndarray:
 
 def _features(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Samples in one fixed `rank`-dimensional subspace (the same for every prompt), plus tiny noise."""
-    basis = np.linalg.qr(np.random.default_rng(1234).standard_normal((HEAD_DIM, HEAD_DIM)))[0][:, : spec.rank]
+    dim = spec.head_dim
+    basis = np.linalg.qr(np.random.default_rng(1234).standard_normal((dim, dim)))[0][:, : spec.rank]
     shape = (spec.blocks, SAMPLES, HEADS, spec.rank)
-    queries = rng.standard_normal(shape) @ basis.T * 2 + 1e-3 * rng.standard_normal((*shape[:3], HEAD_DIM))
-    keys = rng.standard_normal(shape) @ basis.T * 2 + 1e-3 * rng.standard_normal((*shape[:3], HEAD_DIM))
+    queries = rng.standard_normal(shape) @ basis.T * 2 + 1e-3 * rng.standard_normal((*shape[:3], dim))
+    keys = rng.standard_normal(shape) @ basis.T * 2 + 1e-3 * rng.standard_normal((*shape[:3], dim))
     return queries, keys
 
 

@@ -150,19 +150,20 @@ def test_lower_variance_keeps_fewer_components(tmp_path):
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1] == 3
 
 
-def test_unicp_plan_prunes_with_pca_bases_and_blend_weights(profile):
-    plan = fit_plan([profile], FitOptions(method="unicp"))
+def test_unicp_plan_prunes_with_pca_bases_and_blend_weights(tmp_path):
+    plan = fit_plan([write(tmp_path, head_dim=32)], FitOptions(method="unicp"))  # head dim 8: pruning saves nothing
     assert np.any(plan.actions == PRUNE)
     for block in range(BLOCKS):
         basis = plan.arrays[f"pca.{block}"]
-        assert basis.dtype == np.float32 and basis.shape[:2] == (2, 8)
+        assert basis.dtype == np.float32 and basis.shape[:2] == (2, 32)
         assert plan.arrays[f"pca_explained.{block}"].shape == (2,)
     weights = plan.arrays["dws_weight"]
     assert weights.shape == (BLOCKS, STEPS) and weights.dtype == np.float32
     assert np.all((weights >= 0) & (weights <= 1)) and np.all(weights[plan.actions != PRUNE] == 1.0)
 
 
-def test_auto_prunes_only_when_asked(profile):
+def test_auto_prunes_only_when_asked(tmp_path):
+    profile = write(tmp_path, head_dim=32)
     assert not np.any(fit_plan([profile], FitOptions(target_speedup=1.8)).actions == PRUNE)
     pruned = fit_plan([profile], FitOptions(target_speedup=1.8, prune=True))
     assert np.any(pruned.actions == PRUNE) and "pca.0" in pruned.arrays and "dws_weight" in pruned.arrays
