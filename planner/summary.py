@@ -1,4 +1,13 @@
-"""`dit-plan inspect`: a plan as a JSON-ready report and as text (schedule grid, labels, spans, prediction)."""
+"""`dit-plan inspect`: a plan as a JSON-ready report and as text (schedule grid, labels, spans, prediction, cache
+memory).
+
+Predicted cache memory: the runtime keeps one hidden-state residual (tokens × hidden) per cached span and CFG branch,
+two where the plan extrapolates (the residual and its slope), and none for a span that never stores. Tokens come
+from the plan's provenance (`grid`, the profile's token grid, or `tokens`) or the caller; hidden from the provenance
+(`hidden`), the caller, or the PCA bases (heads × head dim, the hidden size of every supported DiT); branches from
+the profiled guidance scale (two above 1). What is missing is reported as unknown, never guessed. Joint-attention
+models (HunyuanVideo, Mochi, CogVideoX) also cache the text tokens' residual, not counted here.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from dit_accel.harness.cli import printable
+from dit_accel.runtime.errors import PlanError
 from dit_accel.runtime.plan import COMPUTE, PRUNE, REUSE, Plan
+from dit_accel.runtime.replay_table import CompiledSchedule
 
 ACTION_CHARS = {COMPUTE: "C", REUSE: ".", PRUNE: "P"}
 LABEL_CHARS = {"foreground": "F", "background": "B", "unlabelled": "-"}
@@ -24,8 +35,11 @@ def expected_string(row: np.ndarray) -> str:
     return "".join("#" if f >= 0.75 else "+" if f >= 0.5 else "-" if f >= 0.25 else "." for f in row)
 
 
-def plan_report(plan: Plan) -> dict[str, Any]:
-    """Everything `inspect` shows, as plain JSON values."""
+def plan_report(
+    plan: Plan, tokens: int | None = None, hidden: int | None = None, dtype_bytes: int = 2
+) -> dict[str, Any]:
+    """Everything `inspect` shows, as plain JSON values; `tokens`/`hidden` override what the plan records, and
+    `dtype_bytes` is the runtime dtype's size (2: bfloat16/float16) for the predicted cache memory."""
     blocks = []
     for index, block_id in enumerate(plan.model.block_ids):
         row = plan.actions[index]
@@ -60,7 +74,63 @@ def plan_report(plan: Plan) -> dict[str, Any]:
         "blocks": blocks,
         "provenance": plan.provenance,
         "arrays": {name: list(array.shape) for name, array in sorted(plan.arrays.items())},
+        "cache_memory": cache_memory(plan, tokens, hidden, dtype_bytes),
     }
+
+
+def cache_memory(plan: Plan, tokens: int | None, hidden: int | None, dtype_bytes: int) -> dict[str, Any]:
+    """Predicted bytes of cached residuals: per span (per branch) and in total (see the module docstring)."""
+    tokens = tokens or _provenance_tokens(plan.provenance)
+    hidden = hidden or _positive_int(plan.provenance.get("hidden")) or _basis_hidden(plan)
+    guidance = (plan.provenance.get("profile_settings") or {}).get("guidance_scale")
+    branches = (2 if guidance > 1 else 1) if isinstance(guidance, (int, float)) else None
+    try:
+        residuals = _cached_residuals(plan)
+    except PlanError as exc:
+        return {"unknown": f"the plan does not compile: {exc}"}
+    per_tensor = tokens * hidden * dtype_bytes if tokens and hidden else None
+    spans = [
+        {"span": list(span), "tensors": count, "bytes_per_branch": None if per_tensor is None else count * per_tensor}
+        for span, count in residuals
+    ]
+    report: dict[str, Any] = {
+        "tokens": tokens,
+        "hidden": hidden,
+        "dtype_bytes": dtype_bytes,
+        "branches": branches,
+        "spans": spans,
+        "bytes": None
+        if per_tensor is None or branches is None
+        else sum(c for _, c in residuals) * per_tensor * branches,
+    }
+    missing = [name for name, value in (("tokens", tokens), ("hidden", hidden), ("branches", branches)) if not value]
+    if missing:
+        report["unknown"] = f"the plan records no {', '.join(missing)} (dit-plan inspect cannot predict the bytes)"
+    return report
+
+
+def _cached_residuals(plan: Plan) -> list[tuple[tuple[int, int], int]]:
+    """(span, residual tensors it keeps per branch) for every span that stores at the plan's own step count."""
+    schedule = CompiledSchedule(plan, adaptive=plan.policy.get("kind") != "static")
+    table = schedule.table(plan.num_inference_steps)
+    per_span = 2 if schedule.extrapolate else 1
+    return [(tuple(span), per_span) for span, stores in zip(schedule.spans, table.store) if any(stores)]
+
+
+def _provenance_tokens(provenance: dict[str, Any]) -> int | None:
+    grid = provenance.get("grid")
+    if isinstance(grid, list) and grid and all(_positive_int(v) for v in grid):
+        return int(np.prod(grid))
+    return _positive_int(provenance.get("tokens"))
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _basis_hidden(plan: Plan) -> int | None:
+    basis = next((a for name, a in sorted(plan.arrays.items()) if name.startswith("pca.") and a.ndim == 3), None)
+    return None if basis is None else int(basis.shape[0] * basis.shape[1])
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -86,8 +156,26 @@ def render_report(report: dict[str, Any]) -> str:
     ranks = [f"{b['id']}:{b['pca_rank']}" for b in report["blocks"] if "pca_rank" in b]
     if ranks:
         lines.append("pca ranks: " + " ".join(ranks))
+    lines.append(_cache_line(report["cache_memory"]))
     lines += ["", *_provenance_lines(report["provenance"])]
     return "\n".join(lines)
+
+
+def _cache_line(cache: dict[str, Any]) -> str:
+    """One line of predicted cache memory: spans × tensors × tokens × hidden × bytes × branches, or what is unknown."""
+    spans = cache.get("spans")
+    if spans is None:
+        return f"cache memory: unknown ({cache['unknown']})"
+    tensors = sum(s["tensors"] for s in spans)
+    if cache["bytes"] is None:
+        return (
+            f"cache memory: {len(spans)} cached spans, {tensors} residual tensors per branch; bytes unknown "
+            f"({cache['unknown']})"
+        )
+    return (
+        f"cache memory (predicted): {tensors} residual tensors × {cache['tokens']} tokens × {cache['hidden']} hidden × "
+        f"{cache['dtype_bytes']} B × {cache['branches']} branches = {cache['bytes'] / 2**20:.1f} MiB"
+    )
 
 
 def _escaped(value: Any) -> Any:
