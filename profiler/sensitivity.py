@@ -63,7 +63,11 @@ def measure_sensitivity(
             return generate(pipe, spec, steps, settings.guidance_scale, size, output_type="latent").float()
 
     bar = tqdm(desc="step sensitivity", unit="call", leave=False, disable=None if progress is None else not progress)
-    counter = transformer.register_forward_pre_hook(lambda *_: bar.update())
+
+    def count_call(*_: Any) -> None:  # returns None, so the call's arguments stay as they are
+        bar.update()
+
+    counter = transformer.register_forward_pre_hook(count_call)
     try:
         reference = final_latent()
         bar.total = bar.n * (1 + len(measured))  # every generation makes as many transformer calls as the first

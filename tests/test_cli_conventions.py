@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -313,21 +314,30 @@ def test_readme_python_snippet_runs_as_written():
 
 
 @pytest.mark.slow  # the default model
-def test_step_sensitivity_has_its_own_progress(capsys):
+def test_step_sensitivity_has_its_own_progress(monkeypatch):
+    import tqdm.auto
+
     from dit_accel.harness.pipelines import load_pipeline
     from dit_accel.profiler.recorder import RecordSettings
     from dit_accel.profiler.sensitivity import measure_sensitivity
 
+    bars = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def close(self) -> None:
+            bars.append((getattr(self, "desc", None), self.n, getattr(self, "total", None), self.disable))
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
     pipe = load_pipeline(None)
     settings = RecordSettings(num_inference_steps=4, sensitivity_steps=2, guidance_scale=1.0)
-    spec = PromptSpec("a large red circle moves right on a teal background")
-    measure_sensitivity(pipe, spec.prompt, "", 0, settings, {}, progress=True)
-    err = capsys.readouterr().err
-    counts = re.findall(r"step sensitivity:.*?(\d+)/(\d+)", err)
-    assert counts and counts[-1][0] == counts[-1][1], err[-500:]
-    assert int(counts[-1][1]) % 3 == 0  # a reference and two measured steps, each as many transformer calls
-    measure_sensitivity(pipe, spec.prompt, "", 0, settings, {}, progress=False)
-    assert "step sensitivity" not in capsys.readouterr().err
+    result = measure_sensitivity(pipe, "a large red circle moves right on a teal background", "", 0, settings, {}, True)
+    ((_, done, total, _),) = [bar for bar in bars if bar[0] == "step sensitivity" and not bar[3]]
+    assert done == total > 0 and total % 3 == 0  # a reference and two measured steps, as many transformer calls each
+    assert (~np.isnan(result)).sum() == 2
+    bars.clear()
+    measure_sensitivity(pipe, "a large red circle moves right on a teal background", "", 0, settings, {}, False)
+    assert not [bar for bar in bars if bar[0] == "step sensitivity"], "progress=False disables the bar"
 
 
 def test_phase_lines_go_to_stderr_unless_quiet(capsys):
