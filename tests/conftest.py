@@ -30,22 +30,14 @@ def _share_cores_between_workers() -> None:
 
 _share_cores_between_workers()
 
-from tiny_models import tiny_cogvideox, tiny_ltx, tiny_wan  # noqa: E402
+from tiny_models import cogvideox_vae, ltx_vae, tiny_cogvideox, tiny_ltx, tiny_wan, wan_vae  # noqa: E402
 
 
 def tiny_wan_pipeline(num_layers: int = 3):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    )
+    vae = wan_vae()
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -58,20 +50,10 @@ def tiny_wan_pipeline(num_layers: int = 3):
 
 
 def tiny_cogvideox_pipeline():
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
 
     torch.manual_seed(0)
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("CogVideoXDownBlock3D",) * 2,
-        up_block_types=("CogVideoXUpBlock3D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=2,
-        temporal_compression_ratio=4,
-    )
+    vae = cogvideox_vae()
     pipe = CogVideoXPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -84,28 +66,10 @@ def tiny_cogvideox_pipeline():
 
 
 def tiny_ltx_pipeline():
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
 
     torch.manual_seed(0)
-    vae = AutoencoderKLLTXVideo(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=8,
-        block_out_channels=(8,) * 4,
-        decoder_block_out_channels=(8,) * 4,
-        layers_per_block=(1,) * 5,
-        decoder_layers_per_block=(1,) * 5,
-        spatio_temporal_scaling=(True, True, False, False),
-        decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False,) * 5,
-        upsample_residual=(False,) * 4,
-        upsample_factor=(1,) * 4,
-        timestep_conditioning=False,
-        patch_size=1,
-        patch_size_t=1,
-        encoder_causal=True,
-        decoder_causal=False,
-    )
+    vae = ltx_vae()
     pipe = LTXPipeline(
         tokenizer=None,
         text_encoder=None,

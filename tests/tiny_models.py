@@ -233,7 +233,8 @@ def _t5_encoder(dim: int, umt5: bool = False) -> torch.nn.Module:
     return model_cls(config).eval()
 
 
-def _wan_vae() -> torch.nn.Module:
+def wan_vae() -> torch.nn.Module:
+    """A Wan VAE of a few channels (also Wan I2V's and SkyReels-V2's)."""
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan(
@@ -247,37 +248,11 @@ def _wan_vae() -> torch.nn.Module:
     )
 
 
-def _wan_pipeline() -> Any:
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+def cogvideox_vae() -> torch.nn.Module:
+    """A CogVideoX VAE of a few channels."""
+    from diffusers import AutoencoderKLCogVideoX
 
-    return WanPipeline(
-        tokenizer=tiny_tokenizer(),
-        text_encoder=_t5_encoder(16, umt5=True),
-        vae=_wan_vae(),
-        transformer=tiny_wan().eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
-
-
-def _skyreels_pipeline() -> Any:
-    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
-
-    return SkyReelsV2Pipeline(
-        tokenizer=tiny_tokenizer(),
-        text_encoder=_t5_encoder(16, umt5=True),
-        vae=_wan_vae(),
-        transformer=tiny_skyreels().eval(),
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-    )
-
-
-def _cogvideox_pipeline() -> Any:
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
-
-    transformer = CogVideoXTransformer3DModel(
-        **{**tiny_cogvideox().config, "max_text_seq_length": 226, "sample_frames": 9}
-    ).eval()
-    vae = AutoencoderKLCogVideoX(
+    return AutoencoderKLCogVideoX(
         in_channels=3,
         out_channels=3,
         down_block_types=("CogVideoXDownBlock3D",) * 2,
@@ -288,19 +263,13 @@ def _cogvideox_pipeline() -> Any:
         norm_num_groups=2,
         temporal_compression_ratio=4,
     )
-    return CogVideoXPipeline(
-        tokenizer=tiny_tokenizer(),
-        text_encoder=_t5_encoder(16),
-        vae=vae,
-        transformer=transformer,
-        scheduler=CogVideoXDDIMScheduler(),
-    )
 
 
-def _ltx_pipeline() -> Any:
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+def ltx_vae() -> torch.nn.Module:
+    """An LTX-Video VAE of a few channels."""
+    from diffusers import AutoencoderKLLTXVideo
 
-    vae = AutoencoderKLLTXVideo(
+    return AutoencoderKLLTXVideo(
         in_channels=3,
         out_channels=3,
         latent_channels=8,
@@ -319,6 +288,52 @@ def _ltx_pipeline() -> Any:
         encoder_causal=True,
         decoder_causal=False,
     )
+
+
+def _wan_pipeline() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16, umt5=True),
+        vae=wan_vae(),
+        transformer=tiny_wan().eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def _skyreels_pipeline() -> Any:
+    from diffusers import SkyReelsV2Pipeline, UniPCMultistepScheduler
+
+    return SkyReelsV2Pipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16, umt5=True),
+        vae=wan_vae(),
+        transformer=tiny_skyreels().eval(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    )
+
+
+def _cogvideox_pipeline() -> Any:
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    transformer = CogVideoXTransformer3DModel(
+        **{**tiny_cogvideox().config, "max_text_seq_length": 226, "sample_frames": 9}
+    ).eval()
+    vae = cogvideox_vae()
+    return CogVideoXPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16),
+        vae=vae,
+        transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
+    )
+
+
+def _ltx_pipeline() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
+
+    vae = ltx_vae()
     return LTXPipeline(
         tokenizer=tiny_tokenizer(),
         text_encoder=_t5_encoder(16),
@@ -412,7 +427,7 @@ def tiny_wan_i2v_pipeline() -> Any:
     return WanImageToVideoPipeline(
         tokenizer=tiny_tokenizer(),
         text_encoder=_t5_encoder(16, umt5=True),
-        vae=_wan_vae(),
+        vae=wan_vae(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
     )
