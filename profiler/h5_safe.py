@@ -71,10 +71,10 @@ def member(group: h5py.Group, name: str, kind: type) -> Any:
     if not isinstance(link, h5py.HardLink):
         what = "an external link" if isinstance(link, h5py.ExternalLink) else "a soft link"
         raise UnsafeHdf5(f"{_join(group, name)} is {what}; profiles hold plain objects only")
-    found = group.get(name, getclass=True)
-    if found is not kind:
-        raise UnsafeHdf5(f"{_join(group, name)} is a {getattr(found, '__name__', found)}, not a {kind.__name__}")
-    return group[name]
+    found = group[name]
+    if type(found) is not kind:
+        raise UnsafeHdf5(f"{_join(group, name)} is a {type(found).__name__}, not a {kind.__name__}")
+    return found
 
 
 def members(group: h5py.Group, allowed: set[str] | None = None) -> list[str]:
@@ -177,11 +177,12 @@ def _inflate(raw: bytes, size: int, name: str) -> bytes:
 def read_attr(obj: h5py.HLObject, name: str, kind: str, limits: Limits, required: bool = True) -> Any:
     """Attribute `name` of `obj` as a Python value of `kind` ("str", "int", "float", "bool", "ints"), size-checked
     before it is read. A missing optional attribute is None."""
-    if name not in obj.attrs:
+    try:
+        attr = h5py.h5a.open(obj.id, name.encode())
+    except KeyError:
         if required:
-            raise UnsafeHdf5(f"{obj.name} lacks attribute '{name}'")
+            raise UnsafeHdf5(f"{obj.name} lacks attribute '{name}'") from None
         return None
-    attr = h5py.h5a.open(obj.id, name.encode())
     shape, dtype = attr.shape, attr.dtype
     string = h5py.check_string_dtype(dtype)
     wanted = {
@@ -193,7 +194,9 @@ def read_attr(obj: h5py.HLObject, name: str, kind: str, limits: Limits, required
     }[kind]
     if not wanted or (string is not None and (string.length or 0) > limits.attr_bytes):
         raise UnsafeHdf5(f"{obj.name} attribute '{name}' has type {dtype}{list(shape)}, not a {kind}")
-    value = obj.attrs[name]
+    buffer = np.empty(shape, dtype)
+    attr.read(buffer)
+    value = buffer[()]
     if kind == "str":
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
         if len(text.encode("utf-8", "surrogatepass")) > limits.attr_bytes:
@@ -207,7 +210,7 @@ def read_attr(obj: h5py.HLObject, name: str, kind: str, limits: Limits, required
 def read_json_attr(obj: h5py.HLObject, name: str, limits: Limits) -> Any:
     """A JSON-valued string attribute, refusing documents nested deeper than `limits.json_depth` before parsing."""
     text = read_attr(obj, name, "str", limits)
-    if json_depth(text) > limits.json_depth:
+    if text.count("[") + text.count("{") > limits.json_depth and json_depth(text) > limits.json_depth:
         raise UnsafeHdf5(f"{obj.name} attribute '{name}' nests JSON deeper than {limits.json_depth} levels")
     try:
         return json.loads(text)

@@ -8,6 +8,7 @@ per case, so a hang or a crash in HDF5's C code is counted against the reader in
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import random
@@ -640,7 +641,12 @@ def _chunk_bomb_random(f, rng):
         _replace(f, path, data=dataset[()], compression="gzip", chunks=True)
         dataset = f[path]
     if dataset.chunks is not None:
-        dataset.id.write_direct_chunk((0,) * dataset.ndim, zlib.compress(bytes(rng.choice([1, 16, 64]) << 20), 9))
+        dataset.id.write_direct_chunk((0,) * dataset.ndim, _zeros_deflated(rng.choice([1, 16, 64])))
+
+
+@functools.cache
+def _zeros_deflated(megabytes: int) -> bytes:
+    return zlib.compress(bytes(megabytes << 20), 9)
 
 
 def _gzip_bomb(f, rng):
@@ -765,5 +771,57 @@ def test_profile_fuzz_thousand_cases(valid, tmp_path):
     _check_fuzz(run_fuzz(valid, tmp_path, 1000), 1000)
 
 
+_HEAVY = ("gzip_bomb", "chunk_bomb", "huge_shape", "giant_attr", "deep_json", "value")
+
+
+def _read_everything(path: Path) -> None:
+    profile = open_profile(path)
+    for info in profile.prompts:
+        profile.read_all(info)
+
+
+def _memory_worker(valid: str, folder: str, cases: list[int]) -> None:
+    """Peak memory of reading each case, in a forked child: its high-water mark minus its size at the fork."""
+    data = Path(valid).read_bytes()
+    _read_everything(Path(valid))
+    for case in cases:
+        path = Path(folder) / f"memory{case}.h5"
+        kind = _mutate(data, path, case)
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            try:
+                _read_everything(path)
+            except DitAccelError:
+                pass
+            os.write(write_end, str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start).encode())
+            os._exit(0)
+        os.waitpid(child, 0)
+        growth = int(os.read(read_end, 64) or -1)
+        print(json.dumps({"case": case, "kind": kind, "growth_kb": growth, "file_bytes": path.stat().st_size}))
+        path.unlink()
+
+
+@pytest.mark.slow
+def test_reading_the_heaviest_mutations_stays_within_the_memory_bound(valid, tmp_path):
+    cases = [c for c in range(len(_MUTATIONS) * 6) if _MUTATIONS[c % len(_MUTATIONS)] in _HEAVY]
+    result = subprocess.run(
+        [sys.executable, __file__, "memory", str(valid), str(tmp_path), ",".join(map(str, cases))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == len(cases) and all(r["growth_kb"] >= 0 for r in rows)
+    worst = max(rows, key=lambda r: r["growth_kb"])
+    print(f"worst read: {worst['kind']} grew {worst['growth_kb'] / 1024:.1f} MB for a {worst['file_bytes']} byte file")
+    for row in rows:
+        bound = schema.DATA_EXPANSION * row["file_bytes"] + schema.DATA_SLACK_BYTES + 2 * row["file_bytes"]
+        assert row["growth_kb"] * 1024 <= bound, row
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+elif __name__ == "__main__" and sys.argv[1:2] == ["memory"]:
+    _memory_worker(sys.argv[2], sys.argv[3], [int(c) for c in sys.argv[4].split(",")])

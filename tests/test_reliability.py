@@ -18,7 +18,15 @@ import zipfile
 import numpy as np
 import pytest
 
-from dit_accel.profiler.schema import FIELDS, ProfileError, ProfileHeader, ProfileWriter, PromptInfo, open_profile
+from dit_accel.profiler.schema import (
+    FIELDS,
+    ProfileError,
+    ProfileHeader,
+    ProfileWriter,
+    PromptInfo,
+    open_profile,
+    parts_folder,
+)
 from dit_accel.runtime import ModelFingerprint, Plan, PlanError
 from dit_accel.runtime.plan import plan_from_bytes, plan_to_bytes
 
@@ -176,8 +184,7 @@ def small_profile(path) -> None:
         feature_queries=rng.random((blocks, 8, 2, 4)),
         feature_keys=rng.random((blocks, 8, 2, 4)),
     )
-    writer = ProfileWriter(path, header)
-    writer.add_prompt(PromptInfo("p00000", 0, "a red circle", "", 0), arrays)
+    ProfileWriter(path, header).add_prompts([(PromptInfo("p00000", 0, "a red circle", "", 0), arrays)])
 
 
 def _read_everything(path) -> None:
@@ -351,14 +358,15 @@ def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_
         time.sleep(rng.uniform(0.5, 6.0))
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-        states.append(len(open_profile(output).prompts) if output.exists() else -1)
-        profile_prompts(pipe, read_prompt_file(prompts), output, settings, resume=output.exists(), progress=False)
+        shards = len(list(parts_folder(output).glob("p*.h5")))  # finished prompts not yet assembled
+        states.append((len(open_profile(output).prompts) if output.exists() else -1, shards))
+        profile_prompts(pipe, read_prompt_file(prompts), output, settings, resume=True, progress=False)
         resumed = open_profile(output)
         assert [p.index for p in resumed.prompts] == [0, 1]
         for name in ("residual_rel_l1", "motion", "feature_queries", "foreground", "model_output_rel_l1"):
             np.testing.assert_array_equal(resumed.stack(name), expected.stack(name))
-        assert not list(tmp_path.glob(f".trial{trial}.h5.*.tmp"))
-    print(f"prompts complete when killed (-1: no file yet): {states}")
+        assert not list(tmp_path.glob(f".trial{trial}.h5.*"))
+    print(f"(prompts in the file (-1: none yet), finished shards) when killed: {states}")
 
 
 # --- plans from untrusted places: special files, hostile policies, terminal text, signatures ------------------------
