@@ -95,6 +95,12 @@ def main(ctx: click.Context) -> None:
         "slope."
     ),
 )
+@click.option(
+    "--front-blocks",
+    type=click.IntRange(0),
+    help="auto: reuse steps still compute this many leading blocks and reuse the rest (a corrector, like DBCache's "
+    "Fn). Default: with the closed loop, the best measured of none, ~1/8 and ~1/4 of the stack; without it, none.",
+)
 @click.option("--sign-key-file", help="Sign the plan with the secret key in this file (HMAC-SHA256).")
 @click.option(
     "--closed-loop/--no-closed-loop",

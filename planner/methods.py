@@ -150,9 +150,10 @@ def fit_profiles(profiles: ProfileSet, options: FitOptions, closed_loop: ClosedL
     context = build_context(profiles, options)
     if options.method == "auto" and measured_search_applies(context):
         result = fit_auto_measured(context, closed_loop)
-    elif options.reuse == "slope":
+    elif options.reuse == "slope" or options.front_blocks is not None:
+        flag = "--reuse slope" if options.reuse == "slope" else "--front-blocks"
         raise PlannerError(
-            "--reuse slope needs a profile with measured reuse costs (dit-profile --reuse-lags) and a "
+            f"{flag} needs --method auto, a profile with measured reuse costs (dit-profile --reuse-lags) and a "
             "whole-stack schedule (no --prune, --granularity stack)"
         )
     else:

@@ -343,5 +343,8 @@ def test_auto_without_measured_reuse_costs_extrapolates_by_default_and_presets_h
     assert "reuse" not in fit_plan([profile], FitOptions(method="profilingdit")).policy
     with pytest.raises(PlannerError, match="'extrapolate' / 'slope' are for --method auto only"):
         fit_plan([profile], FitOptions(method="profilingdit", reuse="extrapolate"))
-    with pytest.raises(PlannerError, match="--reuse slope needs a profile with measured reuse costs"):
+    with pytest.raises(PlannerError, match="--reuse slope needs --method auto, a profile with measured reuse costs"):
         fit_plan([profile], FitOptions(method="auto", target_speedup=1.3, reuse="slope"))
+    for method in ("auto", "profilingdit"):  # a corrector front is never ignored silently
+        with pytest.raises(PlannerError, match="--front-blocks needs --method auto, a profile with measured reuse"):
+            fit_plan([profile], FitOptions(method=method, target_speedup=1.3, front_blocks=1))

@@ -74,6 +74,8 @@ def test_fit_bad_inputs_are_one_line_errors_without_output(profile, tmp_path):
         (("fit", profile, "-o", out, "--target-speedup", "fast"), ("target-speedup",)),
         (("fit", profile, "-o", out, "--pca-variance", "1.5", "--method", "unicp"), ("pca-variance",)),
         (("fit", profile, "-o", out, "--method", "magic"), ("magic",)),
+        (("fit", profile, "-o", out, "--front-blocks", "1"), ("--front-blocks needs", "measured reuse costs")),
+        (("fit", profile, "-o", out, "--front-blocks", "-1"), ("front-blocks",)),
         (("fit", "-o", out), ("PROFILES",)),
     ]
     for args, words in cases:
