@@ -174,8 +174,16 @@ def _cache_line(cache: dict[str, Any]) -> str:
         )
     return (
         f"cache memory (predicted): {tensors} residual tensors × {cache['tokens']} tokens × {cache['hidden']} hidden × "
-        f"{cache['dtype_bytes']} B × {cache['branches']} branches = {cache['bytes'] / 2**20:.1f} MiB"
+        f"{cache['dtype_bytes']} B × {cache['branches']} branches = {_bytes_text(cache['bytes'])}"
     )
+
+
+def _bytes_text(count: int) -> str:
+    """A byte count in the largest binary unit that keeps it at or above 1 (B, KiB, MiB, GiB)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
 
 
 def _escaped(value: Any) -> Any:
