@@ -1,13 +1,15 @@
-"""`python -m dit_accel.bench.heldout`: `auto` plans measured on twelve held-out captions, v1 against v2.
+"""`python -m dit_accel.bench.heldout`: `auto` plans measured on twelve held-out captions, versions side by side.
 
 Profiles the six calibration captions (`plans/calibration.jsonl`'s, seeds 1000–1005) at `--steps`, fits `auto` at
-every `--targets` speedup twice — the greedy solver on the drift error model (v1, `--reuse extrapolate`) and the
-exact search on measured reuse costs with its closed loop on the calibration prompts (v2) — and generates the twelve
-held-out captions of `harness.captions.EVALUATION` without a plan and with each. Reported per plan: block-call
-speedup (all block calls / computed ones), PSNR of the MSE pooled over the twelve videos, and the worst caption's
-PSNR. No plan sees a held-out caption.
+every `--targets` speedup in each of `--versions` — `v1`: the greedy solver on the drift error model
+(`--reuse extrapolate`); `v2-plain`: the exact search on measured reuse costs with its closed loop on the calibration
+prompts, whole-stack reuse only (`--front-blocks 0`); `v2`: the same, with corrector depths the closed loop may
+choose — and generates the twelve held-out captions of `harness.captions.EVALUATION` without a plan and with each.
+Reported per plan: block-call speedup (all block calls / computed ones), PSNR of the MSE pooled over the twelve
+videos, and the worst caption's PSNR. No plan sees a held-out caption.
 
-    python -m dit_accel.bench.heldout --steps 20 --targets 1.5 2 2.5 3 [--out artifacts/heldout.json]
+    python -m dit_accel.bench.heldout --steps 20 --targets 1.5 2 2.5 3 [--versions v1 v2-plain v2]
+        [--profile calibration.h5] [--out artifacts/heldout.json]
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
 from dit_accel.runtime import REUSE, Plan, apply_plan
 
+#: Fit options (besides the target) and whether the closed loop runs, per compared version of `auto`.
+VERSIONS: dict[str, tuple[dict[str, Any], bool]] = {
+    "v1": ({"reuse": "extrapolate"}, False),
+    "v2-plain": ({"front_blocks": 0}, True),
+    "v2": ({}, True),
+}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
@@ -40,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0])
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--versions", nargs="+", choices=sorted(VERSIONS), default=["v1", "v2-plain", "v2"])
     parser.add_argument("--profile", type=Path, help="An existing calibration profile (default: profile now).")
     parser.add_argument("--out", type=Path, help="Write every number as JSON here.")
     return parser.parse_args(argv)
@@ -79,12 +89,11 @@ def _measure(pipe: Any, profiles: Any, args: argparse.Namespace) -> dict[str, An
     closed_loop = closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)
     rows = []
     for target in args.targets:
-        for version, options, loop in (
-            ("v1", FitOptions(target_speedup=target, reuse="extrapolate"), None),
-            ("v2", FitOptions(target_speedup=target), closed_loop),
-        ):
+        for version in args.versions:
+            extra, measured = VERSIONS[version]
+            options = FitOptions(target_speedup=target, **extra)
             try:
-                plan = fit_profiles(profiles, options, loop)
+                plan = fit_profiles(profiles, options, closed_loop if measured else None)
             except PlannerError as exc:
                 rows.append({"target": target, "version": version, "refused": str(exc)})
                 continue
@@ -99,6 +108,7 @@ def _measure(pipe: Any, profiles: Any, args: argparse.Namespace) -> dict[str, An
                     "pooled_psnr": pooled,
                     "worst_psnr": worst,
                     "reuse": plan.policy.get("reuse"),
+                    "front_blocks": plan.provenance["chosen"].get("front_blocks", 0),
                     "predicted": plan.predicted,
                 }
             )
@@ -115,15 +125,15 @@ def _row(row: dict[str, Any]) -> str:
         return f"| {row['target']:g}x | {row['version']} | refused: {row['refused']} |"
     return (
         f"| {row['target']:g}x | {row['version']} | {row['speedup']:.2f}x | {row['pooled_psnr']:.1f} | "
-        f"{row['worst_psnr']:.1f} | {row['reuse']} |"
+        f"{row['worst_psnr']:.1f} | {row['reuse']} | {row['front_blocks']} |"
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m dit_accel.bench.heldout`."""
     args = parse_args(argv)
-    print("| target | auto | block-call speedup | pooled PSNR (dB) | worst caption (dB) | reuse |")
-    print("|---|---|---|---|---|---|")
+    print("| target | auto | block-call speedup | pooled PSNR (dB) | worst caption (dB) | reuse | front blocks |")
+    print("|---|---|---|---|---|---|---|")
     report = run(args)
     if args.out is not None:
         write_bytes_atomic(args.out, (json.dumps(report, indent=1, default=float) + "\n").encode())

@@ -435,11 +435,16 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     if options.protect_last:
         forced[context.steps - options.protect_last :] = True
     modes = [(m, r) for m, r in MEASURED_CANDIDATES if options.reuse in (None, m)]
-    candidates = _measured_candidates(context, costs, weights, forced, budget, modes, _fronts(context, closed_loop))
+    fronts = _fronts(context, closed_loop)
+    candidates = _measured_candidates(context, costs, weights, forced, budget, modes, fronts[0])
     if closed_loop is not None:
-        for candidate in candidates:
-            candidate["measured"] = closed_loop.measure(candidate_plan(context, candidate))
-        best = min(candidates, key=lambda c: (float(c["measured"].max()), -c["speedup"]))
+        _measure(context, candidates, closed_loop)
+        best = _least_measured(candidates)
+        for front in fronts[1:]:  # corrector depths, tried with the best plain candidate's mode and aggregate
+            mode = [(best["mode"], best["robust"])]
+            extra = _measured_candidates(context, costs, weights, forced, budget, mode, front, optional=True)
+            candidates += _measure(context, extra, closed_loop)
+        best = _least_measured(candidates)
         _check_closed_loop(context, best, costs, weights, forced, modes, closed_loop)
     else:
         best = candidates[0]
@@ -509,28 +514,38 @@ def _measured_candidates(
     forced: np.ndarray,
     budget: Budget,
     modes: Sequence[tuple[str, str]],
-    fronts: Sequence[int] = (0,),
+    front: int = 0,
+    optional: bool = False,
 ) -> list[dict[str, Any]]:
-    """One least-cost schedule per (reuse mode, robust aggregate, corrector front) under the budget, duplicates
-    dropped. Corrector fronts try the worst-prompt aggregate only, to keep the closed loop's work bounded."""
+    """One least-cost schedule per (reuse mode, robust aggregate) with `front` corrector blocks under the budget,
+    duplicates dropped; none when the budget is out of reach and the front is `optional`."""
     candidates, seen = [], set()
-    for front in fronts:
-        for mode, robust in modes:
-            if front and robust != "max" and any(r == "max" for _, r in modes):
-                continue
-            result = search(cell_costs(costs, mode, robust), weights, forced)
-            try:
-                computed = _computed_steps(context, result.cost, result.reachable(), budget, costs.max_run, front)
-            except PlannerError:
-                if front == 0 or len(fronts) == 1:
-                    raise
-                continue  # this corrector depth cannot reach the budget; the others may
-            candidate = measured_candidate(context, costs, weights, (mode, robust), result.schedule(computed), front)
-            key = (mode, front, candidate["reuse"].tobytes())
-            if key not in seen:
-                seen.add(key)
-                candidates.append(candidate)
+    for mode, robust in modes:
+        result = search(cell_costs(costs, mode, robust), weights, forced)
+        try:
+            computed = _computed_steps(context, result.cost, result.reachable(), budget, costs.max_run, front)
+        except PlannerError:
+            if optional:
+                return []
+            raise
+        candidate = measured_candidate(context, costs, weights, (mode, robust), result.schedule(computed), front)
+        key = (mode, candidate["reuse"].tobytes())
+        if key not in seen:
+            seen.add(key)
+            candidates.append(candidate)
     return candidates
+
+
+def _measure(context: FitContext, candidates: list[dict[str, Any]], closed_loop: ClosedLoop) -> list[dict[str, Any]]:
+    """`candidates`, each with its closed-loop measurement (per calibration prompt) under "measured"."""
+    for candidate in candidates:
+        candidate["measured"] = closed_loop.measure(candidate_plan(context, candidate))
+    return candidates
+
+
+def _least_measured(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The candidate with the least measured worst-prompt error (the faster one on a tie)."""
+    return min(candidates, key=lambda c: (float(c["measured"].max()), -c["speedup"]))
 
 
 def _schedule_with(
