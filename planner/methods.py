@@ -747,6 +747,7 @@ def _provenance(context: FitContext, result: MethodResult) -> dict[str, Any]:
         "chosen": result.chosen,
         "profiles": [source.to_json() for source in context.profiles.sources],
         "profile_settings": context.profiles.header.settings,
+        "grid": [int(v) for v in context.profiles.header.grid],
     }
     if context.labels is not None:
         labels = context.labels
