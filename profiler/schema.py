@@ -184,19 +184,6 @@ class ProfileHeader:
             return f"profiles were recorded with different settings ({', '.join(differ)})"
         return None
 
-    def dim_sizes(self) -> dict[str, int]:
-        """The sizes every prompt's fields must agree with, by dimension name."""
-        frames, height, width = self.grid
-        return {
-            "branch": len(self.branches),
-            "step": int(self.timesteps.shape[0]),
-            "block": len(self.fingerprint.block_ids),
-            "frame": frames,
-            "height": height,
-            "width": width,
-            "rgb": 3,
-        }
-
 
 @dataclass(frozen=True)
 class PromptInfo:
@@ -749,8 +736,10 @@ def open_profile(path: str | os.PathLike) -> Profile:
     _verify_seal(path)
     try:
         with h5py.File(path, "r") as f:
-            header = _read_header(f, path, limits)
-            prompts, shapes = _read_prompts(f, header, limits)
+            attrs = _read_header_attrs(f, path, limits)
+            roots, sizes, root_bytes = _check_root_datasets(f, attrs, limits)
+            prompts, shapes = _read_prompts(f, sizes, limits, limits.data_bytes - root_bytes)
+            header = ProfileHeader(**attrs, **_read_root_arrays(roots, limits))
     except ProfileError:
         raise
     except (UnsafeHdf5, _BadValues) as exc:
@@ -763,7 +752,8 @@ def open_profile(path: str | os.PathLike) -> Profile:
     return Profile(path, header, prompts, shapes, limits)
 
 
-def _read_header(f: h5py.File, path: Path, limits: Limits) -> ProfileHeader:
+def _read_header_attrs(f: h5py.File, path: Path, limits: Limits) -> dict[str, Any]:
+    """The header's attributes (the root arrays are read once the whole file has been checked)."""
     if h5_safe.read_attr(f, "format", "str", limits, required=False) != FORMAT_NAME:
         raise ProfileError(f"{path}: not a dit-profile file")
     version = h5_safe.read_attr(f, "schema_version", "int", limits, required=False)
@@ -772,39 +762,60 @@ def _read_header(f: h5py.File, path: Path, limits: Limits) -> ProfileHeader:
             f"{path}: profile schema version {version} is not supported (this version reads {SCHEMA_VERSION}); "
             "re-profile"
         )
-    fingerprint = _fingerprint(h5_safe.read_json_attr(f, "model_fingerprint", limits))
-    header = ProfileHeader(
-        fingerprint=fingerprint,
-        settings=_json_dict(h5_safe.read_json_attr(f, "settings", limits)),
-        branches=_branches(h5_safe.read_json_attr(f, "branches", limits)),
-        grid=_grid(h5_safe.read_attr(f, "grid", "ints", limits)),
-        adapter=h5_safe.read_attr(f, "adapter", "str", limits),
-        cfg_mode=h5_safe.read_attr(f, "cfg_mode", "str", limits),
-        model_flops=h5_safe.read_attr(f, "model_flops", "int", limits),
-        model_seconds=h5_safe.read_attr(f, "model_seconds", "float", limits),
-        **_read_root_arrays(f, limits),
-    )
-    _check_range(np.array([header.model_flops, header.model_seconds], np.float64), "model cost", Values(0.0))
-    steps, blocks = header.timesteps.shape[0], len(fingerprint.block_ids)
-    if (
-        steps < 1
-        or header.sigmas.shape != (steps,)
-        or header.block_flops.shape != (blocks,)
-        or header.block_seconds.shape != (blocks,)
-    ):
-        raise ProfileError(f"{path}: profile header arrays do not match its {steps} steps and {blocks} blocks")
-    return header
+    attrs = {
+        "fingerprint": _fingerprint(h5_safe.read_json_attr(f, "model_fingerprint", limits)),
+        "settings": _json_dict(h5_safe.read_json_attr(f, "settings", limits)),
+        "branches": _branches(h5_safe.read_json_attr(f, "branches", limits)),
+        "grid": _grid(h5_safe.read_attr(f, "grid", "ints", limits)),
+        "adapter": h5_safe.read_attr(f, "adapter", "str", limits),
+        "cfg_mode": h5_safe.read_attr(f, "cfg_mode", "str", limits),
+        "model_flops": h5_safe.read_attr(f, "model_flops", "int", limits),
+        "model_seconds": h5_safe.read_attr(f, "model_seconds", "float", limits),
+    }
+    _check_range(np.array([attrs["model_flops"], attrs["model_seconds"]], np.float64), "model cost", Values(0.0))
+    return attrs
 
 
-def _read_root_arrays(f: h5py.File, limits: Limits) -> dict[str, np.ndarray]:
+def _check_root_datasets(
+    f: h5py.File, attrs: dict[str, Any], limits: Limits
+) -> tuple[dict[str, h5py.Dataset], dict[str, int], int]:
+    """The root arrays' datasets, checked; the dimension sizes every prompt must agree with; their declared bytes."""
     datasets: dict[str, h5py.Dataset] = {}
     _walk(f, _ROOT_TREE, datasets, skip=frozenset({"prompts"}))
-    arrays = {}
-    for name, (_, dims, dtype, values) in _ROOT_ARRAYS.items():
+    frames, height, width = attrs["grid"]
+    sizes = {
+        "branch": len(attrs["branches"]),
+        "block": len(attrs["fingerprint"].block_ids),
+        "frame": frames,
+        "height": height,
+        "width": width,
+        "rgb": 3,
+    }
+    total = 0
+    for name, (_, dims, dtype, _) in _ROOT_ARRAYS.items():
         if name not in datasets:
             raise UnsafeHdf5(f"the profile lacks its '{name}' array")
-        h5_safe.check_dataset(datasets[name], dtype, len(dims), limits)
-        _check_dims_attr(datasets[name], dims, limits)
+        total += _check_field(datasets[name], name, Field("", dims, dtype), sizes, limits)
+    if sizes["step"] < 1:
+        raise UnsafeHdf5("the profile has no denoising steps")
+    return datasets, sizes, total
+
+
+def _check_field(dataset: h5py.Dataset, name: str, spec: Field, sizes: dict[str, int], limits: Limits) -> int:
+    """Refuse a dataset the schema does not allow, or whose sizes disagree with `sizes` (which it extends by the
+    dimensions it is the first to use); returns its declared bytes."""
+    nbytes = h5_safe.check_dataset(dataset, spec.dtype, len(spec.dims), limits)
+    _check_dims_attr(dataset, spec.dims, limits)
+    for dim, size in zip(spec.dims, dataset.shape):
+        key = f"{name}.{dim}" if (name, dim) in _UNTIED_DIMS else dim
+        if sizes.setdefault(key, size) != size:
+            raise UnsafeHdf5(f"{dataset.name} has {size} along '{dim}' where the profile has {sizes[key]}")
+    return nbytes
+
+
+def _read_root_arrays(datasets: dict[str, h5py.Dataset], limits: Limits) -> dict[str, np.ndarray]:
+    arrays = {}
+    for name, (_, _, _, values) in _ROOT_ARRAYS.items():
         arrays[name] = h5_safe.read_dataset(datasets[name], limits)
         _check_range(arrays[name], name, values)
     return arrays
@@ -858,40 +869,27 @@ def _grid(values: list[int]) -> tuple[int, int, int]:
 
 
 def _read_prompts(
-    f: h5py.File, header: ProfileHeader, limits: Limits
+    f: h5py.File, sizes: dict[str, int], limits: Limits, budget: int
 ) -> tuple[list[PromptInfo], dict[str, dict[str, tuple[int, ...]]]]:
-    """Every complete prompt, and the shape of each field it holds; the whole tree is checked before any read."""
+    """Every complete prompt, and the shape of each field it holds; the whole tree is checked before any read, and
+    all datasets together may declare at most `budget` bytes."""
     group = h5_safe.member(f, "prompts", h5py.Group)
     prompts, shapes, total = [], {}, 0
     for key in h5_safe.members(group):
         if not _PROMPT_KEY.fullmatch(key):
             raise UnsafeHdf5(f"/prompts/{key[:40]} is not a prompt group name")
         prompt = h5_safe.member(group, key, h5py.Group)
-        shapes[key], nbytes = _check_prompt_tree(prompt, header, limits)
-        total += nbytes
-        if total > limits.data_bytes:
-            raise UnsafeHdf5(f"the prompts declare more than {limits.data_bytes} bytes, beyond this file's size")
+        datasets: dict[str, h5py.Dataset] = {}
+        _walk(prompt, _PROMPT_TREE, datasets)
+        own = dict(sizes)
+        total += sum(_check_field(d, name, FIELDS[name], own, limits) for name, d in datasets.items())
+        if total > budget:
+            raise UnsafeHdf5(f"the prompts declare more than {budget} bytes, beyond what this file's size allows")
+        shapes[key] = {name: d.shape for name, d in datasets.items()}
         info = _prompt_info(prompt, key, limits)
         if info is not None:
             prompts.append(info)
     return sorted(prompts, key=lambda p: p.index), shapes
-
-
-def _check_prompt_tree(
-    prompt: h5py.Group, header: ProfileHeader, limits: Limits
-) -> tuple[dict[str, tuple[int, ...]], int]:
-    datasets: dict[str, h5py.Dataset] = {}
-    _walk(prompt, _PROMPT_TREE, datasets)
-    sizes, shapes, total = header.dim_sizes(), {}, 0
-    for name, dataset in datasets.items():
-        spec = FIELDS[name]
-        total += h5_safe.check_dataset(dataset, spec.dtype, len(spec.dims), limits)
-        _check_dims_attr(dataset, spec.dims, limits)
-        for dim, size in zip(spec.dims, dataset.shape):
-            if sizes.setdefault(f"{name}.{dim}" if (name, dim) in _UNTIED_DIMS else dim, size) != size:
-                raise UnsafeHdf5(f"{dataset.name} has {size} along '{dim}' where the profile has {sizes[dim]}")
-        shapes[name] = dataset.shape
-    return shapes, total
 
 
 def _prompt_info(prompt: h5py.Group, key: str, limits: Limits) -> PromptInfo | None:
