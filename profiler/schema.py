@@ -279,6 +279,7 @@ class ProfileWriter:
         try:
             self._remove_stale()
             self.header = self._resolve_header(header)
+            self._in_output = {p.index for p in open_profile(self.path).prompts} if self.path.exists() else set()
         except BaseException:
             self.close()
             raise
@@ -302,6 +303,8 @@ class ProfileWriter:
     def add_prompt(self, info: PromptInfo, arrays: dict[str, np.ndarray]) -> None:
         """Make one complete prompt durable: written atomically as a sealed shard; `finish` puts it in the output."""
         _check_fields(arrays)
+        if info.index in self._in_output:
+            raise ProfileError(f"{self.path} already holds prompt {info.index}")
         with _writing(self.path):
             self.parts.mkdir(exist_ok=True)
             _write_file(self.parts / f"{info.key}.h5", self.header, [], [(info, arrays)])

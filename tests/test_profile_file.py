@@ -97,6 +97,10 @@ def test_more_prompts_on_a_complete_file_replace_it_only_when_assembled(tmp_path
     _same(out, reference)
     with pytest.raises(ProfileError, match="already holds prompt 1"):
         ProfileWriter(out, None).add_prompts(_prompts([1]))
+    again = ProfileWriter(out, None)
+    with pytest.raises(ProfileError, match="already holds prompt 3"):
+        again.add_prompt(*_prompts([3])[0])
+    again.close()
     assert _leftovers(tmp_path) == []
 
 
