@@ -213,9 +213,7 @@ def _record_prompts(
             ):
                 recorder.remove()  # the sensitivity runs replay plans; they must not be recorded
                 bar.set_postfix_str("step sensitivity")
-                arrays["step_sensitivity"] = measure_sensitivity(
-                    pipe, spec.prompt, spec.negative_prompt, spec.seed, settings, size
-                )
+                arrays["step_sensitivity"] = measure_sensitivity(pipe, spec, settings, size, progress)
                 bar.set_postfix_str("")
                 recorder = Recorder(transformer, adapter, settings)
                 recorder.progress = bar

@@ -37,17 +37,16 @@ def sensitivity_steps(num_steps: int, count: int) -> list[int]:
 
 def measure_sensitivity(
     pipe: Any,
-    prompt: str,
-    negative_prompt: str,
-    seed: int,
+    spec: PromptSpec,
     settings: RecordSettings,
     size: dict[str, int],
     progress: bool | None = None,
 ) -> np.ndarray:
     """Final-latent relative error of reusing the whole stack at each measured step ([steps], NaN where unmeasured).
 
-    These 1 + `sensitivity_steps` generations take as long as that many prompts, so they get their own progress bar
-    (in transformer calls; `progress=None`: shown only on a terminal).
+    `spec` is the whole prompt (text, negative prompt, seed, and any image or extra pipeline inputs). These
+    1 + `sensitivity_steps` generations take as long as that many prompts, so they get their own progress bar (in
+    transformer calls; `progress=None`: shown only on a terminal).
     """
     from tqdm.auto import tqdm
 
@@ -56,7 +55,6 @@ def measure_sensitivity(
     blocks = len(get_adapter(transformer).block_ids(transformer))
     fingerprint = fingerprint_model(transformer)
     measured = sensitivity_steps(steps, settings.sensitivity_steps)
-    spec = PromptSpec(prompt, negative_prompt, seed)
 
     def final_latent() -> torch.Tensor:
         with torch.no_grad():

@@ -331,12 +331,13 @@ def test_step_sensitivity_has_its_own_progress(monkeypatch):
     monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
     pipe = load_pipeline(None)
     settings = RecordSettings(num_inference_steps=4, sensitivity_steps=2, guidance_scale=1.0)
-    result = measure_sensitivity(pipe, "a large red circle moves right on a teal background", "", 0, settings, {}, True)
+    spec = PromptSpec("a large red circle moves right on a teal background", "", 0)
+    result = measure_sensitivity(pipe, spec, settings, {}, True)
     ((_, done, total, _),) = [bar for bar in bars if bar[0] == "step sensitivity" and not bar[3]]
     assert done == total > 0 and total % 3 == 0  # a reference and two measured steps, as many transformer calls each
     assert (~np.isnan(result)).sum() == 2
     bars.clear()
-    measure_sensitivity(pipe, "a large red circle moves right on a teal background", "", 0, settings, {}, False)
+    measure_sensitivity(pipe, spec, settings, {}, False)
     assert not [bar for bar in bars if bar[0] == "step sensitivity"], "progress=False disables the bar"
 
 
