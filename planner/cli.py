@@ -101,6 +101,12 @@ def main(ctx: click.Context) -> None:
     help="auto: reuse steps still compute this many leading blocks and reuse the rest (a corrector, like DBCache's "
     "Fn). Default: with the closed loop, the best measured of none, ~1/8 and ~1/4 of the stack; without it, none.",
 )
+@click.option(
+    "--prune-time-ratio",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Pruned / full attention wall time measured on the target device (the GPU suite's pruned-attention row); "
+    "pruning is chosen only where that makes a block cheaper (>= 1: never). Default: FLOPs at the kernel rank.",
+)
 @click.option("--sign-key-file", help="Sign the plan with the secret key in this file (HMAC-SHA256).")
 @click.option(
     "--closed-loop/--no-closed-loop",

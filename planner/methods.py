@@ -86,6 +86,7 @@ class FitOptions:
     granularity: str = "stack"
     reuse: str | None = None
     front_blocks: int | None = None
+    prune_time_ratio: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,7 +189,7 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         profiles,
         weights,
         None if pca is None else pca.distortion,
-        None if pca is None else _pruned_flops(profiles, pca),
+        None if pca is None else _pruned_flops(profiles, pca, options.prune_time_ratio),
         sensitivity,
     )
     return FitContext(profiles, options, budget, warmup, protect_last, max_reuse, labels, pca, predictor, measured)
@@ -239,12 +240,12 @@ def _pca(profiles: ProfileSet, options: FitOptions) -> PcaBases | None:
     return None
 
 
-def _pruned_flops(profiles: ProfileSet, pca: PcaBases) -> np.ndarray:
+def _pruned_flops(profiles: ProfileSet, pca: PcaBases, time_ratio: float | None) -> np.ndarray:
+    """Cost of a pruned call per block: at the kernel rank, or scaled by the measured pruned/full time ratio."""
     frames, height, width = profiles.header.grid
     heads, head_dim = pca.bases[0].shape[:2]
-    return pruned_block_flops(
-        profiles.header.block_flops.astype(np.float64), frames * height * width, head_dim, pca.ranks, heads
-    )
+    flops = profiles.header.block_flops.astype(np.float64)
+    return pruned_block_flops(flops, frames * height * width, head_dim, pca.ranks, heads, time_ratio)
 
 
 def _static_candidate(context: FitContext, actions: np.ndarray, params: dict[str, Any]) -> Candidate:

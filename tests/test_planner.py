@@ -167,6 +167,8 @@ def test_auto_prunes_only_when_asked(tmp_path):
     assert not np.any(fit_plan([profile], FitOptions(target_speedup=1.8)).actions == PRUNE)
     pruned = fit_plan([profile], FitOptions(target_speedup=1.8, prune=True))
     assert np.any(pruned.actions == PRUNE) and "pca.0" in pruned.arrays and "dws_weight" in pruned.arrays
+    slower = fit_plan([profile], FitOptions(target_speedup=1.8, prune=True, prune_time_ratio=1.2))
+    assert not np.any(slower.actions == PRUNE)  # measured slower than full attention (as on CPU): never chosen
     with pytest.raises(PlannerError, match="--prune applies"):
         fit_plan([profile], FitOptions(method="bwcache", prune=True))
 
