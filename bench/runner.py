@@ -198,9 +198,7 @@ def run_bench(options: BenchOptions) -> BenchRun:
     peers, skipped = _applicable_peers(options, transformer, inputs.guidance)
     runner = VideoRunner(model, inputs.steps, inputs.guidance, inputs.size)
     calibrating = inputs.calibration_prompts if "magcache" in peers else []
-    others = len(inputs.plans) + sum(
-        len(v) * (1 if options.quick or n in options.thresholds else len(PEERS[n].sweep)) for n, v in peers.items()
-    )
+    others = len(inputs.plans) + sum(len(values) * len(_sweep(options, name)) for name, values in peers.items())
     cycle = others + -(-others // BASELINE_EVERY) + 1
     total = 1 + len(calibrating) + cycle * len(inputs.prompts) * options.repeats + 1 + others
     bar = tqdm(total=total, desc="dit-bench", unit="run", disable=not options.progress)
@@ -208,8 +206,8 @@ def run_bench(options: BenchOptions) -> BenchRun:
         calibration = _calibrate(transformer, runner, calibrating, inputs.steps, bar) if calibrating else {}
         variants = [baseline_variant(), *inputs.plans]
         for name, values in peers.items():
-            sweep = ((),) if options.quick or name in options.thresholds else PEERS[name].sweep
-            variants += peer_variants(name, values, transformer, inputs.steps, calibration.get("mag_ratios"), sweep)
+            mag_ratios = calibration.get("mag_ratios")
+            variants += peer_variants(name, values, transformer, inputs.steps, mag_ratios, _sweep(options, name))
         measured = _measure(variants, inputs.prompts, runner, model, options.repeats, bar)
     finally:
         bar.close()
@@ -253,6 +251,11 @@ def _calibration_prompts(options: BenchOptions, profiles: Any) -> list[PromptSpe
             PromptSpec(p.prompt, p.negative_prompt, p.seed) for profile in profiles.profiles for p in profile.prompts
         ]
     return list(DEFAULT_CALIBRATION_PROMPTS)
+
+
+def _sweep(options: BenchOptions, name: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    """A peer's second-knob settings: its full sweep, or its fixed settings alone with --quick or a given grid."""
+    return ((),) if options.quick or name in options.thresholds else PEERS[name].sweep
 
 
 def _fit(options: BenchOptions, profiles: Any, model: BenchModel) -> tuple[list[Variant], dict[str, str]]:
