@@ -75,7 +75,7 @@ def run_demo(
     profile = calibration_profile(pipe, out / f"profile_{steps}steps.h5", calibration, steps, progress)
     say(f"2/5 fitting auto at {target_speedup:g}x (closed loop on the calibration captions)", not progress)
     profiles = load_profiles([str(profile)])
-    loop = closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)
+    loop = closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings, progress=progress)
     plan = fit_profiles(profiles, FitOptions(method="auto", target_speedup=target_speedup), loop)
     save_plan(plan, out / "auto.plan")
     say(f"3/5 measuring the final-latent error on {held_out} held-out caption(s)", not progress)

@@ -265,7 +265,9 @@ def _fit(options: BenchOptions, profiles: Any, model: BenchModel) -> tuple[list[
 
     loop = None
     if model.fidelity_meaningful:
-        loop = closed_loop_from_profile(model.pipe, profiles.profiles[0].prompts, profiles.header.settings)
+        loop = closed_loop_from_profile(
+            model.pipe, profiles.profiles[0].prompts, profiles.header.settings, progress=options.progress
+        )
     return fitted_plans(profiles, *_fit_grid(options), closed_loop=loop)
 
 

@@ -38,12 +38,14 @@ class ClosedLoop:
     prompts: Sequence[PromptSpec]
     guidance: float
     size: dict[str, int]
+    #: Count the closed loop's generations on a progress bar (stderr), one tick per generation.
     progress: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise PlannerError("the closed loop needs at least one calibration prompt")
         self._references: dict[int, list[torch.Tensor]] = {}
+        self._bar: Any = None
 
     def measure(self, plan: Plan) -> np.ndarray:
         """Relative final-latent error of `plan` on every calibration prompt ([prompt], rounded to `DIGITS`)."""
@@ -62,21 +64,36 @@ class ClosedLoop:
     def _latent(self, spec: PromptSpec, steps: int) -> torch.Tensor:
         with torch.no_grad():
             frames = generate(self.pipe, spec, steps, self.guidance, self.size, output_type="latent")
+        self._tick()
         return frames.float()
+
+    def _tick(self) -> None:
+        """Advance the progress bar (opened at the first generation: the number of candidates is not known ahead)."""
+        if not self.progress:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(desc="closed loop", unit="generation", leave=False)
+        self._bar.update(1)
 
 
 def _round(value: float) -> float:
     return float(f"{value:.{DIGITS - 1}e}") if np.isfinite(value) else value
 
 
-def closed_loop_from_profile(pipe: Any, prompts: Sequence[Any], settings: dict[str, Any], limit: int = 6) -> ClosedLoop:
+def closed_loop_from_profile(
+    pipe: Any, prompts: Sequence[Any], settings: dict[str, Any], limit: int = 6, progress: bool = False
+) -> ClosedLoop:
     """A closed loop on the first `limit` profiled prompts, with the guidance and size the profile was recorded at."""
     specs = [PromptSpec(p.prompt, p.negative_prompt, p.seed) for p in prompts[:limit]]
     size = {key[len("size_") :]: int(value) for key, value in settings.items() if key.startswith("size_")}
-    return ClosedLoop(pipe, specs, float(settings.get("guidance_scale", 5.0)), size)
+    return ClosedLoop(pipe, specs, float(settings.get("guidance_scale", 5.0)), size, progress)
 
 
-def load_closed_loop(profiles: Any, model: str | None, device: str = "cpu", dtype: str = "float32") -> ClosedLoop:
+def load_closed_loop(
+    profiles: Any, model: str | None, device: str = "cpu", dtype: str = "float32", progress: bool = False
+) -> ClosedLoop:
     """Load the profiled model (the embedded default model when `model` is None) and its closed loop.
 
     Raises:
@@ -92,4 +109,4 @@ def load_closed_loop(profiles: Any, model: str | None, device: str = "cpu", dtyp
             f"{where} is not the model the profiles were recorded on; pass it with --model, or fit with "
             "--no-closed-loop"
         )
-    return closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)
+    return closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings, progress=progress)
