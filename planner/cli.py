@@ -75,7 +75,12 @@ def main(ctx: click.Context) -> None:
 )
 @click.option("--label-rule", type=click.Choice(LABEL_RULES), default="threshold", show_default=True)
 @click.option(
-    "--label-threshold", type=float, help="Foreground score threshold (default half-way between chance and 1)."
+    "--label-threshold", type=float, help="Foreground score threshold (default 1.5 x chance; docs/methods.md)."
+)
+@click.option(
+    "--refresh",
+    type=click.Choice(("fixed", "decreasing")),
+    help="profilingdit: refresh background blocks at a fixed interval (default, the paper's code) or a decreasing one.",
 )
 @click.option("--moreg/--no-moreg", default=True, show_default=True, help="AdaCache motion regularisation.")
 @click.option("--prune", is_flag=True, help="auto: allow PCAS prune steps (unicp always prunes).")
@@ -153,7 +158,7 @@ def fit(
     profile_set = load_profiles(list(profiles))
     loop = None
     if closed_loop and fit_options.method == "auto" and profile_set.has(*REUSE_COST_FIELDS):
-        loop = load_closed_loop(profile_set, model, device, dtype)
+        loop = load_closed_loop(profile_set, model, device, dtype, progress=not quiet)
         say("closed loop: replaying candidate schedules on the calibration prompts", quiet)
     plan = fit_profiles(profile_set, fit_options, loop)
     save_plan(plan, output, key=key)

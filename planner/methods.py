@@ -1,7 +1,7 @@
 """Fitting a plan: the five method presets over one shared cost/error model, and the plan they produce.
 
-* `profilingdit` — background blocks (labels) cached as spans: warm-up, then refresh intervals shrinking from T_max to
-  T_max/2; foreground blocks always computed. Budget knob: T_max.
+* `profilingdit` — background blocks (labels) cached as spans: warm-up, then a fixed refresh interval (or, with
+  --refresh decreasing, one shrinking linearly); foreground blocks always computed. Budget knob: the longest interval.
 * `adacache` — adaptive codebook policy on a probe block's residual distance, MoReg on. Budget knob: codebook scale.
 * `bwcache` — adaptive similarity-indicator policy. Budget knob: the indicator quantile used as threshold.
 * `unicp` — EDCW windows per block and step, PCAS prune steps, DWS blend weights. Budget knob: the window threshold.
@@ -64,6 +64,8 @@ METHODS = ("profilingdit", "adacache", "bwcache", "unicp", "auto")
 LABEL_FIELDS = ("attention_received", "foreground")
 FEATURE_FIELDS = ("feature_queries", "feature_keys")
 AUTO_DEFAULT_SPEEDUP = 2.0
+#: ProfilingDiT refresh intervals: the released fixed interval, or the ablation's decreasing one.
+REFRESH_SCHEDULES = ("fixed", "decreasing")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class FitOptions:
     reuse: str | None = None
     front_blocks: int | None = None
     prune_time_ratio: float | None = None
+    refresh: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,7 +120,7 @@ class FitContext:
 
     @property
     def protected(self) -> np.ndarray:
-        return protected_steps(self.steps, self.warmup, self.protect_last)
+        return protected_steps(self.steps, self.warmup, self.protect_last) | self.profiles.expert_starts
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,11 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         raise PlannerError(
             f"--reuse must be one of {', '.join(REUSE_MODES)}, and 'extrapolate' / 'slope' are for --method auto "
             f"only (the presets follow their papers), got {options.reuse!r} for {options.method}"
+        )
+    if profiles.expert_starts.any() and options.method in ("profilingdit", "adacache", "bwcache"):
+        raise PlannerError(
+            f"method {options.method} places reuse by rules that do not know where the pipeline switches experts "
+            f"({', '.join(profiles.header.fingerprint.expert_names)}); use --method auto or unicp"
         )
     budget = Budget(options.target_speedup, options.max_error)
     steps = profiles.num_steps
@@ -262,22 +270,42 @@ def _pick(
 
 
 def fit_profilingdit(context: FitContext) -> MethodResult:
-    """ProfilingDiT: background blocks cached with warm-up and shrinking refresh intervals, foreground computed."""
+    """ProfilingDiT: background blocks cached with warm-up and a refresh interval, foreground blocks always computed.
+
+    The paper's released Wan defaults refresh every 6 of 50 steps (`refresh` "fixed"); "decreasing" is the ablation's
+    interval shrinking from 12 to 2 of 50 steps (its released step list 6, 18, 26, 32, 38, 42, 46, 48). Both scale
+    with the step count; under a budget the longest interval is the knob.
+    """
     background = context.labels.background
     if not background.any() and (context.budget.target_speedup or 1.0) > 1.0:
         raise PlannerError(
             "method profilingdit caches background blocks only, and the profile labels every block foreground"
         )
+    refresh = context.options.refresh or "fixed"
+    if refresh not in REFRESH_SCHEDULES:
+        raise PlannerError(f"--refresh must be one of {', '.join(REFRESH_SCHEDULES)}, got {refresh!r}")
+    steps = context.steps
 
     def build(longest: int) -> Candidate:
-        shortest = max(2, round(longest / 2))
-        actions = np.zeros((context.blocks, context.steps), dtype=np.uint8)
-        actions[background] = interval_row(context.steps, context.warmup, context.protect_last, longest, shortest)
+        shortest = longest if refresh == "fixed" else max(1, round(longest / 6))
+        actions = np.zeros((context.blocks, steps), dtype=np.uint8)
+        actions[background] = interval_row(steps, context.warmup, context.protect_last, longest, shortest)
         return _static_candidate(context, actions, {"refresh_longest": longest, "refresh_shortest": shortest})
 
-    default = max(2, round(6 * context.steps / 50))
-    chosen = _pick(context, range(2, max(3, context.steps - context.warmup + 1)), default, build, "profilingdit")
-    return MethodResult(chosen.result, {"kind": "static"}, context.predictor.summary(chosen.result), chosen.params)
+    default = max(2, round((6 if refresh == "fixed" else 12) * steps / 50))
+    chosen = _pick(context, range(2, max(3, steps - context.warmup + 1)), default, build, "profilingdit")
+    params = {**chosen.params, "refresh": refresh, "foreground_blocks": [int(b) for b in np.flatnonzero(~background)]}
+    if background.all():
+        params["labels_note"] = _no_foreground_note(context.labels)
+    return MethodResult(chosen.result, {"kind": "static"}, context.predictor.summary(chosen.result), params)
+
+
+def _no_foreground_note(labels: BlockLabels) -> str:
+    """What a plan says when no block is foreground-focused: the preset then caches the whole stack periodically."""
+    return (
+        f"no block is foreground-focused on this profile (scores {min(labels.scores):.3f} to {max(labels.scores):.3f}, "
+        f"threshold {labels.threshold:.3f}, chance {labels.chance:.3f}): every block is cached"
+    )
 
 
 def fit_adacache(context: FitContext) -> MethodResult:
@@ -431,7 +459,7 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     budget = context.budget if context.budget.given else Budget(target_speedup=AUTO_DEFAULT_SPEEDUP)
     costs = measured_costs(context)
     weights = measured_weights(context, costs)
-    forced = np.zeros(context.steps, dtype=bool)
+    forced = context.profiles.expert_starts.copy()
     forced[: options.warmup or 0] = True
     if options.protect_last:
         forced[context.steps - options.protect_last :] = True

@@ -120,13 +120,14 @@ def test_labels_follow_where_attention_falls(tmp_path, rule):
     assert 0.0 < labels.threshold < 1.0
 
 
-def test_uniform_attention_scores_the_foreground_area():
+def test_uniform_attention_scores_chance():
+    """With every token tied, every token is high: R = |high ∩ fg| / |fg| = 1 = chance, which is no focus."""
     attention = np.ones((1, 1, 2, 2, 4, 4))
     mask = np.zeros((1, 2, 4, 4), np.uint8)
     mask[:, :, :2] = 1
     labels = fit_labels(attention, mask, quantile=0.8)
-    np.testing.assert_allclose(labels.scores, 0.5)
-    assert labels.chance == 0.5 and labels.labels == ("background", "background")
+    np.testing.assert_allclose(labels.scores, 1.0)
+    assert labels.chance == 1.0 and labels.labels == ("background", "background")
 
 
 @pytest.mark.parametrize("variance, rank", [(0.95, 3), (1.0, 8)])

@@ -1,0 +1,67 @@
+"""The four paper presets pin their papers' behaviour on synthetic profiles (docs/methods.md has the paper rows)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dit_accel.planner import FitOptions, PlannerError, fit_plan
+from dit_accel.planner.labels import fit_labels
+from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
+from dit_accel.runtime import COMPUTE, REUSE
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> str:
+    """30 steps, 4 blocks, block 1 foreground-focused."""
+    spec = SyntheticSpec(steps=30, foreground_blocks=(1,))
+    return write_synthetic_profile(tmp_path_factory.mktemp("presets") / "p.h5", spec)
+
+
+def test_profilingdit_score_is_the_share_of_the_foreground_covered():
+    """High attention covering the whole (small) foreground and as much background scores R = 1, not 1/2."""
+    attention = np.zeros((1, 1, 2, 1, 4, 4))
+    mask = np.zeros((1, 1, 4, 4), np.uint8)
+    mask[0, 0, 0, :2] = 1
+    attention[0, 0, 0, 0, 0, :4] = 1.0  # block 0: the 2 foreground tokens and 2 background ones
+    attention[0, 0, 1, 0, 3, :4] = 1.0  # block 1: 4 background tokens
+    labels = fit_labels(attention, mask, quantile=0.75)
+    np.testing.assert_allclose(labels.scores, [1.0, 0.0])
+    assert labels.chance == pytest.approx(0.25)
+    assert labels.labels == ("foreground", "background")
+
+
+def test_profilingdit_never_caches_a_foreground_block(profile):
+    plan = fit_plan([profile], FitOptions(method="profilingdit"))
+    assert plan.labels == ("background", "foreground", "background", "background")
+    assert np.all(plan.actions[1] == COMPUTE)
+    assert all(np.any(plan.actions[b] == REUSE) for b in (0, 2, 3))
+    assert plan.provenance["chosen"]["foreground_blocks"] == [1]
+
+
+def test_profilingdit_default_refresh_is_the_papers_fixed_interval(profile):
+    """Released Wan defaults: refresh every 6 of 50 steps after the warm-up (every 4 of 30 here)."""
+    plan = fit_plan([profile], FitOptions(method="profilingdit", protect_last=0))
+    warmup = plan.provenance["parameters"]["warmup"]
+    computed = np.flatnonzero(plan.actions[0] == COMPUTE)
+    refreshes = computed[computed >= warmup]
+    assert set(np.diff(refreshes)) == {round(6 * 30 / 50)}
+
+
+def test_profilingdit_decreasing_refresh_shrinks(profile):
+    plan = fit_plan([profile], FitOptions(method="profilingdit", protect_last=0, refresh="decreasing"))
+    warmup = plan.provenance["parameters"]["warmup"]
+    computed = np.flatnonzero(plan.actions[0] == COMPUTE)
+    gaps = np.diff(computed[computed >= warmup])
+    assert gaps[0] > gaps[-1] and np.all(np.diff(gaps) <= 0)
+
+
+def test_profilingdit_says_when_no_block_is_foreground(tmp_path):
+    path = write_synthetic_profile(tmp_path / "bg.h5", SyntheticSpec(steps=30, foreground_blocks=()))
+    plan = fit_plan([path], FitOptions(method="profilingdit"))
+    assert "no block is foreground-focused" in plan.provenance["chosen"]["labels_note"]
+
+
+def test_profilingdit_rejects_an_unknown_refresh(profile):
+    with pytest.raises(PlannerError, match="--refresh"):
+        fit_plan([profile], FitOptions(method="profilingdit", refresh="sometimes"))
