@@ -161,11 +161,11 @@ def bwcache_policy(
     quantile: float,
     indicator_blocks: list[int],
     reuse_steps: int,
-    refresh_every: int,
     protect_first: int,
     protect_last: int,
 ) -> dict[str, Any]:
-    """BWCache policy whose threshold is the `quantile` of the profiled indicator distribution."""
+    """BWCache policy whose threshold is the `quantile` of the profiled indicator distribution, with the paper's end
+    protection (a trigger reuses at most half of the steps remaining after it)."""
     return {
         "kind": "bwcache",
         "threshold": float(np.quantile(indicator, quantile)),
@@ -173,7 +173,7 @@ def bwcache_policy(
         "indicator_blocks": [int(b) for b in indicator_blocks],
         "protect_first": int(protect_first),
         "protect_last": int(protect_last),
-        "refresh_every": int(refresh_every),
+        "half_remaining": True,
     }
 
 

@@ -334,23 +334,21 @@ def fit_adacache(context: FitContext) -> MethodResult:
 
 
 def fit_bwcache(context: FitContext) -> MethodResult:
-    """BWCache: threshold at a quantile of the profiled similarity indicator, simulated per prompt."""
+    """BWCache: threshold at a quantile of the profiled similarity indicator, simulated per prompt.
+
+    Reuse runs last R = round(0.1·T) steps, cut to half of the steps remaining after the trigger (the paper's end
+    protection, which replaces a protected tail: none unless --protect-last is given).
+    """
     context.profiles.require(("output_rel_l1",), "method bwcache")
-    steps = _reusable_steps(context)
+    protect_last = context.protect_last if context.options.protect_last is not None else 0
+    steps = _reusable_steps(context, protect_last)
     blocks = indicator_blocks(context.blocks)
     indicator = _replays(context.profiles, "output_rel_l1")[..., blocks].mean(axis=-1)
     reuse_steps = max(1, round(0.1 * context.steps))
-    refresh_every = 2 * (reuse_steps + 1)
 
     def build(quantile: float) -> Candidate:
         policy = bwcache_policy(
-            indicator[:, steps].ravel(),
-            quantile,
-            blocks,
-            reuse_steps,
-            refresh_every,
-            context.warmup,
-            context.protect_last,
+            indicator[:, steps].ravel(), quantile, blocks, reuse_steps, context.warmup, protect_last
         )
         run = simulate(simulate_bwcache(policy, indicator), context.predictor)
         return Candidate({"indicator_quantile": quantile}, run.speedup, run.error, (policy, run))
@@ -359,11 +357,12 @@ def fit_bwcache(context: FitContext) -> MethodResult:
     return _adaptive_result(context, *chosen.result, chosen.params)
 
 
-def _reusable_steps(context: FitContext) -> np.ndarray:
-    steps = unprotected(context.steps, context.warmup, context.protect_last)
+def _reusable_steps(context: FitContext, protect_last: int | None = None) -> np.ndarray:
+    protect_last = context.protect_last if protect_last is None else protect_last
+    steps = unprotected(context.steps, context.warmup, protect_last)
     if not steps.any():
         raise PlannerError(
-            f"no step is left to reuse: {context.steps} steps, warm-up {context.warmup}, {context.protect_last} "
+            f"no step is left to reuse: {context.steps} steps, warm-up {context.warmup}, {protect_last} "
             "protected final steps"
         )
     return steps

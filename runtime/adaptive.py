@@ -6,9 +6,10 @@ feed them numbers measured on the model, and the planner's simulation (`planner/
 numbers it derives from a profile, so a plan's predicted schedule and its replayed one follow the same rules.
 
 **Steps.** Steps < protect_first and ≥ T − protect_last compute. Elsewhere a step reuses while the reuse counter is
-positive (counter − 1); bwcache's refresh steps, (s − protect_first) % refresh_every == 0, compute regardless and
-leave the counter as it is. Every computed step s after an earlier computed step c measures a distance D between s
-and c and sets the counter from d = D / (s − c), the distance per elapsed step.
+positive (counter − 1); bwcache's refresh steps, (s − protect_first) % refresh_every == 0 when a plan has
+`refresh_every`, compute regardless and leave the counter as it is. Every computed step s after an earlier computed
+step c measures a distance D between s and c and sets the counter from d = D / (s − c), the distance per elapsed
+step.
 
 **adacache** `{probe_block, codebook: [[threshold, reuse_steps], …], moreg: {enabled, norm, exponent, gradient_scale,
 active}, protect_first, protect_last}`. D = ‖p_s − p_c‖₁ / ‖p_s‖₁ on the probe block's residual p. With MoReg enabled,
@@ -17,9 +18,11 @@ motion(p) = ‖p[S:] − p[:−S]‖₁ / (‖p[S:]‖₁ + ‖p[:−S]‖₁) o
 (m_prev = m at the first such step) and d ← d·(m + |mg|). The counter becomes the reuse_steps of the first codebook
 entry with d ≤ threshold.
 
-**bwcache** `{threshold, reuse_steps, indicator_blocks, protect_first, protect_last, refresh_every}`. D = mean over
-indicator_blocks of ‖h_s − h_c‖₁ / ‖h_c‖₁ on the blocks' outputs h; d ≤ threshold sets the counter to reuse_steps,
-else to 0.
+**bwcache** `{threshold, reuse_steps, indicator_blocks, protect_first, protect_last, half_remaining}` (plans fitted
+before the paper's end rule carry `refresh_every` instead of `half_remaining`). D = mean over indicator_blocks of
+‖h_s − h_c‖₁ / ‖h_c‖₁ on the blocks' outputs h; d ≤ threshold sets the counter to reuse_steps, else to 0. With
+`half_remaining` (the paper's end protection) a trigger at step s reuses at most ⌊(T − 1 − s) / 2⌋ steps: only the
+first half of the steps remaining after it, so the last step always computes.
 
 Cases the rules above leave open, decided once for the replay and the simulation alike:
 
@@ -140,19 +143,24 @@ class AdaCacheDecisions(StepDecisions):
 
 
 class BWCacheDecisions(StepDecisions):
-    """BWCache: indicator per step at or below the threshold → reuse a fixed number of steps; periodic refreshes."""
+    """BWCache: indicator per step at or below the threshold → reuse a fixed number of steps, at most half of the
+    steps remaining (`half_remaining`), or with periodic refreshes (`refresh_every`, older plans)."""
 
     def __init__(self, policy: dict[str, Any]) -> None:
         self.threshold = float(policy["threshold"])
         self.reuse_length = int(policy["reuse_steps"])
-        self.refresh_every = max(1, int(policy["refresh_every"]))
+        refresh = policy.get("refresh_every")
+        self.refresh_every = None if refresh is None else max(1, int(refresh))
+        self.half_remaining = bool(policy.get("half_remaining", False))
         super().__init__(policy["protect_first"], policy["protect_last"])
 
     def _refreshes(self, step: int) -> bool:
-        return (step - self.protect_first) % self.refresh_every == 0
+        return self.refresh_every is not None and (step - self.protect_first) % self.refresh_every == 0
 
     def _reuse_count(self, distance: float, motion: float | None, step: int, elapsed: int, steps: int) -> int:
-        return self.reuse_length if distance <= self.threshold else 0
+        if not distance <= self.threshold:
+            return 0
+        return min(self.reuse_length, (steps - 1 - step) // 2) if self.half_remaining else self.reuse_length
 
 
 class AdaptivePolicy:
@@ -269,10 +277,7 @@ class BWCachePolicy(AdaptivePolicy):
     kind = "bwcache"
 
     def __init__(self, policy: dict[str, Any], num_blocks: int) -> None:
-        _expect_keys(
-            policy,
-            ("threshold", "reuse_steps", "indicator_blocks", "protect_first", "protect_last", "refresh_every"),
-        )
+        _expect_keys(policy, ("threshold", "reuse_steps", "indicator_blocks", "protect_first", "protect_last"))
         self.indicators = [int(b) for b in policy["indicator_blocks"]]
         if not self.indicators or not all(0 <= b < num_blocks for b in self.indicators):
             raise PlanError(f"bwcache indicator_blocks must name blocks among the {num_blocks}")

@@ -71,6 +71,8 @@ MAX_CODEBOOK = 256
 MAX_NAME_CHARS = 1024
 #: Sampled weight values a model fingerprint may hold.
 MAX_WEIGHT_SAMPLES = 4096
+#: Further experts (beyond `transformer`) a model fingerprint may list.
+MAX_EXPERTS = 8
 MAX_PATH_CHARS = 4096
 #: Largest `size_*` entry of the profile settings (`dit-plan validate` generates at that size) and their product.
 MAX_VIDEO_SIDE = 16_384
@@ -99,18 +101,74 @@ _ADAPTIVE_KINDS = ("adacache", "bwcache")
 
 
 @dataclass(frozen=True)
+class ExpertFingerprint:
+    """Identity of one further expert of a multi-transformer pipeline (Wan 2.2's `transformer_2`).
+
+    `name` is the pipeline attribute holding it. `weights` compares with a tolerance, as in `ModelFingerprint`.
+    `first_step` is the first denoising step it served in the profiled run (a profile or plan records it; a
+    fingerprint taken from a live pipeline does not know it): not part of equality, since it belongs to the run,
+    not to the model.
+    """
+
+    name: str
+    transformer_class: str
+    config_hash: str
+    weights: tuple[float, ...] | None = field(default=None, compare=False)
+    first_step: int | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "transformer_class": self.transformer_class,
+            "config_hash": self.config_hash,
+        }
+        if self.weights is not None:
+            data["weights"] = list(self.weights)
+        if self.first_step is not None:
+            data["first_step"] = self.first_step
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> ExpertFingerprint:
+        """Read one entry of `model.experts`; raises PlanError naming the problem."""
+        _expect(
+            isinstance(data, dict) and all(_is_name(data.get(k)) for k in ("name", "transformer_class", "config_hash")),
+            "every entry of field 'model.experts' must be an object with string 'name', 'transformer_class' and "
+            "'config_hash'",
+        )
+        weights, first = data.get("weights"), data.get("first_step")
+        _check_weight_samples(weights, list)
+        _expect(
+            first is None or (_is_int(first) and 1 <= first < MAX_STEPS),
+            f"field 'model.experts[].first_step' must be an integer in [1, {MAX_STEPS})",
+        )
+        return cls(
+            data["name"],
+            data["transformer_class"],
+            data["config_hash"],
+            None if weights is None else tuple(float(w) for w in weights),
+            None if first is None else int(first),
+        )
+
+
+@dataclass(frozen=True)
 class ModelFingerprint:
     """Identity of the transformer a plan was fitted on: class name, config hash and ordered block ids.
 
     `weights` (optional; plans written before it existed lack it) is a sample of weight values at fixed positions
     (`dit_accel.runtime.adapters.weights_sample`): not part of equality, since the same architecture loaded in
     another dtype samples slightly different values; `apply_plan` compares it with a tolerance.
+
+    `experts` lists the further experts of a multi-transformer pipeline (Wan 2.2: `transformer_2`), which share
+    these block ids; the fields above then describe the first expert, the pipeline's `transformer`. Empty for a
+    single transformer (and absent from its JSON, so such plans serialise as before).
     """
 
     transformer_class: str
     config_hash: str
     block_ids: tuple[str, ...]
     weights: tuple[float, ...] | None = field(default=None, compare=False)
+    experts: tuple[ExpertFingerprint, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -120,7 +178,20 @@ class ModelFingerprint:
         }
         if self.weights is not None:
             data["weights"] = list(self.weights)
+        if self.experts:
+            data["experts"] = [e.to_json() for e in self.experts]
         return data
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        """The pipeline attributes of every expert, in serving order: `("transformer",)` for one transformer."""
+        return ("transformer", *(e.name for e in self.experts))
+
+    def expert_starts(self, steps: int) -> np.ndarray:
+        """Boolean [steps]: the steps at which a further expert serves its first step (none for one transformer)."""
+        starts = np.zeros(steps, dtype=bool)
+        starts[[e.first_step for e in self.experts if e.first_step is not None and e.first_step < steps]] = True
+        return starts
 
     @classmethod
     def from_json(cls, data: Any) -> ModelFingerprint:
@@ -143,11 +214,17 @@ class ModelFingerprint:
         )
         weights = data.get("weights")
         _check_weight_samples(weights, list)
+        experts = data.get("experts", [])
+        _expect(
+            isinstance(experts, list) and len(experts) <= MAX_EXPERTS,
+            f"field 'model.experts' must be a list of at most {MAX_EXPERTS} experts",
+        )
         return cls(
             data["transformer_class"],
             data["config_hash"],
             tuple(ids),
             None if weights is None else tuple(float(w) for w in weights),
+            tuple(ExpertFingerprint.from_json(e) for e in experts),
         )
 
 
@@ -327,6 +404,7 @@ def check_consistency(plan: Plan) -> None:
     _expect(len(plan.spans) <= blocks, f"field 'spans' lists {len(plan.spans)} spans for {blocks} blocks")
     _validate_spans(plan.spans, plan.actions)
     _validate_reuse_has_source(plan)
+    _validate_expert_starts(plan)
     _expect(
         isinstance(plan.policy, dict) and isinstance(plan.policy.get("kind"), str),
         "field 'policy' must be an object with a string 'kind'",
@@ -351,6 +429,15 @@ def _check_weight_samples(weights: Any, kind: type) -> None:
 
 def _check_fingerprint(model: ModelFingerprint) -> None:
     _check_weight_samples(model.weights, tuple)
+    for expert in model.experts:
+        _check_weight_samples(expert.weights, tuple)
+    names = model.expert_names
+    _expect(len(set(names)) == len(names), f"field 'model.experts' names an expert twice ({', '.join(names)})")
+    starts = [e.first_step for e in model.experts]
+    _expect(
+        all(s is None for s in starts) or (None not in starts and starts == sorted(set(starts))),
+        "field 'model.experts' must give every expert's first_step, increasing, or none",
+    )
     ids = model.block_ids
     _expect(
         isinstance(ids, (tuple, list)) and 1 <= len(ids) <= MAX_BLOCKS,
@@ -386,6 +473,25 @@ def _validate_reuse_has_source(plan: Plan) -> None:
             _expect(
                 computed.size > 0 and computed[0] < reused[0],
                 f"block {plan.model.block_ids[block]!r} is reused at step {reused[0]} before it is ever computed",
+            )
+
+
+def _validate_expert_starts(plan: Plan) -> None:
+    """A further expert starts with empty caches: reusing at its first step would read nothing (or the other
+    expert's residual), so such a plan is refused."""
+    for expert in plan.model.experts:
+        step = expert.first_step
+        if step is None:
+            continue
+        _expect(
+            step < plan.actions.shape[1],
+            f"expert {expert.name} starts at step {step}, after the plan's last step {plan.actions.shape[1] - 1}",
+        )
+        reused = np.flatnonzero(plan.actions[:, step] == REUSE)
+        if reused.size:
+            raise PlanError(
+                f"block {plan.model.block_ids[reused[0]]!r} is reused at step {step}, the first step of expert "
+                f"{expert.name} (reuse never crosses an expert switch)"
             )
 
 
@@ -493,7 +599,12 @@ def _check_bwcache(policy: dict[str, Any], blocks: int) -> None:
         _is_number(threshold), f"plan policy 'bwcache' needs 'threshold' as a finite number, got {_show(threshold)}"
     )
     _policy_int(policy, "reuse_steps", 0, MAX_POLICY_STEPS)
-    _policy_int(policy, "refresh_every", 1, MAX_POLICY_STEPS)
+    if "refresh_every" in policy or not policy.get("half_remaining"):
+        _policy_int(policy, "refresh_every", 1, MAX_POLICY_STEPS)
+    _expect(
+        isinstance(policy.get("half_remaining", False), bool),
+        f"plan policy 'bwcache' needs 'half_remaining' as true or false, got {_show(policy.get('half_remaining'))}",
+    )
     indicators = _policy_value(policy, "indicator_blocks")
     _expect(
         isinstance(indicators, (list, tuple))

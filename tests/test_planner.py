@@ -225,7 +225,7 @@ def test_adaptive_policies_follow_the_runtime_schema(profile):
         "indicator_blocks",
         "protect_first",
         "protect_last",
-        "refresh_every",
+        "half_remaining",
     }
     assert bw["threshold"] > 0 and all(0 <= b < BLOCKS for b in bw["indicator_blocks"])
 

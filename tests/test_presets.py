@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dit_accel.planner import FitOptions, PlannerError, fit_plan
+from dit_accel.planner.adaptive_fit import simulate_bwcache
 from dit_accel.planner.labels import fit_labels
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import COMPUTE, REUSE
@@ -65,3 +66,39 @@ def test_profilingdit_says_when_no_block_is_foreground(tmp_path):
 def test_profilingdit_rejects_an_unknown_refresh(profile):
     with pytest.raises(PlannerError, match="--refresh"):
         fit_plan([profile], FitOptions(method="profilingdit", refresh="sometimes"))
+
+
+def _runs_after_triggers(reuse: np.ndarray) -> list[tuple[int, int]]:
+    """(trigger step, length of the reuse run that follows it) for every run in a reuse row."""
+    runs, step = [], 0
+    while step < len(reuse):
+        if reuse[step]:
+            start = step
+            while step < len(reuse) and reuse[step]:
+                step += 1
+            runs.append((start - 1, step - start))
+        step += 1
+    return runs
+
+
+@pytest.mark.parametrize("steps", [10, 20, 31])
+def test_bwcache_reuses_only_the_first_half_of_the_steps_after_a_trigger(steps):
+    policy = {
+        "threshold": 1.0,
+        "reuse_steps": steps,  # longer than any half: only the end rule limits the runs
+        "indicator_blocks": [0],
+        "protect_first": 1,
+        "protect_last": 0,
+        "half_remaining": True,
+    }
+    reuse = simulate_bwcache(policy, np.full((1, steps), 0.01))[0]
+    runs = _runs_after_triggers(reuse)
+    assert runs and not reuse[-1]
+    for trigger, length in runs:
+        assert length == (steps - 1 - trigger) // 2
+
+
+def test_bwcache_fit_uses_the_end_rule_and_no_invented_refresh(profile):
+    plan = fit_plan([profile], FitOptions(method="bwcache"))
+    assert plan.policy["half_remaining"] is True and "refresh_every" not in plan.policy
+    assert plan.policy["protect_last"] == 0 and plan.policy["reuse_steps"] == 3
