@@ -65,26 +65,43 @@ class TokenGrid:
     """How a transformer's video tokens map to a (frames, height, width) grid.
 
     `layout` names the shape of the transformer's `hidden_states` input: `"BCFHW"`, `"BFCHW"`, or `"tokens"` for a
-    pre-packed (batch, tokens, channels) input whose latent (frames, height, width) arrive as forward kwargs named by
-    `size_kwargs`. `patch_key` is the config key of the spatial patch size, or of a (t, h, w) tuple;
-    `temporal_patch_key` the key of the temporal patch size (absent or `None` in the config means 1).
+    pre-packed (batch, tokens, channels) input. A packed input's sizes come from its forward keywords, as
+    `size_source` says: `"kwargs"`, the latent (frames, height, width) in the three keywords `size_kwargs` (divided
+    by the patch sizes); `"ids"`, the token grid as the extent of each column of a (tokens, 3) position-id tensor
+    named by `size_kwargs[0]` (Flux's `img_ids`); `"shapes"`, the token grid as the first (frames, height, width) of
+    the first sample in the list of lists named by `size_kwargs[0]` (Qwen-Image's `img_shapes`). `patch_key` is the
+    config key of the spatial patch size, or of a (t, h, w) tuple; `temporal_patch_key` the key of the temporal patch
+    size (absent or `None` in the config means 1).
     """
 
     layout: Literal["BCFHW", "BFCHW", "tokens"]
     patch_key: str = "patch_size"
     temporal_patch_key: str | None = None
-    size_kwargs: tuple[str, str, str] = ("num_frames", "height", "width")
+    size_kwargs: tuple[str, ...] = ("num_frames", "height", "width")
+    size_source: Literal["kwargs", "ids", "shapes"] = "kwargs"
 
 
 @dataclass(frozen=True)
 class ModelAdapter:
-    """Everything the hooks need to know about one transformer class."""
+    """Everything the hooks need to know about one transformer class.
+
+    `span_breaks_key` names a config key listing the blocks after which the transformer itself adds to the hidden
+    states between blocks (Wan VACE's control hints after each of its `vace_layers`); a cached span never runs past
+    such a block, else a reused span would add the hint it cached and the transformer's new hint both.
+    """
 
     name: str
     block_lists: tuple[BlockList, ...]
     cfg_mode: CfgMode
     grid: TokenGrid
     attention: tuple[AttentionModule, ...]
+    span_breaks_key: str | None = None
+
+    def span_breaks(self, transformer: torch.nn.Module) -> tuple[int, ...]:
+        """Indices of the blocks a cached span must end at (see `span_breaks_key`), in execution order."""
+        if self.span_breaks_key is None:
+            return ()
+        return tuple(sorted(int(b) for b in getattr(transformer.config, self.span_breaks_key)))
 
     def block_ids(self, transformer: torch.nn.Module) -> list[str]:
         """Fully qualified names of every block, in execution order (`blocks.0`, `blocks.1`, …)."""
@@ -107,6 +124,13 @@ class ModelAdapter:
         self, config: Any, hidden_states: torch.Tensor, forward_kwargs: dict[str, Any]
     ) -> tuple[int, int, int]:
         """The (frames, height, width) token grid of one transformer call, from its input and config."""
+        if self.grid.size_source == "ids":
+            ids = forward_kwargs[self.grid.size_kwargs[0]].reshape(-1, 3)
+            frames, height, width = (ids.amax(0) - ids.amin(0) + 1).tolist()
+            return int(frames), int(height), int(width)
+        if self.grid.size_source == "shapes":
+            frames, height, width = forward_kwargs[self.grid.size_kwargs[0]][0][0]
+            return int(frames), int(height), int(width)
         spatial, temporal = _patch_sizes(self.grid, config)
         if self.grid.layout == "tokens":
             frames, height, width = (int(forward_kwargs[k]) for k in self.grid.size_kwargs)
@@ -249,6 +273,69 @@ register_adapter(
         cfg_mode="batched",
         grid=TokenGrid(layout="BCFHW"),
         attention=(AttentionModule("attn1", "joint"),),
+    ),
+)
+register_adapter(
+    "WanVACETransformer3DModel",
+    ModelAdapter(**{**_WAN_LIKE.__dict__, "name": "wan_vace", "span_breaks_key": "vace_layers"}),
+)
+# Flux and Qwen-Image blocks return (encoder, hidden); their attention puts the text tokens first.
+_TEXT_FIRST_JOINT = (AttentionModule("attn", "joint", text_first=True),)
+register_adapter(
+    "FluxTransformer2DModel",
+    ModelAdapter(
+        name="flux",
+        block_lists=(
+            BlockList("transformer_blocks", hidden_index=1, encoder_index=0),
+            BlockList("single_transformer_blocks", hidden_index=1, encoder_index=0),
+        ),
+        cfg_mode="separate",
+        grid=TokenGrid(layout="tokens", size_kwargs=("img_ids",), size_source="ids"),
+        attention=_TEXT_FIRST_JOINT,
+    ),
+)
+register_adapter(
+    "QwenImageTransformer2DModel",
+    ModelAdapter(
+        name="qwen_image",
+        block_lists=(BlockList("transformer_blocks", hidden_index=1, encoder_index=0),),
+        cfg_mode="separate",
+        grid=TokenGrid(layout="tokens", size_kwargs=("img_shapes",), size_source="shapes"),
+        attention=_TEXT_FIRST_JOINT,
+    ),
+)
+register_adapter(
+    "HunyuanVideo15Transformer3DModel",
+    ModelAdapter(
+        name="hunyuan_video15",
+        block_lists=(BlockList("transformer_blocks", hidden_index=0, encoder_index=1),),
+        cfg_mode="separate",
+        grid=TokenGrid(layout="BCFHW", temporal_patch_key="patch_size_t"),
+        attention=(AttentionModule("attn", "joint"),),
+    ),
+)
+register_adapter(
+    "LTX2VideoTransformer3DModel",
+    ModelAdapter(
+        name="ltx2",
+        # Blocks return (video, audio): the audio stream is carried, cached and reused as the second state.
+        block_lists=(
+            BlockList("transformer_blocks", hidden_index=0, encoder_index=1, encoder_arg=("audio_hidden_states", 1)),
+        ),
+        cfg_mode="batched",
+        grid=TokenGrid(layout="tokens", temporal_patch_key="patch_size_t"),
+        attention=(AttentionModule("attn1", "self"), AttentionModule("attn2", "cross")),
+    ),
+)
+_SELF_CROSS = (AttentionModule("attn1", "self"), AttentionModule("attn2", "cross"))
+register_adapter(
+    "SanaVideoTransformer3DModel",
+    ModelAdapter(
+        name="sana_video",
+        block_lists=(BlockList("transformer_blocks"),),
+        cfg_mode="batched",
+        grid=TokenGrid(layout="BCFHW"),
+        attention=_SELF_CROSS,
     ),
 )
 

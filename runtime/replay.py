@@ -465,7 +465,7 @@ def apply_plan(
         raise PlanError("a plan is already applied to this transformer; call .remove() on its handle first")
     kind = plan.policy["kind"]
     policy = POLICIES[kind](plan.policy, plan.num_blocks) if kind in POLICIES else None
-    schedule = CompiledSchedule(plan, adaptive=policy is not None)
+    schedule = CompiledSchedule(plan, adaptive=policy is not None, breaks=adapter.span_breaks(transformer))
     handle = PlanHandle(transformer, BranchStates(BranchState), policy)
     install_block_hooks(handle, adapter, plan, schedule)
     scheduler = getattr(pipe_or_transformer, "scheduler", None)

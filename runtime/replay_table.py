@@ -179,14 +179,15 @@ def _advance_row(reuse: tuple[bool, ...], uses_cache: list[bool], slope_scale: t
 class CompiledSchedule:
     """A plan's spans and its step tables, built lazily per run length."""
 
-    def __init__(self, plan: Plan, adaptive: bool) -> None:
+    def __init__(self, plan: Plan, adaptive: bool, breaks: tuple[int, ...] = ()) -> None:
         self.plan = plan
         self.adaptive = adaptive
         self.reuse_mode = plan.policy.get("reuse", "hold")
         if self.reuse_mode not in REUSE_MODES:
             raise PlanError(f"plan policy 'reuse' is {self.reuse_mode!r}; this runtime knows {', '.join(REUSE_MODES)}")
         blocks = plan.num_blocks
-        self.spans: list[tuple[int, int]] = [(0, blocks)] if adaptive else sorted(set(plan.span_of_block()))
+        spans = [(0, blocks)] if adaptive else sorted(set(plan.span_of_block()))
+        self.spans: list[tuple[int, int]] = split_spans(spans, breaks)
         self.span_of_block = [
             next(i for i, (a, b) in enumerate(self.spans) if a <= block < b) for block in range(blocks)
         ]
@@ -241,6 +242,16 @@ class CompiledSchedule:
         if self.reuse_mode == "slope":
             return tuple(float(b) for b in self.plan.policy["slope_scale"])
         return ()
+
+
+def split_spans(spans: list[tuple[int, int]], breaks: tuple[int, ...]) -> list[tuple[int, int]]:
+    """`spans` cut after every block in `breaks` (the adapter's `span_breaks`): replaying the pieces is exact, since
+    a span replays like its blocks cached one by one."""
+    pieces = []
+    for start, stop in spans:
+        bounds = [start, *(b + 1 for b in breaks if start <= b < stop - 1), stop]
+        pieces.extend(zip(bounds, bounds[1:]))
+    return pieces
 
 
 def _source_steps(plan_steps: int, steps: int) -> np.ndarray:

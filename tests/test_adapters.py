@@ -12,13 +12,15 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.hooks import HookRegistry
-from tiny_models import TINY_MODELS, make_inputs, tiny_wan
+from tiny_models import TINY_MODELS, make_inputs, run_steps, tiny_wan, tiny_wan_vace
 
 from dit_accel.runtime import (
+    REUSE,
     AdapterError,
     Plan,
     PlanError,
@@ -51,6 +53,17 @@ EXPECTED_BLOCKS = {
     ],
     "ltx_video": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
     "mochi": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
+    "wan_vace": ["blocks.0", "blocks.1", "blocks.2"],
+    "flux": [
+        "transformer_blocks.0",
+        "transformer_blocks.1",
+        "single_transformer_blocks.0",
+        "single_transformer_blocks.1",
+    ],
+    "qwen_image": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
+    "hunyuan_video15": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
+    "ltx2": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
+    "sana_video": ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
 }
 
 
@@ -77,6 +90,24 @@ def test_adapter_block_ids_and_token_grid(name):
     assert frames * height * width == seen["tokens"]
 
 
+def test_vace_spans_end_where_the_transformer_adds_control_hints():
+    """Wan VACE adds a control hint after blocks 0 and 1, outside the blocks: a plan caching blocks 0-2 as one span
+    replays exactly like the same plan caching each block alone (a span over a hint would add the cached hint and
+    the new one both)."""
+    model = tiny_wan_vace().eval()
+    assert get_adapter(model).span_breaks(model) == (0, 1)
+    steps = [950.0, 800.0, 600.0, 400.0]
+    actions = np.zeros((3, len(steps)), np.uint8)
+    actions[:, 2] = REUSE
+    outputs = []
+    for spans in ((), ((0, 3),)):
+        plan = Plan(model=fingerprint_model(model), timesteps=np.array(steps), actions=actions, spans=spans)
+        with apply_plan(model, plan):
+            outputs.append(run_steps(model, "wan_vace", steps))
+    assert torch.equal(*outputs)
+    assert not torch.equal(outputs[0], run_steps(model, "wan_vace", steps)), "the plan reuses something"
+
+
 def test_lookup_follows_the_mro():
     class MyWan(WanTransformer3DModel):
         pass
@@ -91,7 +122,7 @@ def test_unsupported_transformer_names_class_and_supported_ones_and_how_to_regis
     assert "Linear" in message and "WanTransformer3DModel" in message and "MochiTransformer3DModel" in message
     assert "register_adapter('Linear', ModelAdapter(...))" in message and "docs/adapters.md" in message
     assert "\n" not in message
-    assert len(supported_classes()) == 6
+    assert len(supported_classes()) == len(TINY_MODELS)
 
 
 class MyVideoTransformer(torch.nn.Module):
@@ -121,7 +152,9 @@ def test_docs_worked_example_registers_an_adapter():
         _REGISTRY.pop("MyVideoTransformer", None)
 
 
-def test_two_expert_pipelines_are_refused_naming_transformer_2():
+def test_a_single_expert_plan_on_a_two_expert_pipeline_is_refused_naming_transformer_2():
+    """Two-expert pipelines are supported (tests/test_two_experts.py); a plan of one expert is not silently applied
+    to one of them."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     pipe = WanPipeline(
@@ -134,9 +167,9 @@ def test_two_expert_pipelines_are_refused_naming_transformer_2():
         boundary_ratio=0.875,
     )
     plan = Plan.all_compute(fingerprint_model(pipe.transformer), [999.0, 1.0])
-    for refuse in (find_transformer, lambda p: apply_plan(p, plan)):
-        with pytest.raises(AdapterError, match="transformer_2.*two-expert pipelines are not supported yet"):
-            refuse(pipe)
+    assert find_transformer(pipe) is pipe.transformer
+    with pytest.raises(PlanError, match="plan covers transformer, the pipeline has transformer, transformer_2"):
+        apply_plan(pipe, plan)
     assert "dit_plan_step" not in HookRegistry.check_if_exists_or_initialize(pipe.transformer).hooks
     pipe.transformer_2 = None  # a Wan 2.1 pipeline has the attribute, set to None
     assert find_transformer(pipe) is pipe.transformer

@@ -7,17 +7,24 @@ batch layout the model's pipeline uses (batched CFG models get a batch of 2: unc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers import (
     CogVideoXTransformer3DModel,
+    FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
     HunyuanVideoTransformer3DModel,
+    LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
+    QwenImageTransformer2DModel,
+    SanaVideoTransformer3DModel,
     SkyReelsV2Transformer3DModel,
     WanTransformer3DModel,
+    WanVACETransformer3DModel,
 )
 
 
@@ -117,6 +124,92 @@ def tiny_mochi() -> MochiTransformer3DModel:
     )
 
 
+def tiny_wan_vace() -> WanVACETransformer3DModel:
+    """Wan VACE with control hints after blocks 0 and 1 (of 3), so a span over blocks 0-2 crosses two of them.
+
+    72 control channels: what the VACE pipeline builds from a 4-channel Wan VAE (2 × 4 latent + 8 × 8 mask)."""
+    return WanVACETransformer3DModel(**{**tiny_wan().config, "vace_layers": [0, 1], "vace_in_channels": 72})
+
+
+def tiny_flux() -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def tiny_qwen_image() -> QwenImageTransformer2DModel:
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def tiny_hunyuan15() -> HunyuanVideo15Transformer3DModel:
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=3,
+        num_refiner_layers=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=8,
+        rope_axes_dim=(2, 2, 4),
+        task_type="t2v",
+    )
+
+
+def tiny_ltx2() -> LTX2VideoTransformer3DModel:
+    return LTX2VideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        audio_in_channels=4,
+        audio_out_channels=4,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=8,
+        audio_cross_attention_dim=16,
+        num_layers=3,
+        caption_channels=16,
+    )
+
+
+def tiny_sana_video() -> SanaVideoTransformer3DModel:
+    return SanaVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=3,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+        sample_size=8,
+        patch_size=(1, 2, 2),
+    )
+
+
 def _bcfhw_inputs(
     batch: int, channels: int, frames: int, size: int, text_dim: int, text_len: int = 8
 ) -> dict[str, Any]:
@@ -156,6 +249,59 @@ def make_inputs(name: str, generator_seed: int = 0) -> Callable[[float], dict[st
     if name == "mochi":
         base = {**_bcfhw_inputs(2, 4, 2, 8, 16), "encoder_attention_mask": torch.ones(2, 8, dtype=torch.bool)}
         return lambda t: {**base, "timestep": torch.tensor([t, t]), "return_dict": False}
+    return _new_family_inputs(name)
+
+
+def _new_family_inputs(name: str) -> Callable[[float], dict[str, Any]]:
+    """`make_inputs` of the families added after the first six (one call, cond branch, except batched CFG)."""
+    if name == "wan_vace":
+        base = {**_bcfhw_inputs(1, 4, 3, 8, 16), "control_hidden_states": torch.randn(1, 72, 3, 8, 8)}
+        return lambda t: {**base, "timestep": torch.tensor([t]), "return_dict": False}
+    if name == "flux":
+        rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        base = {
+            "hidden_states": torch.randn(1, 16, 16),
+            "encoder_hidden_states": torch.randn(1, 8, 16),
+            "pooled_projections": torch.randn(1, 8),
+            "img_ids": torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float(),
+            "txt_ids": torch.zeros(8, 3),
+            "guidance": torch.tensor([3.5]),
+        }
+        return lambda t: {**base, "timestep": torch.tensor([t / 1000]), "return_dict": False}
+    if name == "qwen_image":
+        base = {
+            "hidden_states": torch.randn(1, 16, 16),
+            "encoder_hidden_states": torch.randn(1, 8, 16),
+            "encoder_hidden_states_mask": torch.ones(1, 8),
+            "img_shapes": [[(1, 4, 4)]],
+        }
+        return lambda t: {**base, "timestep": torch.tensor([t / 1000]), "return_dict": False}
+    if name == "hunyuan_video15":
+        base = {
+            **_bcfhw_inputs(1, 4, 2, 4, 16),
+            "encoder_attention_mask": torch.ones(1, 8),
+            "encoder_hidden_states_2": torch.randn(1, 6, 8),
+            "encoder_attention_mask_2": torch.ones(1, 6),
+            "image_embeds": torch.zeros(1, 4, 8),
+        }
+        return lambda t: {**base, "timestep": torch.tensor([t]), "return_dict": False}
+    if name == "ltx2":
+        base = {
+            "hidden_states": torch.randn(2, 2 * 4 * 4, 8),
+            "audio_hidden_states": torch.randn(2, 5, 4),
+            "encoder_hidden_states": torch.randn(2, 8, 16),
+            "audio_encoder_hidden_states": torch.randn(2, 8, 16),
+            "encoder_attention_mask": torch.ones(2, 8),
+            "audio_encoder_attention_mask": torch.ones(2, 8),
+            "num_frames": 2,
+            "height": 4,
+            "width": 4,
+            "audio_num_frames": 5,
+        }
+        return lambda t: {**base, "timestep": torch.tensor([t, t]) / 1000, "return_dict": False}
+    if name == "sana_video":
+        base = _bcfhw_inputs(2, 4, 2, 8, 16)
+        return lambda t: {**base, "timestep": torch.tensor([t, t]), "return_dict": False}
     raise KeyError(name)
 
 
@@ -166,7 +312,21 @@ TINY_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     "hunyuan_video": tiny_hunyuan,
     "ltx_video": tiny_ltx,
     "mochi": tiny_mochi,
+    "wan_vace": tiny_wan_vace,
+    "flux": tiny_flux,
+    "qwen_image": tiny_qwen_image,
+    "hunyuan_video15": tiny_hunyuan15,
+    "ltx2": tiny_ltx2,
+    "sana_video": tiny_sana_video,
 }
+
+
+def _branch_context(model: torch.nn.Module, branch: str, step: int, steps: int) -> Any:
+    """The model's `cache_context` for one call; none for models without one (SanaVideo's pipeline names no
+    branches, so its calls run in the runtime's default branch)."""
+    if not hasattr(model, "cache_context"):
+        return contextlib.nullcontext()
+    return model.cache_context(branch, step_index=step, num_inference_steps=steps)
 
 
 def run_steps(model: torch.nn.Module, name: str, timesteps: list[float], branch: str = "cond") -> torch.Tensor:
@@ -181,7 +341,7 @@ def run_steps(model: torch.nn.Module, name: str, timesteps: list[float], branch:
             kwargs = make(t)
             if latent is not None:
                 kwargs["hidden_states"] = latent
-            with model.cache_context(branch, step_index=i, num_inference_steps=len(timesteps)):
+            with _branch_context(model, branch, i, len(timesteps)):
                 out = model(**kwargs)[0]
             latent = kwargs["hidden_states"] + 0.1 * out.reshape(kwargs["hidden_states"].shape)
     return latent
