@@ -83,6 +83,11 @@ def main(ctx: click.Context) -> None:
     help="profilingdit: refresh background blocks at a fixed interval (default, the paper's code) or a decreasing one.",
 )
 @click.option("--moreg/--no-moreg", default=True, show_default=True, help="AdaCache motion regularisation.")
+@click.option(
+    "--probe",
+    type=click.Choice(("mid", "correlated")),
+    help="adacache: probe the mid-depth block (default, the paper's code) or the one best tracking the stack's drift.",
+)
 @click.option("--prune", is_flag=True, help="auto: allow PCAS prune steps (unicp always prunes).")
 @click.option(
     "--granularity",

@@ -66,6 +66,8 @@ FEATURE_FIELDS = ("feature_queries", "feature_keys")
 AUTO_DEFAULT_SPEEDUP = 2.0
 #: ProfilingDiT refresh intervals: the released fixed interval, or the ablation's decreasing one.
 REFRESH_SCHEDULES = ("fixed", "decreasing")
+#: AdaCache probe choices: the paper's mid-depth block (its code: block 13 of 28), or the best-correlated one.
+PROBES = ("mid", "correlated")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class FitOptions:
     front_blocks: int | None = None
     prune_time_ratio: float | None = None
     refresh: str | None = None
+    probe: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -319,7 +322,7 @@ def fit_adacache(context: FitContext) -> MethodResult:
     stack = normalised_drift(
         rel_l1, _replays(context.profiles, "residual_norm"), _replays(context.profiles, "output_norm")
     )[0].sum(axis=-1)
-    probe = choose_probe_block(rel_l1, stack, steps)
+    probe = _adacache_probe(context, rel_l1, stack, steps)
     motion = _replays(context.profiles, "motion")[..., probe] if context.options.moreg else None
     moreg = moreg_settings(motion, steps)
     distances = adjacent_distances(rel_l1[..., probe], motion, moreg, steps)
@@ -331,6 +334,17 @@ def fit_adacache(context: FitContext) -> MethodResult:
 
     chosen = _pick(context, [float(s) for s in 2.0 ** np.linspace(-4, 4, 33)], 1.0, build, "adacache")
     return _adaptive_result(context, *chosen.result, chosen.params)
+
+
+def _adacache_probe(context: FitContext, rel_l1: np.ndarray, stack: np.ndarray, steps: np.ndarray) -> int:
+    """The probe block: mid-depth as in AdaCache's code (13 of 28 blocks), or with --probe correlated the block whose
+    drift tracks the whole stack's best."""
+    choice = context.options.probe or "mid"
+    if choice not in PROBES:
+        raise PlannerError(f"--probe must be one of {', '.join(PROBES)}, got {choice!r}")
+    if choice == "correlated":
+        return choose_probe_block(rel_l1, stack, steps)
+    return min(context.blocks - 1, round(13 / 28 * context.blocks))
 
 
 def fit_bwcache(context: FitContext) -> MethodResult:

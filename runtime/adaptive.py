@@ -12,7 +12,8 @@ step c measures a distance D between s and c and sets the counter from d = D / (
 step.
 
 **adacache** `{probe_block, codebook: [[threshold, reuse_steps], …], moreg: {enabled, norm, exponent, gradient_scale,
-active}, protect_first, protect_last}`. D = ‖p_s − p_c‖₁ / ‖p_s‖₁ on the probe block's residual p. With MoReg enabled,
+active}, protect_first, protect_last}`. D = ‖p_s − p_c‖₁ / ‖p_c‖₁ on the probe block's residual p, normalised by the
+cached (earlier) residual as in the authors' code and the profiler's `residual_rel_l1`. With MoReg enabled,
 s/T in [active[0], active[1]) and the video longer than one frame, m = (motion(p_s) / norm)^exponent, where
 motion(p) = ‖p[S:] − p[:−S]‖₁ / (‖p[S:]‖₁ + ‖p[:−S]‖₁) over S tokens per frame, mg = gradient_scale·(m − m_prev)/(s − c)
 (m_prev = m at the first such step) and d ← d·(m + |mg|). The counter becomes the reuse_steps of the first codebook
@@ -259,7 +260,7 @@ class AdaCachePolicy(AdaptivePolicy):
         if self.previous is not None:
             self.sums = [
                 (residual.float() - self.previous.float()).abs().sum(),
-                residual.float().abs().sum(),
+                self.previous.float().abs().sum(),
                 *_motion_sums(residual, tokens_per_frame),
             ]
 

@@ -56,9 +56,9 @@ def drift_series(seed: int) -> tuple[np.ndarray, np.ndarray]:
 class ProbeResiduals:
     """Two-frame probe residuals whose distance to the last one and motion are chosen, step by step.
 
-    Each step adds mass on fresh token positions only, so ‖p_s − p_c‖₁ is exactly the added mass Q and
-    ‖p_s‖₁ = ‖p_c‖₁ + Q; mass written to both frames adds no motion, mass written to the second frame only adds
-    its full amount to the frame difference.
+    Each step adds mass on fresh token positions only, so ‖p_s − p_c‖₁ is exactly the added mass Q, and the
+    distance Q / ‖p_c‖₁ (normalised by the cached residual, as AdaCache's code does); mass written to both frames
+    adds no motion, mass written to the second frame only adds its full amount to the frame difference.
     """
 
     def __init__(self, motion: float) -> None:
@@ -68,7 +68,7 @@ class ProbeResiduals:
         self.cursor, self.norm, self.moving = 2, 1.0, motion
 
     def advance(self, distance: float, motion: float) -> None:
-        added = distance * self.norm / (1.0 - distance)
+        added = distance * self.norm
         norm = self.norm + added
         one_frame = motion * norm - self.moving
         assert 0.0 <= one_frame <= added, "motion changes faster than the residual can"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dit_accel.planner import FitOptions, PlannerError, fit_plan
 from dit_accel.planner.adaptive_fit import simulate_bwcache
 from dit_accel.planner.labels import fit_labels
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import COMPUTE, REUSE
+from dit_accel.runtime.adaptive import AdaCachePolicy
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +104,31 @@ def test_bwcache_fit_uses_the_end_rule_and_no_invented_refresh(profile):
     plan = fit_plan([profile], FitOptions(method="bwcache"))
     assert plan.policy["half_remaining"] is True and "refresh_every" not in plan.policy
     assert plan.policy["protect_last"] == 0 and plan.policy["reuse_steps"] == 3
+
+
+def test_adacache_probes_mid_depth_by_default(profile):
+    """AdaCache's code probes block 13 of 28: round(13/28 · 4) = 2 here; --probe correlated keeps the old choice."""
+    assert fit_plan([profile], FitOptions(method="adacache")).policy["probe_block"] == 2
+    correlated = fit_plan([profile], FitOptions(method="adacache", probe="correlated")).policy["probe_block"]
+    assert correlated == 0  # equal drift in every block: the first of the tied correlations
+    with pytest.raises(PlannerError, match="--probe"):
+        fit_plan([profile], FitOptions(method="adacache", probe="deepest"))
+
+
+def test_adacache_distance_is_normalised_by_the_cached_residual():
+    """‖p_s − p_c‖₁ / ‖p_c‖₁ = 1 / 2 misses a 0.4 threshold; normalised by ‖p_s‖₁ (1 / 3) it would reuse."""
+    policy = {
+        "kind": "adacache",
+        "probe_block": 0,
+        "codebook": [[0.4, 3], [1e9, 0]],
+        "moreg": {"enabled": False},
+        "protect_first": 1,
+        "protect_last": 0,
+    }
+    runtime = AdaCachePolicy(policy, num_blocks=1)
+    cached = torch.tensor([[[2.0], [0.0]]])
+    for step, residual in enumerate((cached, cached + torch.tensor([[[0.0], [1.0]]]))):
+        assert not runtime.begin_step("cond", step, 10)
+        runtime.observe("cond", 0, torch.zeros_like(residual), residual, step, tokens_per_frame=2)
+        runtime.end_step("cond", step, 10)
+    assert not runtime.begin_step("cond", 2, 10)
