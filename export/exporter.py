@@ -313,12 +313,17 @@ def _residual_shapes(
 
 
 def check_exportable(plan: Plan) -> None:
-    """Refuse plans whose decisions are not known before run time (adaptive policies)."""
+    """Refuse plans whose decisions are not known before run time (adaptive policies), and multi-expert plans."""
     kind = plan.policy.get("kind")
     if kind != "static":
         raise ExportError(
             f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with "
             "--method auto, profilingdit or unicp)"
+        )
+    if plan.model.experts:
+        raise ExportError(
+            f"plan covers experts {', '.join(plan.model.expert_names)}; exporting a multi-expert plan to ONNX is not "
+            "supported (apply it with apply_plan instead)"
         )
 
 

@@ -100,10 +100,10 @@ def load_closed_loop(
         PlannerError: the loaded transformer is not the one the profiles were recorded on.
     """
     from dit_accel.harness.pipelines import load_pipeline
-    from dit_accel.runtime.adapters import find_transformer, fingerprint_model
+    from dit_accel.runtime.adapters import fingerprint_pipeline
 
     pipe = load_pipeline(model, device=device, dtype=dtype)
-    if fingerprint_model(find_transformer(pipe)) != profiles.header.fingerprint:
+    if fingerprint_pipeline(pipe) != profiles.header.fingerprint:
         where = model or "the embedded default model"
         raise PlannerError(
             f"{where} is not the model the profiles were recorded on; pass it with --model, or fit with "

@@ -50,6 +50,12 @@ class ProfileSet:
     def num_steps(self) -> int:
         return int(self.header.timesteps.shape[0])
 
+    @property
+    def expert_starts(self) -> np.ndarray:
+        """Boolean [steps]: the first step of each further expert of a multi-expert pipeline (Wan 2.2's
+        `transformer_2`), which every plan computes in full: the expert's caches are empty there."""
+        return self.header.fingerprint.expert_starts(self.num_steps)
+
     def has(self, *fields: str) -> bool:
         """Whether every prompt of every profile recorded all `fields`."""
         return all(p.has(name) for p in self.profiles for name in fields)

@@ -26,7 +26,7 @@ from dit_accel.harness.metrics import psnr, ssim
 from dit_accel.harness.pipelines import first_video, generate
 from dit_accel.harness.prompts import PromptSpec
 from dit_accel.profiler.flops import count_flops
-from dit_accel.runtime.adapters import find_transformer
+from dit_accel.runtime.adapters import find_experts
 from dit_accel.runtime.plan import COMPUTE, Plan
 from dit_accel.runtime.replay import apply_plan
 from dit_accel.runtime.replay_table import remap_actions
@@ -211,15 +211,15 @@ def _flop_speedups(
     """
     from tqdm.auto import tqdm
 
-    root = type(find_transformer(runner.pipe)).__name__
+    roots = {type(module).__name__ for _, module in find_experts(runner.pipe)}  # every expert of Wan 2.2
     with tqdm(total=2, desc="count FLOPs", unit="run", disable=not progress) as bar:
         full_total, full_modules = count_flops(lambda: _generate(runner, None, prompt, seed, steps))
         bar.update()
         plan_total, plan_modules = count_flops(lambda: _generate(runner, plan, prompt, seed, steps))
         bar.update()
-    return full_modules.get(root, full_total) / max(plan_modules.get(root, plan_total), 1), full_total / max(
-        plan_total, 1
-    )
+    full = sum(full_modules.get(root, 0) for root in roots) or full_total
+    planned = sum(plan_modules.get(root, 0) for root in roots) or plan_total
+    return full / max(planned, 1), full_total / max(plan_total, 1)
 
 
 def tighten_plan(

@@ -17,6 +17,7 @@ Calibration data flow (which prompts, which pipeline call) lives in `dit_accel.p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,17 +256,31 @@ class _AttentionObserver(TorchFunctionMode):
 
 
 class Recorder:
-    """Installs the probes on a transformer and turns one generation's observations into profile arrays."""
+    """Installs the probes on a transformer and turns one generation's observations into profile arrays.
+
+    A multi-expert pipeline's further experts (`experts`, Wan 2.2's `transformer_2`) get the same probes, sharing
+    one state per branch: every step lands in the same arrays at its global index, whichever expert served it, and
+    `step_experts` says which one did.
+    """
 
     def __init__(
-        self, transformer: torch.nn.Module, adapter: ModelAdapter, settings: RecordSettings, prompt_batch: int = 1
+        self,
+        transformer: torch.nn.Module,
+        adapter: ModelAdapter,
+        settings: RecordSettings,
+        prompt_batch: int = 1,
+        experts: Sequence[torch.nn.Module] = (),
     ) -> None:
-        """Install probes on `transformer`; `prompt_batch` is the number of prompts per generation (one in
-        `dit-profile`), against which a call's batch says whether it holds one CFG branch or two."""
+        """Install probes on `transformer` (and on every further expert in `experts`, which share its blocks);
+        `prompt_batch` is the number of prompts per generation (one in `dit-profile`), against which a call's batch
+        says whether it holds one CFG branch or two."""
         self.transformer, self.adapter, self.settings = transformer, adapter, settings
+        self.experts = (transformer, *experts)
         self.prompt_batch = prompt_batch
         self.call_batch, self.cond_row = prompt_batch, 0
         self.blocks = adapter.iter_blocks(transformer)
+        #: Per step of the last generation, the index in `experts` of the transformer that served it.
+        self.step_experts: dict[int, int] = {}
         self.branches = ProbeBranches(ProbeState, (settings.num_inference_steps, len(self.blocks)))
         self.attention_steps = settings.attention_steps()
         self.grid: tuple[int, int, int] | None = None
@@ -279,14 +294,19 @@ class Recorder:
 
     # -- installation -------------------------------------------------------------------------------------------
     def _install(self) -> None:
-        for index, (_, block, spec) in enumerate(self.blocks):
+        for expert in self.experts:
+            self._install_on(expert)
+
+    def _install_on(self, transformer: torch.nn.Module) -> None:
+        """Probes on one expert; every expert's step hook shares `self.branches`, so steps count globally."""
+        for index, (_, block, spec) in enumerate(self.adapter.iter_blocks(transformer)):
             HookRegistry.check_if_exists_or_initialize(block).register_hook(
                 BlockProbe(self, index, spec), PROBE_BLOCK_HOOK
             )
             if self.settings.record_attention or self.settings.record_features:
                 for attention in self.adapter.attention:
                     self._watch_attention(getattr(block, attention.attr), index, attention)
-        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
         registry.register_hook(ModelOutputProbe(self), PROBE_OUTPUT_HOOK)
         registry.register_hook(StepHook(self.branches, self.settings.num_inference_steps), PROBE_STEP_HOOK)
         registry.invalidate_child_registries_cache()
@@ -306,13 +326,14 @@ class Recorder:
         self._torch_hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
     def remove(self) -> None:
-        """Remove every probe; the transformer is left exactly as it was."""
-        for block in (b for _, b, _ in self.blocks):
-            HookRegistry.check_if_exists_or_initialize(block).remove_hook(PROBE_BLOCK_HOOK, recurse=False)
-        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-        registry.remove_hook(PROBE_STEP_HOOK, recurse=False)
-        registry.remove_hook(PROBE_OUTPUT_HOOK, recurse=False)
-        registry.invalidate_child_registries_cache()
+        """Remove every probe; the transformers are left exactly as they were."""
+        for expert in self.experts:
+            for _, block, _ in self.adapter.iter_blocks(expert):
+                HookRegistry.check_if_exists_or_initialize(block).remove_hook(PROBE_BLOCK_HOOK, recurse=False)
+            registry = HookRegistry.check_if_exists_or_initialize(expert)
+            registry.remove_hook(PROBE_STEP_HOOK, recurse=False)
+            registry.remove_hook(PROBE_OUTPUT_HOOK, recurse=False)
+            registry.invalidate_child_registries_cache()
         for hook in self._torch_hooks:
             hook.remove()
         while self._observers:  # an exception inside an attention module skips its `leave` hook
@@ -331,6 +352,7 @@ class Recorder:
         self.call_batch = state.batch
         self.cond_row = self._rows(name, state.batch).get("cond", 0)
         self.current_step = state.step
+        self.step_experts[state.step] = next(i for i, e in enumerate(self.experts) if e is module)
         self.attention_active = is_cond and state.step in self.attention_steps
         if is_cond and self.progress is not None:
             self.progress.update(1)
@@ -444,6 +466,7 @@ class Recorder:
         self._reset_prompt(seed)
         self.branches.reset()
         self.branches.finished = {}
+        self.step_experts = {}
 
     def collect(self, branch_names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Arrays of the generation that just ran, keyed by profile field (see `dit_accel.profiler.schema.FIELDS`),

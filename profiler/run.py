@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,13 @@ import torch
 from dit_accel.harness.errors import DitAccelError
 from dit_accel.harness.pipelines import check_pipeline_inputs, generate
 from dit_accel.harness.prompts import PromptSpec
-from dit_accel.runtime.adapters import find_transformer, fingerprint_model, get_adapter, noisy_latent_channels
+from dit_accel.runtime.adapters import (
+    find_experts,
+    fingerprint_pipeline,
+    get_adapter,
+    noisy_latent_channels,
+)
+from dit_accel.runtime.plan import ModelFingerprint
 
 from .flops import count_flops
 from .foreground import foreground_mask, latent_to_token_features
@@ -57,8 +63,12 @@ class Cost:
 
 
 def measure_cost(pipe: Any, spec: PromptSpec, guidance: float, size: dict[str, int]) -> Cost:
-    """FLOPs (torch's counter, CPU attention included) and median wall time per transformer call and per block."""
-    transformer = find_transformer(pipe)
+    """FLOPs (torch's counter, CPU attention included) and median wall time per transformer call and per block.
+
+    The experts of a multi-expert pipeline share one architecture: calls of any expert count alike.
+    """
+    experts = [module for _, module in find_experts(pipe)]
+    transformer = experts[0]
     adapter = get_adapter(transformer)
     blocks = adapter.iter_blocks(transformer)
     calls: list[float] = []
@@ -77,8 +87,12 @@ def measure_cost(pipe: Any, spec: PromptSpec, guidance: float, size: dict[str, i
         calls[-1] = time.perf_counter() - calls[-1]
 
     handles = [
-        transformer.register_forward_pre_hook(model_pre, with_kwargs=True),
-        transformer.register_forward_hook(model_post),
+        hook
+        for expert in experts
+        for hook in (
+            expert.register_forward_pre_hook(model_pre, with_kwargs=True),
+            expert.register_forward_hook(model_post),
+        )
     ]
 
     def block_pre(times: list[float]) -> Any:
@@ -95,8 +109,12 @@ def measure_cost(pipe: Any, spec: PromptSpec, guidance: float, size: dict[str, i
 
         return hook
 
-    for times, (_, block, _) in zip(block_times, blocks):
-        handles += [block.register_forward_pre_hook(block_pre(times)), block.register_forward_hook(block_post(times))]
+    for expert in experts:
+        for times, (_, block, _) in zip(block_times, adapter.iter_blocks(expert)):
+            handles += [
+                block.register_forward_pre_hook(block_pre(times)),
+                block.register_forward_hook(block_post(times)),
+            ]
     try:
         with torch.no_grad():
             generate(pipe, spec, COST_STEPS, guidance, size, output_type="latent")
@@ -105,15 +123,16 @@ def measure_cost(pipe: Any, spec: PromptSpec, guidance: float, size: dict[str, i
         for handle in handles:
             handle.remove()
     timed_calls = len(calls) // 2  # the first pass is timed; the second ran under the FLOP counter
-    root = type(transformer).__name__
+    roots = sorted({type(expert).__name__ for expert in experts})
     block_flops = np.array(
-        [per_module.get(f"{root}.{block_id}", 0) // timed_calls for block_id, _, _ in blocks], np.int64
+        [sum(per_module.get(f"{root}.{block_id}", 0) for root in roots) // timed_calls for block_id, _, _ in blocks],
+        np.int64,
     )
     seconds = np.array([statistics.median(t[1:timed_calls] or t[:1]) for t in block_times], np.float64)
     return Cost(
         block_flops,
         seconds,
-        per_module.get(root, 0) // timed_calls,
+        sum(per_module.get(root, 0) for root in roots) // timed_calls,
         statistics.median(calls[1:timed_calls] or calls[:1]),
         grid[0],
     )
@@ -150,7 +169,7 @@ def profile_prompts(
     """Profile this rank's share of `prompts` into `output` (see module docstring)."""
     size = size or {}
     output = Path(output)
-    transformer = find_transformer(pipe)
+    fingerprint = fingerprint_pipeline(pipe)
     run_settings = {
         **asdict(settings),
         **{f"size_{k}": v for k, v in sorted(size.items())},
@@ -158,7 +177,7 @@ def profile_prompts(
     }
     check_output_location(output)
     with ProfileLock(output) as lock:
-        done = _check_existing(output, fingerprint_model(transformer), run_settings, resume)
+        done = _check_existing(output, fingerprint, run_settings, resume)
         mine = [(index, spec) for index, spec in enumerate(prompts) if index % world_size == rank]
         todo = [(index, spec) for index, spec in mine if index not in done]
         check_pipeline_inputs(pipe, [spec for _, spec in todo])  # a missing image: refused before any writing
@@ -192,11 +211,12 @@ def _record_prompts(
     """Profile `todo` into `output`: each prompt made durable as it finishes, the file assembled at the end."""
     from tqdm.auto import tqdm
 
-    transformer = find_transformer(pipe)
+    (_, transformer), *others = find_experts(pipe)
+    experts = [module for _, module in others]
     adapter = get_adapter(transformer)
     writer = ProfileWriter(output, None, lock=lock) if written_prompts(output) is not None else None
     cost = measure_cost(pipe, todo[0][1], settings.guidance_scale, size) if todo and writer is None else None
-    recorder = Recorder(transformer, adapter, settings)
+    recorder = Recorder(transformer, adapter, settings, experts=experts)
     bar = tqdm(
         total=len(todo) * settings.num_inference_steps,
         desc=f"profiling {output.name}",
@@ -208,6 +228,7 @@ def _record_prompts(
         for index, spec in todo:
             arrays = _profile_one(pipe, recorder, spec, settings, size, adapter)
             branches = recorder.observed_branches()  # what the pipeline ran, not what the guidance suggests
+            step_experts = dict(recorder.step_experts)
             if index < settings.sensitivity_prompts and sensitivity_steps(
                 settings.num_inference_steps, settings.sensitivity_steps
             ):
@@ -215,10 +236,11 @@ def _record_prompts(
                 bar.set_postfix_str("step sensitivity")
                 arrays["step_sensitivity"] = measure_sensitivity(pipe, spec, settings, size, progress)
                 bar.set_postfix_str("")
-                recorder = Recorder(transformer, adapter, settings)
+                recorder = Recorder(transformer, adapter, settings, experts=experts)
                 recorder.progress = bar
             if writer is None:
-                header = _header(pipe, transformer, adapter, settings, run_settings, cost, branches)
+                fingerprint = with_expert_starts(fingerprint_pipeline(pipe), step_experts)
+                header = _header(pipe, fingerprint, adapter, settings, run_settings, cost, branches)
                 writer = ProfileWriter(output, header, lock=lock)
             writer.add_prompt(
                 PromptInfo(prompt_key(index), index, spec.prompt, spec.negative_prompt, spec.seed), arrays
@@ -257,9 +279,28 @@ def _patch(config: Any, adapter: Any) -> tuple[int, int, int]:
     return (1, 1, 1) if adapter.grid.layout == "tokens" else (temporal, spatial, spatial)
 
 
+def with_expert_starts(fingerprint: ModelFingerprint, step_experts: dict[int, int]) -> ModelFingerprint:
+    """`fingerprint` with the first step each further expert served (`step_experts`: step → expert index).
+
+    Experts must take turns in their order, each serving one run of steps (Wan 2.2: `transformer` the high-noise
+    steps, then `transformer_2`); anything else is refused in one line, since plans assume it.
+    """
+    steps = sorted(step_experts)
+    order = [step_experts[step] for step in steps]
+    if order != sorted(order):
+        served = ", ".join(fingerprint.expert_names[i] for i in dict.fromkeys(order))
+        raise DitAccelError(
+            f"the pipeline's experts did not serve one run of steps each, in order (served: {served}); plans cannot "
+            "schedule such a pipeline"
+        )
+    starts = {index: steps[order.index(index)] for index in set(order)}
+    experts = tuple(replace(e, first_step=starts.get(i + 1)) for i, e in enumerate(fingerprint.experts))
+    return replace(fingerprint, experts=experts)
+
+
 def _header(
     pipe: Any,
-    transformer: Any,
+    fingerprint: ModelFingerprint,
     adapter: Any,
     settings: RecordSettings,
     run_settings: dict,
@@ -273,7 +314,7 @@ def _header(
         train_steps = getattr(pipe.scheduler.config, "num_train_timesteps", 1000)
         sigmas = timesteps / float(train_steps)
     return ProfileHeader(
-        fingerprint=fingerprint_model(transformer),
+        fingerprint=fingerprint,
         settings=run_settings,
         branches=branches,
         grid=cost.grid,

@@ -21,7 +21,7 @@ import torch
 
 from dit_accel.harness.pipelines import generate
 from dit_accel.harness.prompts import PromptSpec
-from dit_accel.runtime.adapters import find_transformer, fingerprint_model, get_adapter
+from dit_accel.runtime.adapters import find_transformer, fingerprint_pipeline, get_adapter
 from dit_accel.runtime.plan import COMPUTE, REUSE, Plan
 from dit_accel.runtime.replay import apply_plan
 
@@ -53,7 +53,7 @@ def measure_sensitivity(
     steps = settings.num_inference_steps
     transformer = find_transformer(pipe)
     blocks = len(get_adapter(transformer).block_ids(transformer))
-    fingerprint = fingerprint_model(transformer)
+    fingerprint = fingerprint_pipeline(pipe)
     measured = sensitivity_steps(steps, settings.sensitivity_steps)
 
     def final_latent() -> torch.Tensor:

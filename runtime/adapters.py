@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from diffusers.utils.torch_utils import unwrap_module
 
 from .errors import AdapterError
-from .plan import ModelFingerprint
+from .plan import ExpertFingerprint, ModelFingerprint
 
 CfgMode = Literal["separate", "batched"]
 AttentionKind = Literal["self", "cross", "joint"]
@@ -198,28 +198,73 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def find_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
-    """The denoiser of a pipeline (its `transformer`), or the argument itself when it is already a module.
+#: Pipeline attributes that hold a denoiser, in the order a multi-expert pipeline hands the steps to them: Wan 2.2
+#: serves the high-noise steps with `transformer` and, from `boundary_ratio` of the timesteps on, `transformer_2`.
+EXPERT_ATTRS = ("transformer", "transformer_2")
 
-    A pipeline with a second expert (`transformer_2`, Wan 2.2) is refused: a profile or plan of one expert would
-    silently leave the other unmeasured and unaccelerated.
+
+def find_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
+    """The denoiser of a pipeline (its first expert, normally `transformer`), or the argument itself when it is
+    already a module.
+
+    A two-expert pipeline (Wan 2.2) has a second denoiser, `transformer_2`, which shares the first one's blocks:
+    `find_experts` returns both; profiling and `apply_plan` use every expert.
 
     A `torch.compile`d transformer is unwrapped to the module it compiles: hooks belong on that module (the
     compiled wrapper calls it), and adapters are registered for its class.
     """
-    transformer = getattr(pipe_or_transformer, "transformer", None)
-    if getattr(pipe_or_transformer, "transformer_2", None) is not None:
+    return find_experts(pipe_or_transformer)[0][1]
+
+
+def find_experts(pipe_or_transformer: Any) -> list[tuple[str, torch.nn.Module]]:
+    """(pipeline attribute, unwrapped module) of every denoiser a pipeline holds, in serving order; a transformer
+    module alone is `[("transformer", module)]`.
+
+    Experts must have the same block ids, since one plan schedules the blocks of whichever expert serves a step;
+    anything else is refused in one line naming both.
+    """
+    experts = [
+        (name, unwrap_module(module))
+        for name in EXPERT_ATTRS
+        if isinstance(module := getattr(pipe_or_transformer, name, None), torch.nn.Module)
+    ]
+    if not experts and isinstance(pipe_or_transformer, torch.nn.Module):
+        experts = [("transformer", unwrap_module(pipe_or_transformer))]
+    if not experts:
         raise AdapterError(
-            f"{type(pipe_or_transformer).__name__} has a second expert transformer_2 (a Wan 2.2 two-expert pipeline "
-            "switching at boundary_ratio); two-expert pipelines are not supported yet"
+            "expected a diffusers pipeline with a .transformer or a transformer module, got "
+            f"{type(pipe_or_transformer).__name__}"
         )
-    if isinstance(transformer, torch.nn.Module):
-        return unwrap_module(transformer)
-    if isinstance(pipe_or_transformer, torch.nn.Module):
-        return unwrap_module(pipe_or_transformer)
-    raise AdapterError(
-        "expected a diffusers pipeline with a .transformer or a transformer module, got "
-        f"{type(pipe_or_transformer).__name__}"
+    _check_same_blocks(type(pipe_or_transformer).__name__, experts)
+    return experts
+
+
+def _check_same_blocks(owner: str, experts: list[tuple[str, torch.nn.Module]]) -> None:
+    """Refuse experts whose block ids differ (one line naming both)."""
+    if len(experts) < 2:
+        return
+    first_name, first = experts[0]
+    first_ids = get_adapter(first).block_ids(first)
+    for name, module in experts[1:]:
+        ids = get_adapter(module).block_ids(module)
+        if ids != first_ids:
+            differ = next((i for i, (a, b) in enumerate(zip(first_ids, ids)) if a != b), min(len(ids), len(first_ids)))
+            raise AdapterError(
+                f"{owner}'s experts {first_name} and {name} have different blocks ({len(first_ids)} vs {len(ids)}, "
+                f"first difference at position {differ}); one plan cannot schedule both"
+            )
+
+
+def fingerprint_pipeline(pipe_or_transformer: Any) -> ModelFingerprint:
+    """The identity a plan records for a pipeline's denoisers: `fingerprint_model` of the first expert, with the
+    class, config hash and weight sample of every further expert (`ModelFingerprint.experts`)."""
+    (_, first), *others = find_experts(pipe_or_transformer)
+    return replace(
+        fingerprint_model(first),
+        experts=tuple(
+            ExpertFingerprint(name, type(module).__name__, config_hash(module.config), weights_sample(module))
+            for name, module in others
+        ),
     )
 
 
@@ -275,6 +320,7 @@ register_adapter(
         attention=(AttentionModule("attn1", "joint"),),
     ),
 )
+
 register_adapter(
     "WanVACETransformer3DModel",
     ModelAdapter(**{**_WAN_LIKE.__dict__, "name": "wan_vace", "span_breaks_key": "vace_layers"}),

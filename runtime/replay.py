@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,7 +47,7 @@ from .adapters import (
     block_inputs,
     block_outputs,
     config_hash,
-    find_transformer,
+    find_experts,
     get_adapter,
     pack_block_outputs,
     weights_differ,
@@ -84,6 +84,8 @@ class BranchState(StepState):
         self.stored_at: dict[int, int] = {}
         #: DWS weights given as tensors per block (ONNX export feeds them as graph inputs); else the table's floats.
         self.blend_inputs: dict[int, torch.Tensor] = {}
+        #: Index of the expert whose residuals the caches hold (None before this generation's first call).
+        self.expert: int | None = None
 
     def reset(self) -> None:
         self.__init__()
@@ -97,6 +99,15 @@ class BranchState(StepState):
         for span in range(spans):
             self.residuals.setdefault(span, EMPTY)
             self.slopes.setdefault(span, EMPTY)
+
+    def enter_expert(self, expert: int) -> bool:
+        """Make `expert` the owner of the caches; True when it was not (its first call of the generation), and then
+        every cache is emptied: an expert never reads another expert's residual."""
+        if self.expert == expert:
+            return False
+        self.expert = expert
+        self.inputs, self.residuals, self.slopes, self.stored_at = {}, {}, {}, {}
+        return True
 
     def current_actions(self) -> StepActions:
         """This call's actions: the step hook's, else (block hooks driven without one, as the ONNX exporter does)
@@ -134,6 +145,11 @@ class StepHook(ModelHook):
     calls; the run length from the context (`num_inference_steps`), else from the pipeline's scheduler, else the
     plan's own step count. With a schedule, it also sets the call's `StepActions` on the branch state.
 
+    A multi-expert pipeline gets one step hook per expert, all sharing one `BranchStates`: calls are counted per
+    branch across the experts, so the step is the global one whichever expert serves it. At an expert's first call
+    of a generation its caches start empty and every span computes (a plan never reuses there; a remapped run
+    length or an adaptive policy might otherwise ask to).
+
     Everything here runs outside `torch.compile`'s graphs (`torch.compiler.disable`): it reads Python integers that
     change every step, which a graph would guard on and recompile for.
     """
@@ -149,10 +165,12 @@ class StepHook(ModelHook):
         policy: AdaptivePolicy | None = None,
         adapter: ModelAdapter | None = None,
         current: CurrentBranch | None = None,
+        expert: int = 0,
     ) -> None:
         super().__init__()
         self.branches, self.num_steps, self.scheduler = branches, num_steps, scheduler
         self.schedule, self.policy, self.adapter, self.current = schedule, policy, adapter, current
+        self.expert = expert
 
     def _run_length(self, context: Any) -> int:
         if context is not None and context.num_inference_steps:
@@ -176,6 +194,7 @@ class StepHook(ModelHook):
             self.current.state = state
         if self.schedule is None:
             return args, kwargs
+        entered = state.enter_expert(self.expert)
         state.prepare(len(self.schedule.spans))
         state.table = self.schedule.table(steps)
         actions = state.table.at(step)
@@ -185,6 +204,8 @@ class StepHook(ModelHook):
             state.tokens_per_frame = grid[1] * grid[2]
             if self.policy.begin_step(state.branch, step, steps):
                 actions = actions.reusing_all()
+        if entered and any(actions.reuse):
+            actions = _computing_all(actions)
         if self.schedule.extrapolate:
             actions = actions.with_slopes(step, state.stored_at)
         state.actions = actions
@@ -208,6 +229,13 @@ class StepHook(ModelHook):
         if self.policy is not None:
             self.policy.reset()
         return module
+
+
+def _computing_all(actions: StepActions) -> StepActions:
+    """`actions` with every span computed, and stored where it would have reused (a later step may reuse it)."""
+    spans = len(actions.reuse)
+    store = tuple(s or r for s, r in zip(actions.store, actions.reuse, strict=True))
+    return replace(actions, reuse=(False,) * spans, store=store, slope=(None,) * spans, advance=(0.0,) * spans)
 
 
 class PruneSwitch:
@@ -345,7 +373,10 @@ class BlockHook(ModelHook):
 
 @dataclass
 class PlanHandle:
-    """What `apply_plan` returns: removes every hook it installed, reports cache memory; a context manager."""
+    """What `apply_plan` returns: removes every hook it installed, reports cache memory; a context manager.
+
+    `transformer` is the (first) expert; `experts` the further experts of a multi-expert pipeline, hooked too.
+    """
 
     transformer: torch.nn.Module
     branches: BranchStates
@@ -353,6 +384,7 @@ class PlanHandle:
     hooked: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
     active: bool = True
     current: CurrentBranch = field(init=False)
+    experts: tuple[torch.nn.Module, ...] = ()
 
     def __post_init__(self) -> None:
         self.current = CurrentBranch(self.branches)
@@ -363,7 +395,8 @@ class PlanHandle:
             return
         for module, name in reversed(self.hooked):
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
-        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+        for transformer in (self.transformer, *self.experts):
+            HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
         self.branches.reset()
         self.current.state = None
         self.active = False
@@ -387,8 +420,19 @@ def check_plan_matches(plan: Plan, transformer: torch.nn.Module, adapter: ModelA
     """Refuse a plan fitted on another model; the message names the field that differs.
 
     `force=True` (unsafe: the plan's schedule was measured on another model) skips the class and config checks;
-    block ids must match in any case, since the plan addresses blocks by id.
+    block ids must match in any case, since the plan addresses blocks by id. A multi-expert plan is refused here
+    (one transformer cannot replay it); `apply_plan` checks each expert of a pipeline.
     """
+    if plan.model.experts:
+        raise PlanError(
+            f"plan covers experts {', '.join(plan.model.expert_names)} and cannot be applied to one transformer; "
+            "pass the pipeline to apply_plan"
+        )
+    _check_first_expert(plan, transformer, adapter, force)
+
+
+def _check_first_expert(plan: Plan, transformer: torch.nn.Module, adapter: ModelAdapter, force: bool) -> None:
+    """`check_plan_matches` for the first expert (the fields at the top of the plan's fingerprint)."""
     fingerprint = plan.model
     if not force:
         actual_class = type(transformer).__name__
@@ -419,6 +463,63 @@ def check_plan_matches(plan: Plan, transformer: torch.nn.Module, adapter: ModelA
         )
 
 
+def check_experts_match(plan: Plan, experts: list[tuple[str, torch.nn.Module]], force: bool = False) -> None:
+    """Refuse a plan whose experts are not the pipeline's: another set of expert names (a single-transformer plan on
+    a two-expert pipeline, or the reverse), or a further expert of another class or config (unless `force`). The
+    first expert is `check_plan_matches`'s; the message names the expert that differs.
+    """
+    wanted, found = plan.model.expert_names, tuple(name for name, _ in experts)
+    if wanted != found:
+        missing = [name for name in found if name not in wanted]
+        hint = (
+            f"{', '.join(missing)} would run unaccelerated; fit a plan on a profile of this pipeline (dit-profile "
+            "records every expert)"
+            if missing
+            else "apply it to the pipeline it was fitted on (the pipeline, not one of its transformers)"
+        )
+        raise PlanError(f"plan covers {', '.join(wanted)}, the pipeline has {', '.join(found)}: {hint}")
+    if force:
+        return
+    for recorded, (name, module) in zip(plan.model.experts, experts[1:]):
+        actual_class, actual_hash = type(module).__name__, config_hash(module.config)
+        if recorded.transformer_class != actual_class:
+            raise PlanError(
+                f"plan's {name} is a {recorded.transformer_class}, the pipeline's {name} a {actual_class} (use "
+                "force=True to apply anyway, unsafe)"
+            )
+        if recorded.config_hash != actual_hash:
+            raise PlanError(
+                f"plan's {name} config_hash {recorded.config_hash[:12]}… differs from the pipeline's "
+                f"{actual_hash[:12]}… (another size or variant; use force=True to apply anyway, unsafe)"
+            )
+
+
+def check_expert_weights(plan: Plan, experts: list[tuple[str, torch.nn.Module]], strict: bool = False) -> None:
+    """`check_weights` for every expert of a multi-expert plan, by name.
+
+    An expert holding the weights the plan recorded for another expert (swapped or duplicated experts) is refused
+    even without `strict`: its schedule was measured on the other expert's steps.
+    """
+    recorded = {"transformer": plan.model.weights, **{e.name: e.weights for e in plan.model.experts}}
+    for name, module in experts:
+        if recorded[name] is None or not weights_differ(recorded[name], module):
+            continue
+        twin = next(
+            (
+                other
+                for other, w in recorded.items()
+                if other != name and w is not None and weights_differ(w, module) == 0
+            ),
+            None,
+        )
+        if twin is not None:
+            raise PlanError(
+                f"the pipeline's {name} holds the weights the plan recorded for {twin} (experts swapped or loaded "
+                f"from another checkpoint); fit a plan on a profile of this pipeline"
+            )
+        _weights_mismatch(recorded[name], module, strict, f"{name}: ")
+
+
 def _pruned_attention(adapter: ModelAdapter) -> AttentionModule:
     """The attention module whose scores pruning projects: the block's self- or joint attention."""
     return next(a for a in adapter.attention if a.kind != "cross")
@@ -427,18 +528,24 @@ def _pruned_attention(adapter: ModelAdapter) -> AttentionModule:
 def check_weights(plan: Plan, transformer: torch.nn.Module, strict: bool = False) -> None:
     """Warn (`WeightsMismatchWarning`), or with `strict` refuse, when the model's sampled weights differ from those
     the plan was fitted on; plans without a weight sample pass."""
-    if plan.model.weights is None:
-        return
-    differ = weights_differ(plan.model.weights, transformer)
+    if plan.model.weights is not None:
+        _weights_mismatch(plan.model.weights, transformer, strict)
+
+
+def _weights_mismatch(
+    recorded: tuple[float, ...], transformer: torch.nn.Module, strict: bool, prefix: str = ""
+) -> None:
+    """Warn, or with `strict` refuse, when `transformer`'s sampled weights differ from `recorded`."""
+    differ = weights_differ(recorded, transformer)
     if not differ:
         return
     message = (
-        f"{differ} of {len(plan.model.weights)} sampled weights differ from those the plan was fitted on (a fused "
+        f"{prefix}{differ} of {len(recorded)} sampled weights differ from those the plan was fitted on (a fused "
         "LoRA, a fine-tune or another checkpoint?); the schedule may not suit them: measure it with dit-plan validate"
     )
     if strict:
         raise PlanError(message)
-    warnings.warn(message, WeightsMismatchWarning, stacklevel=3)
+    warnings.warn(message, WeightsMismatchWarning, stacklevel=4)
 
 
 def apply_plan(
@@ -450,39 +557,51 @@ def apply_plan(
     Weights that differ from the plan's sample (`check_weights`) warn, or with `strict_weights=True` refuse;
     `force=True` skips that check with the others.
     Passing the pipeline rather than the transformer lets step remapping read the run length from its scheduler
-    when the pipeline does not pass it in the cache context. Example:
+    when the pipeline does not pass it in the cache context. On a two-expert pipeline (Wan 2.2) the plan must cover
+    both experts (`check_experts_match`); it is installed on each, following the global step (see `StepHook`).
+    Example:
 
         >>> with apply_plan(pipe, load_plan("wan.plan")):
         ...     frames = pipe(prompt_embeds=embeds, num_inference_steps=50).frames
     """
-    transformer = find_transformer(pipe_or_transformer)
+    experts = find_experts(pipe_or_transformer)
+    transformer = experts[0][1]
     adapter = get_adapter(transformer)
-    check_plan_matches(plan, transformer, adapter, force=force)
+    check_experts_match(plan, experts, force=force)
+    _check_first_expert(plan, transformer, adapter, force)
     if not force:
-        check_weights(plan, transformer, strict=strict_weights)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    if registry.get_hook(STEP_HOOK) is not None:
-        raise PlanError("a plan is already applied to this transformer; call .remove() on its handle first")
+        check_expert_weights(plan, experts, strict=strict_weights)
+    for name, module in experts:
+        if HookRegistry.check_if_exists_or_initialize(module).get_hook(STEP_HOOK) is not None:
+            raise PlanError(f"a plan is already applied to {name}; call .remove() on its handle first")
     kind = plan.policy["kind"]
     policy = POLICIES[kind](plan.policy, plan.num_blocks) if kind in POLICIES else None
     schedule = CompiledSchedule(plan, adaptive=policy is not None, breaks=adapter.span_breaks(transformer))
-    handle = PlanHandle(transformer, BranchStates(BranchState), policy)
-    install_block_hooks(handle, adapter, plan, schedule)
+    handle = PlanHandle(transformer, BranchStates(BranchState), policy, experts=tuple(m for _, m in experts[1:]))
     scheduler = getattr(pipe_or_transformer, "scheduler", None)
-    step_hook = StepHook(
-        handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter, handle.current
-    )
-    _register(handle, transformer, step_hook, STEP_HOOK)
-    registry.invalidate_child_registries_cache()
+    for index, (_, module) in enumerate(experts):
+        install_block_hooks(handle, adapter, plan, schedule, module)
+        step_hook = StepHook(
+            handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter, handle.current, index
+        )
+        _register(handle, module, step_hook, STEP_HOOK)
+        HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
     return handle
 
 
-def install_block_hooks(handle: PlanHandle, adapter: ModelAdapter, plan: Plan, schedule: CompiledSchedule) -> None:
-    """Install every block's hook (and the attention-prune hook of blocks with prune steps) on `handle.transformer`.
+def install_block_hooks(
+    handle: PlanHandle,
+    adapter: ModelAdapter,
+    plan: Plan,
+    schedule: CompiledSchedule,
+    transformer: torch.nn.Module | None = None,
+) -> None:
+    """Install every block's hook (and the attention-prune hook of blocks with prune steps) on `transformer`
+    (default `handle.transformer`; `apply_plan` passes each expert in turn).
 
     Shared by `apply_plan` and the ONNX exporter, which traces these same hooks with a one-step table.
     """
-    transformer = handle.transformer
+    transformer = handle.transformer if transformer is None else transformer
     parameter = next(transformer.parameters())
     prune_blocks = [b for b in range(plan.num_blocks) if (plan.actions[b] == PRUNE).any()]
     bases = load_bases(plan.arrays, plan.model.block_ids, prune_blocks, parameter.device, parameter.dtype)
