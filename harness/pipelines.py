@@ -100,7 +100,8 @@ def generate(
     output_type: str = "np",
     text_inputs: dict[str, Any] | None = None,
 ) -> Any:
-    """One generation of `spec` with a CPU generator seeded by `spec.seed`; returns the pipeline's frames.
+    """One generation of `spec` with a CPU generator seeded by `spec.seed`; returns the pipeline's frames (an image
+    pipeline's images as one-frame videos).
 
     Args:
         pipe: a diffusers-style text-to-video pipeline.
@@ -132,7 +133,9 @@ def generate(
         output_type=output_type,
         **size,
     )
-    return result.frames
+    if hasattr(result, "frames"):
+        return result.frames
+    return result.images[:, None] if output_type == "np" else result.images  # an image DiT: one-frame videos
 
 
 def load_image(path: str) -> Any:

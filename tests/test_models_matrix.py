@@ -8,10 +8,12 @@ hooks on each block's attention module (a reused block never reaches it) — ind
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-from tiny_models import PIPELINE_SIZES, TINY_PIPELINES, save_tiny_pipeline
+from tiny_models import PIPELINE_EXTRA, PIPELINE_SIZES, TINY_MODELS, TINY_PIPELINES, save_tiny_pipeline
 
 from dit_accel.harness.pipelines import generate, load_pipeline
 from dit_accel.harness.prompts import PromptSpec
@@ -19,7 +21,7 @@ from dit_accel.planner.methods import FitOptions, fit_plan
 from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
 from dit_accel.profiler.schema import open_profile
-from dit_accel.runtime import REUSE, Plan, apply_plan, get_adapter
+from dit_accel.runtime import REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
 
 STEPS = 6
 PROMPTS = [
@@ -27,10 +29,11 @@ PROMPTS = [
     PromptSpec("a small white square moves up on a black background", "", 1),
 ]
 #: Families whose pipeline makes one transformer call per step at any guidance (guidance-distilled: the scale is an
-#: input of the model, not a second branch).
-DISTILLED = {"hunyuan_video"}
+#: input of the model, not a second branch; Flux embeds it the same way).
+DISTILLED = {"hunyuan_video", "flux"}
 #: Rows of the fast suite: one family with separate CFG calls at guidance 5, one with batched CFG at guidance 1; the
-#: other rows (each 10-70 s on a shared 2-core CPU) are marked slow.
+#: other rows (each 10-70 s on a shared 2-core CPU) are marked slow. Every family also has fast step-by-step tests
+#: of its transformer (tests/test_adapters.py, tests/test_replay.py).
 FAST = {("wan", 5.0), ("cogvideox", 1.0)}
 ROWS = [
     pytest.param(
@@ -54,9 +57,13 @@ def folders(tmp_path_factory):
     return folder
 
 
+def _prompts(name: str) -> list[PromptSpec]:
+    return [dataclasses.replace(spec, extra=PIPELINE_EXTRA.get(name, {})) for spec in PROMPTS]
+
+
 def _run(pipe, name: str, guidance: float) -> np.ndarray:
     with torch.no_grad():
-        return generate(pipe, PROMPTS[0], STEPS, guidance, PIPELINE_SIZES[name], output_type="latent").numpy()
+        return generate(pipe, _prompts(name)[0], STEPS, guidance, PIPELINE_SIZES[name], output_type="latent").numpy()
 
 
 def _count_computed(pipe) -> tuple[list[int], list[int], list]:
@@ -80,7 +87,7 @@ def test_profile_fit_apply(name, guidance, folders, tmp_path):
     pipe = load_pipeline(folders(name))
     settings = RecordSettings(num_inference_steps=STEPS, guidance_scale=guidance, sensitivity_steps=0)
     path = tmp_path / "profile.h5"
-    profile_prompts(pipe, PROMPTS, path, settings, size=PIPELINE_SIZES[name], progress=False)
+    profile_prompts(pipe, _prompts(name), path, settings, size=PIPELINE_SIZES[name], progress=False)
     profile = open_profile(path)
     expected = ("cond", "uncond") if guidance > 1.0 and name not in DISTILLED else ("cond",)
     assert profile.header.branches == expected
@@ -89,6 +96,9 @@ def test_profile_fit_apply(name, guidance, folders, tmp_path):
 
     plan = fit_plan([str(path)], FitOptions(method="auto", target_speedup=1.5, warmup=1, protect_last=1))
     assert (plan.actions == REUSE).any(), "a 1.5x plan reuses some block calls"
+    other = TINY_MODELS["mochi" if name == "wan" else "wan"]()
+    with pytest.raises(PlanError, match="plan is for transformer class"):
+        apply_plan(pipe, Plan.all_compute(fingerprint_model(other), plan.timesteps))
     vanilla = _run(pipe, name, guidance)
     with apply_plan(pipe, Plan.all_compute(plan.model, plan.timesteps)):
         assert np.array_equal(_run(pipe, name, guidance), vanilla)

@@ -393,6 +393,24 @@ def _t5_encoder(dim: int, umt5: bool = False) -> torch.nn.Module:
     return model_cls(config).eval()
 
 
+def _clip_encoder() -> torch.nn.Module:
+    """A one-layer CLIP text encoder of width 8 (HunyuanVideo's and Flux's pooled text embedding)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(PIPELINE_WORDS) + 4,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        pad_token_id=0,
+        bos_token_id=3,
+        eos_token_id=2,
+    )
+    return CLIPTextModel(config).eval()
+
+
 def wan_vae() -> torch.nn.Module:
     """A Wan VAE of a few channels (also Wan I2V's and SkyReels-V2's)."""
     from diffusers import AutoencoderKLWan
@@ -505,7 +523,7 @@ def _ltx_pipeline() -> Any:
 
 def _hunyuan_pipeline() -> Any:
     from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import LlamaConfig, LlamaModel
 
     vocab = len(PIPELINE_WORDS) + 4
     llama = LlamaModel(
@@ -522,19 +540,7 @@ def _hunyuan_pipeline() -> Any:
             eos_token_id=2,
         )
     ).eval()
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab,
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            pad_token_id=0,
-            bos_token_id=3,
-            eos_token_id=2,
-        )
-    ).eval()
+    clip = _clip_encoder()
     vae = AutoencoderKLHunyuanVideo(
         latent_channels=4,
         block_out_channels=(8,) * 4,
@@ -578,6 +584,74 @@ def _mochi_pipeline() -> Any:
     )
 
 
+def _wan_vace_pipeline() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline
+
+    return WanVACEPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_t5_encoder(16, umt5=True),
+        vae=wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=tiny_wan_vace().eval(),
+    )
+
+
+def _flux_pipeline() -> Any:
+    """Flux with a 4-channel VAE (the transformer takes 2×2-packed latents: 16 channels) and guidance embedding."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_clip_encoder(),
+        tokenizer=tiny_tokenizer(77),
+        text_encoder_2=_t5_encoder(16),
+        tokenizer_2=tiny_tokenizer(),
+        transformer=tiny_flux().eval(),
+    )
+
+
+def _sana_video_pipeline() -> Any:
+    from diffusers import DPMSolverMultistepScheduler, SanaVideoPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    gemma = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(PIPELINE_WORDS) + 4,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=3,
+            eos_token_id=2,
+        )
+    ).eval()
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return SanaVideoPipeline(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=gemma,
+        vae=wan_vae(),
+        transformer=tiny_sana_video().eval(),
+        scheduler=scheduler,
+    )
+
+
 def tiny_wan_i2v_pipeline() -> Any:
     """A Wan image-to-video pipeline without image encoder (as Wan 2.2's I2V runs): the transformer takes the noisy
     latent, the frame mask (4 channels) and the encoded conditioning image (4 channels)."""
@@ -600,6 +674,9 @@ TINY_PIPELINES: dict[str, Callable[[], Any]] = {
     "hunyuan_video": _hunyuan_pipeline,
     "ltx_video": _ltx_pipeline,
     "mochi": _mochi_pipeline,
+    "wan_vace": _wan_vace_pipeline,
+    "flux": _flux_pipeline,
+    "sana_video": _sana_video_pipeline,
 }
 
 #: Video size keywords per family: small sizes each pipeline's VAE and patching accept with 2+ latent frames and
@@ -611,7 +688,14 @@ PIPELINE_SIZES: dict[str, dict[str, int]] = {
     "hunyuan_video": {"num_frames": 5, "height": 32, "width": 32},
     "ltx_video": {"num_frames": 9, "height": 32, "width": 32},
     "mochi": {"num_frames": 7, "height": 32, "width": 32},
+    "wan_vace": {"num_frames": 5, "height": 32, "width": 32},
+    "flux": {"height": 16, "width": 16},
+    "sana_video": {"frames": 5, "height": 32, "width": 32},  # SanaVideo names its frame count `frames`
 }
+
+#: Further pipeline keywords per family (a prompt's `extra`): SanaVideo snaps sizes to the bins of its full-size
+#: checkpoints unless told not to.
+PIPELINE_EXTRA: dict[str, dict[str, Any]] = {"sana_video": {"use_resolution_binning": False}}
 
 
 def save_tiny_pipeline(name: str, folder: Any) -> Any:
