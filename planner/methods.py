@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,8 @@ AUTO_DEFAULT_SPEEDUP = 2.0
 REFRESH_SCHEDULES = ("fixed", "decreasing")
 #: AdaCache probe choices: the paper's mid-depth block (its code: block 13 of 28), or the best-correlated one.
 PROBES = ("mid", "correlated")
+#: How far above its target speedup a preset's plan may land before the plan notes that it overshoots.
+TARGET_SLACK = 0.10
 
 
 @dataclass(frozen=True)
@@ -266,10 +268,24 @@ def _static_candidate(context: FitContext, actions: np.ndarray, params: dict[str
 def _pick(
     context: FitContext, values: Sequence[Any], default: Any, build: Callable[[Any], Candidate], method: str
 ) -> Candidate:
-    """The candidate for the default knob value, or the best of the sweep under the budget."""
+    """The candidate for the default knob value, or the best of the sweep under the budget.
+
+    A target speedup that no knob value lands within `TARGET_SLACK` of is met by the least-error candidate above it,
+    and the plan says so (`target_note`: the nearest speedups the preset reaches below and above the target).
+    """
     if not context.budget.given:
         return build(default)
-    return choose_candidate([build(v) for v in values], context.budget, method)
+    candidates = [build(v) for v in values]
+    chosen = choose_candidate(candidates, context.budget, method)
+    target = context.budget.target_speedup
+    if target is None or chosen.speedup <= target * (1 + TARGET_SLACK):
+        return chosen
+    below = max((c.speedup for c in candidates if c.speedup < target), default=1.0)
+    note = (
+        f"{method} has no setting within {TARGET_SLACK:.0%} of {target:g}x on this profile: nearest {below:.2f}x "
+        f"below, {chosen.speedup:.2f}x above (kept)"
+    )
+    return replace(chosen, params={**chosen.params, "target_note": note})
 
 
 def fit_profilingdit(context: FitContext) -> MethodResult:

@@ -132,3 +132,15 @@ def test_adacache_distance_is_normalised_by_the_cached_residual():
         runtime.observe("cond", 0, torch.zeros_like(residual), residual, step, tokens_per_frame=2)
         runtime.end_step("cond", step, 10)
     assert not runtime.begin_step("cond", 2, 10)
+
+
+@pytest.mark.parametrize("method", ["profilingdit", "adacache", "bwcache", "unicp"])
+@pytest.mark.parametrize("target", [1.5, 2.0])
+def test_each_preset_lands_near_its_target_or_says_what_it_reaches(profile, method, target):
+    plan = fit_plan([profile], FitOptions(method=method, target_speedup=target))
+    reached = plan.predicted["speedup"]
+    assert reached >= target - 1e-9
+    note = plan.provenance["chosen"].get("target_note")
+    assert (reached <= 1.1 * target) == (note is None)
+    if note is not None:
+        assert f"{reached:.2f}x above" in note
