@@ -1,0 +1,143 @@
+"""`python -m dit_accel.bench.presets`: the four paper presets measured on twelve held-out captions.
+
+Profiles the six calibration captions (`plans/calibration.jsonl`'s, seeds 1000–1005) at `--steps` (or reads
+`--profile`), fits profilingdit, adacache, bwcache and unicp at their paper defaults and at each `--targets` speedup,
+and generates the twelve held-out captions of `harness.captions.EVALUATION` without a plan and with each. Reported
+per plan: the speedup predicted at fitting time, the speedup reached (block calls: all block calls / computed ones,
+counted on each block's first linear layer, so adaptive plans count what their decisions really computed; FLOPs: the
+same calls weighted by the profiled block FLOPs, a pruned call counted in full), the PSNR of the MSE pooled over the
+twelve videos and the worst caption's PSNR. No plan sees a held-out caption.
+
+    python -m dit_accel.bench.presets --steps 20 [--targets 2] [--methods ...] [--profile cal.h5]
+        [--out artifacts/presets.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dit_accel.harness.captions import CALIBRATION, EVALUATION
+from dit_accel.harness.files import write_bytes_atomic
+from dit_accel.harness.pipelines import first_video, generate, load_pipeline
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.planner import FitOptions, PlannerError
+from dit_accel.planner.methods import fit_profiles
+from dit_accel.planner.profiles import ProfileSet, load_profiles
+from dit_accel.profiler.recorder import RecordSettings
+from dit_accel.profiler.run import profile_prompts
+from dit_accel.runtime import apply_plan
+
+from .heldout import pooled_psnr
+
+PRESETS = ("profilingdit", "adacache", "bwcache", "unicp")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--targets", type=float, nargs="*", default=[2.0], help="Speedups fitted besides the default.")
+    parser.add_argument("--methods", nargs="+", choices=PRESETS, default=list(PRESETS))
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--captions", type=int, default=len(EVALUATION), help="Held-out captions (smoke: fewer).")
+    parser.add_argument("--profile", type=Path, help="An existing calibration profile (default: profile now).")
+    parser.add_argument("--out", type=Path, help="Write every number as JSON here.")
+    return parser.parse_args(argv)
+
+
+@contextmanager
+def counted_block_calls(transformer: torch.nn.Module) -> Iterator[np.ndarray]:
+    """Counts [blocks] of computed calls, read on the first linear layer of each block (a reused block skips it)."""
+    blocks = list(transformer.blocks)
+    counts = np.zeros(len(blocks), dtype=np.int64)
+    handles = []
+    for index, block in enumerate(blocks):
+        linear = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+        handles.append(linear.register_forward_hook(lambda *_, i=index: counts.__setitem__(i, counts[i] + 1)))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Profile (unless given), fit every preset at its default and each target, and measure each plan."""
+    pipe = load_pipeline(None)
+    with tempfile.TemporaryDirectory() as folder:
+        profile = args.profile
+        if profile is None:
+            profile = Path(folder) / "calibration.h5"
+            specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION)]
+            settings = RecordSettings(num_inference_steps=args.steps, guidance_scale=args.guidance)
+            profile_prompts(pipe, specs, profile, settings, progress=True)
+        return _measure(pipe, load_profiles([profile]), args)
+
+
+def _measure(pipe: Any, profiles: ProfileSet, args: argparse.Namespace) -> dict[str, Any]:
+    held_out = [PromptSpec(text, "", seed) for text, seed in EVALUATION[: args.captions]]
+    with counted_block_calls(pipe.transformer) as counts:
+        references = [_video(pipe, spec, args) for spec in held_out]
+        full = counts.copy()
+    flops = profiles.header.block_flops.astype(np.float64)
+    rows = []
+    for method in args.methods:
+        for target in (None, *args.targets):
+            row: dict[str, Any] = {"method": method, "target": target}
+            try:
+                plan = fit_profiles(profiles, FitOptions(method=method, target_speedup=target))
+            except PlannerError as exc:
+                rows.append({**row, "refused": str(exc)})
+                print(_row(rows[-1]), flush=True)
+                continue
+            with counted_block_calls(pipe.transformer) as counts, apply_plan(pipe, plan):
+                videos = [_video(pipe, spec, args) for spec in held_out]
+            pooled, worst = pooled_psnr(videos, references)
+            row.update(
+                predicted=float(plan.predicted["speedup"]),
+                block_calls=float(full.sum() / max(counts.sum(), 1)),
+                flops=float(flops @ full / max(float(flops @ counts), 1.0)),
+                pooled_psnr=pooled,
+                worst_psnr=worst,
+                chosen=plan.provenance["chosen"],
+            )
+            rows.append(row)
+            print(_row(row), flush=True)
+    return {"steps": args.steps, "guidance": args.guidance, "held_out": len(held_out), "rows": rows}
+
+
+def _video(pipe: Any, spec: PromptSpec, args: argparse.Namespace) -> np.ndarray:
+    return first_video(generate(pipe, spec, args.steps, args.guidance, {}))
+
+
+def _row(row: dict[str, Any]) -> str:
+    target = "paper default" if row["target"] is None else f"{row['target']:g}x"
+    if "refused" in row:
+        return f"| {row['method']} | {target} | refused: {row['refused']} |"
+    return (
+        f"| {row['method']} | {target} | {row['predicted']:.2f}x | {row['block_calls']:.2f}x | {row['flops']:.2f}x | "
+        f"{row['pooled_psnr']:.1f} | {row['worst_psnr']:.1f} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m dit_accel.bench.presets`."""
+    args = parse_args(argv)
+    print("| preset | fitted at | predicted | block calls | FLOPs | pooled PSNR (dB) | worst caption (dB) |")
+    print("|---|---|---|---|---|---|---|")
+    report = run(args)
+    if args.out is not None:
+        write_bytes_atomic(args.out, (json.dumps(report, indent=1, default=float) + "\n").encode())
+
+
+if __name__ == "__main__":
+    main()
