@@ -148,7 +148,7 @@ class StepHook(ModelHook):
     A multi-expert pipeline gets one step hook per expert, all sharing one `BranchStates`: calls are counted per
     branch across the experts, so the step is the global one whichever expert serves it. At an expert's first call
     of a generation its caches start empty and every span computes (a plan never reuses there; a remapped run
-    length or an adaptive policy might otherwise ask to).
+    length might otherwise ask to).
 
     Everything here runs outside `torch.compile`'s graphs (`torch.compiler.disable`): it reads Python integers that
     change every step, which a graph would guard on and recompile for.
@@ -465,8 +465,9 @@ def _check_first_expert(plan: Plan, transformer: torch.nn.Module, adapter: Model
 
 def check_experts_match(plan: Plan, experts: list[tuple[str, torch.nn.Module]], force: bool = False) -> None:
     """Refuse a plan whose experts are not the pipeline's: another set of expert names (a single-transformer plan on
-    a two-expert pipeline, or the reverse), or a further expert of another class or config (unless `force`). The
-    first expert is `check_plan_matches`'s; the message names the expert that differs.
+    a two-expert pipeline, or the reverse), or a further expert of another class or config (unless `force`); and a
+    multi-expert plan with an adaptive policy. The first expert is `check_plan_matches`'s; the message names the
+    expert that differs.
     """
     wanted, found = plan.model.expert_names, tuple(name for name, _ in experts)
     if wanted != found:
@@ -478,6 +479,11 @@ def check_experts_match(plan: Plan, experts: list[tuple[str, torch.nn.Module]], 
             else "apply it to the pipeline it was fitted on (the pipeline, not one of its transformers)"
         )
         raise PlanError(f"plan covers {', '.join(wanted)}, the pipeline has {', '.join(found)}: {hint}")
+    if plan.model.experts and plan.policy.get("kind") in POLICIES:
+        raise PlanError(
+            f"plan policy '{plan.policy['kind']}' decides reuse online without knowing where the experts switch; "
+            "fit a static plan (--method auto or unicp) for a multi-expert pipeline"
+        )
     if force:
         return
     for recorded, (name, module) in zip(plan.model.experts, experts[1:]):

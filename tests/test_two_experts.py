@@ -143,12 +143,19 @@ def test_wrong_plans_are_refused_in_one_line_naming_the_expert(t2v):
     pipe, plan = t2v.pipe, t2v.plan
     single = Plan.all_compute(fingerprint_model(pipe.transformer), plan.timesteps)
     alone = types.SimpleNamespace(transformer=pipe.transformer)
+    adaptive = Plan.all_compute(
+        plan.model,
+        plan.timesteps,
+        policy={"kind": "bwcache", "threshold": 0.1, "reuse_steps": 1, "refresh_every": 2, "indicator_blocks": [0]}
+        | {"protect_first": 1, "protect_last": 1},
+    )
     swapped = types.SimpleNamespace(transformer=pipe.transformer_2, transformer_2=pipe.transformer)
     refusals = [
         (lambda: apply_plan(pipe, single), "transformer_2 would run unaccelerated"),
         (lambda: apply_plan(pipe.transformer, plan), "apply it to the pipeline it was fitted on"),
         (lambda: apply_plan(alone, plan), "the pipeline has transformer:"),
         (lambda: apply_plan(swapped, plan), "the pipeline's transformer holds the weights the plan recorded for"),
+        (lambda: apply_plan(pipe, adaptive), "decides reuse online without knowing where the experts switch"),
     ]
     for attempt, words in refusals:
         with pytest.raises(PlanError) as caught:
