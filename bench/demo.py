@@ -82,9 +82,7 @@ def run_demo(
     held_out_specs = [PromptSpec(text, "", i) for i, text in enumerate(HELD_OUT[:held_out])]
     held_out_error = ClosedLoop(pipe, held_out_specs, loop.guidance, loop.size).measure(plan)
     say(f"4/5 validating: {repeats} interleaved repeat(s), then FLOPs of the first caption", not progress)
-    report = validate_plan(
-        plan, PipelineRunner(pipe), HELD_OUT[:held_out], steps=steps, repeats=repeats, progress=progress
-    )
+    report = validate_plan(plan, PipelineRunner(pipe), held_out_specs, steps=steps, repeats=repeats, progress=progress)
     say("5/5 writing GIFs of the first held-out caption (full and accelerated)", not progress)
     gifs = _write_gifs(pipe, plan, HELD_OUT[0], steps, out)
     result = {
@@ -116,13 +114,14 @@ def _prediction_check(predicted: float, held_out: float) -> dict[str, Any]:
 def _write_gifs(pipe: Any, plan: Any, prompt: str, steps: int, out: Path) -> list[Path]:
     """GIFs of `prompt` generated without and with `plan` (same seed); returns their paths."""
     from dit_accel.defaultmodel.video_io import save_gif
+    from dit_accel.harness.prompts import PromptSpec
     from dit_accel.planner.validate import PipelineRunner
     from dit_accel.runtime import apply_plan
 
-    runner = PipelineRunner(pipe)
-    full = runner.generate(prompt, 0, steps)
+    runner, spec = PipelineRunner(pipe), PromptSpec(prompt)
+    full = runner.generate(spec, steps)
     with apply_plan(pipe, plan):
-        accelerated = runner.generate(prompt, 0, steps)
+        accelerated = runner.generate(spec, steps)
     return [save_gif(full, out / "full.gif"), save_gif(accelerated, out / "accelerated.gif")]
 
 

@@ -45,9 +45,9 @@ def caching_only(plan: Plan) -> Plan:
     return plan.with_changes(actions=actions, arrays={k: v for k, v in plan.arrays.items() if k != "dws_weight"})
 
 
-def flops(pipe, runner: PipelineRunner, plan: Plan | None, prompt: str, steps: int) -> int:
+def flops(pipe, runner: PipelineRunner, plan: Plan | None, prompt: PromptSpec, steps: int) -> int:
     def run() -> None:
-        runner.generate(prompt, 0, steps)
+        runner.generate(prompt, steps)
 
     if plan is None:
         return count_flops(run)[1].get(type(pipe.transformer).__name__, 0)
@@ -55,17 +55,19 @@ def flops(pipe, runner: PipelineRunner, plan: Plan | None, prompt: str, steps: i
         return count_flops(run)[1].get(type(pipe.transformer).__name__, 0)
 
 
-def measure(pipe, runner: PipelineRunner, plan: Plan, prompts: list[str], steps: int, repeats: int, full: dict) -> dict:
+def measure(
+    pipe, runner: PipelineRunner, plan: Plan, prompts: list[PromptSpec], steps: int, repeats: int, full: dict
+) -> dict:
     """Wall times interleaved with full runs, fidelity per prompt, FLOP speedup on the first prompt."""
     plan_times, scores = [], []
     for index, prompt in enumerate(prompts):
         for _ in range(repeats):
             start = time.perf_counter()
-            runner.generate(prompt, index, steps)
+            runner.generate(prompt, steps)
             full["times"].append(time.perf_counter() - start)
             with apply_plan(pipe, plan):
                 start = time.perf_counter()
-                video = runner.generate(prompt, index, steps)
+                video = runner.generate(prompt, steps)
                 plan_times.append(time.perf_counter() - start)
         scores.append((psnr(video, full["videos"][index]), ssim(video, full["videos"][index])))
     return {
@@ -94,8 +96,8 @@ def main() -> None:
     profile = out / f"profile_{args.steps}.h5"
     specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION)]
     profile_prompts(pipe, specs, profile, RecordSettings(num_inference_steps=args.steps), resume=profile.exists())
-    prompts = HELD_OUT[: args.prompts]
-    full = {"videos": [runner.generate(p, i, args.steps) for i, p in enumerate(prompts)], "times": []}
+    prompts = [PromptSpec(text, "", i) for i, text in enumerate(HELD_OUT[: args.prompts])]
+    full = {"videos": [runner.generate(p, args.steps) for p in prompts], "times": []}
     full["flops"] = flops(pipe, runner, None, prompts[0], args.steps)
     rows = []
     middle = args.targets[len(args.targets) // 2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import click
@@ -247,7 +248,13 @@ def _render_inspect(report: dict[str, Any]) -> str:
 @HEIGHT
 @WIDTH
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed repeats per prompt and variant.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first prompt (then +1 per prompt).")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Added to every prompt's seed (a .txt file's prompts have seeds 0, 1, …; .jsonl lines may give their own).",
+)
 @click.option(
     "--flops/--no-flops", default=True, show_default=True, help="Count FLOPs of the first prompt (two extra runs)."
 )
@@ -271,6 +278,7 @@ def validate(
     min_psnr: float | None,
     output: str | None,
     key_file: str | None,
+    seed: int,
     as_json: bool,
     quiet: bool,
     **settings: Any,
@@ -299,16 +307,16 @@ def validate(
     check_prompts(pipe, specs, prompts_path)
     scale = profiled_scale if guidance is None else guidance
     runner = PipelineRunner(pipe, guidance_scale=scale, size={**size, **video_size(frames, height, width)})
-    prompts = [spec.prompt for spec in specs]
+    shifted = [replace(spec, seed=spec.seed + seed) for spec in specs]
     emit_report(
-        _validate(plan, runner, prompts, min_psnr, output, key, steps, not quiet, settings), as_json, _render_validation
+        _validate(plan, runner, shifted, min_psnr, output, key, steps, not quiet, settings), as_json, _render_validation
     )
 
 
 def _validate(
     plan: Any,
     runner: Any,
-    prompts: list[str],
+    prompts: list[Any],
     min_psnr: float | None,
     output: str | None,
     key: bytes | None,

@@ -40,7 +40,8 @@ MARGIN_DB = 0.5
 
 
 class PipelineRunner:
-    """Generates one video per (prompt, seed) with a diffusers-style text-to-video pipeline."""
+    """Generates one video per prompt (its text, seed, negative prompt, image and extra inputs) with a
+    diffusers-style video pipeline."""
 
     def __init__(self, pipe: Any, guidance_scale: float = 5.0, size: dict[str, int] | None = None) -> None:
         self.pipe = pipe
@@ -49,9 +50,9 @@ class PipelineRunner:
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
 
-    def generate(self, prompt: str, seed: int, steps: int) -> np.ndarray:
+    def generate(self, spec: PromptSpec, steps: int) -> np.ndarray:
         """Video [frames, height, width, rgb] in [0, 1]."""
-        return first_video(generate(self.pipe, PromptSpec(prompt, "", seed), steps, self.guidance_scale, self.size))
+        return first_video(generate(self.pipe, spec, steps, self.guidance_scale, self.size))
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,10 @@ def profiled_generation(plan: Plan) -> tuple[float, dict[str, int]]:
 def validate_plan(
     plan: Plan,
     runner: PipelineRunner,
-    prompts: Sequence[str],
+    prompts: Sequence[PromptSpec],
     *,
     steps: int | None = None,
     repeats: int = 3,
-    seed: int = 0,
     flops: bool = True,
     warmup: bool = True,
     progress: bool = True,
@@ -144,26 +144,26 @@ def validate_plan(
 
     bar = tqdm(total=2 * len(prompts) * repeats + warmup, desc="validate", unit="run", disable=not progress)
     if warmup:
-        runner.generate(prompts[0], seed, steps)
+        runner.generate(prompts[0], steps)
         bar.update()
     times: dict[str, list[float]] = {"full": [], "plan": []}
     results = []
-    for index, prompt in enumerate(prompts):
+    for spec in prompts:
         videos = {}
         for repeat in range(repeats):
             for variant in ("full", "plan") if repeat % 2 == 0 else ("plan", "full"):
-                elapsed, video = _timed(runner, plan if variant == "plan" else None, prompt, seed + index, steps)
+                elapsed, video = _timed(runner, plan if variant == "plan" else None, spec, steps)
                 times[variant].append(elapsed)
                 videos.setdefault(variant, video)
                 bar.update()
         results.append(
             PromptResult(
-                prompt, seed + index, psnr(videos["plan"], videos["full"]), ssim(videos["plan"], videos["full"])
+                spec.prompt, spec.seed, psnr(videos["plan"], videos["full"]), ssim(videos["plan"], videos["full"])
             )
         )
     bar.close()
     flop_speedup, pipeline_flop_speedup = (
-        _flop_speedups(runner, plan, prompts[0], seed, steps, progress) if flops else (None, None)
+        _flop_speedups(runner, plan, prompts[0], steps, progress) if flops else (None, None)
     )
     predicted = plan.predicted
     return ValidationReport(
@@ -189,21 +189,21 @@ def _check_steps(plan: Plan, steps: int | None) -> int:
     return steps
 
 
-def _timed(runner: PipelineRunner, plan: Plan | None, prompt: str, seed: int, steps: int) -> tuple[float, np.ndarray]:
+def _timed(runner: PipelineRunner, plan: Plan | None, spec: PromptSpec, steps: int) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
-    video = _generate(runner, plan, prompt, seed, steps)
+    video = _generate(runner, plan, spec, steps)
     return time.perf_counter() - start, video
 
 
-def _generate(runner: PipelineRunner, plan: Plan | None, prompt: str, seed: int, steps: int) -> np.ndarray:
+def _generate(runner: PipelineRunner, plan: Plan | None, spec: PromptSpec, steps: int) -> np.ndarray:
     if plan is None:
-        return runner.generate(prompt, seed, steps)
+        return runner.generate(spec, steps)
     with apply_plan(runner.pipe, plan):
-        return runner.generate(prompt, seed, steps)
+        return runner.generate(spec, steps)
 
 
 def _flop_speedups(
-    runner: PipelineRunner, plan: Plan, prompt: str, seed: int, steps: int, progress: bool = True
+    runner: PipelineRunner, plan: Plan, spec: PromptSpec, steps: int, progress: bool = True
 ) -> tuple[float, float]:
     """(transformer FLOP ratio, whole-pipeline FLOP ratio) of a full run over a planned run of one prompt.
 
@@ -213,9 +213,9 @@ def _flop_speedups(
 
     roots = {type(module).__name__ for _, module in find_experts(runner.pipe)}  # every expert of Wan 2.2
     with tqdm(total=2, desc="count FLOPs", unit="run", disable=not progress) as bar:
-        full_total, full_modules = count_flops(lambda: _generate(runner, None, prompt, seed, steps))
+        full_total, full_modules = count_flops(lambda: _generate(runner, None, spec, steps))
         bar.update()
-        plan_total, plan_modules = count_flops(lambda: _generate(runner, plan, prompt, seed, steps))
+        plan_total, plan_modules = count_flops(lambda: _generate(runner, plan, spec, steps))
         bar.update()
     full = sum(full_modules.get(root, 0) for root in roots) or full_total
     planned = sum(plan_modules.get(root, 0) for root in roots) or plan_total
@@ -225,7 +225,7 @@ def _flop_speedups(
 def tighten_plan(
     plan: Plan,
     runner: PipelineRunner,
-    prompts: Sequence[str],
+    prompts: Sequence[PromptSpec],
     min_psnr: float,
     *,
     max_rounds: int = 8,

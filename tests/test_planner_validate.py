@@ -14,6 +14,7 @@ from diffusers import WanTransformer3DModel
 
 from dit_accel.defaultmodel import TinyTextEncoder, TinyVideoPipeline, WordTokenizer
 from dit_accel.defaultmodel.model import build_scheduler
+from dit_accel.harness.prompts import PromptSpec
 from dit_accel.planner import FitOptions, PipelineRunner, fit_plan, tighten_plan, validate_plan
 from dit_accel.planner.cli import main
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
@@ -23,7 +24,7 @@ from dit_accel.runtime.plan import save_plan
 pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
 
 STEPS = 4
-PROMPTS = ["a large red circle moves left on a black background"]
+PROMPTS = [PromptSpec("a large red circle moves left on a black background")]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_tightening_reaches_the_minimum_psnr(runner, plan_path, measured):
 
 def test_validate_cli_tightens_and_writes_the_plan(pipeline_dir, plan_path, measured, tmp_path):
     prompts = tmp_path / "held-out.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
+    prompts.write_text("\n".join(spec.prompt for spec in PROMPTS) + "\n")
     out = tmp_path / "tight.plan"
     floor = measured.min_psnr + 2.0
     args = [
@@ -128,6 +129,35 @@ def test_validate_cli_tightens_and_writes_the_plan(pipeline_dir, plan_path, meas
     report = json.loads(result.stdout)
     assert report["output"] == str(out) and report["rounds"] >= 2 and float(report["min_psnr"]) >= floor
     assert load_plan(out).predicted == report["predicted"]
+
+
+class RecordingRunner(PipelineRunner):
+    """Records the prompts it is asked to generate and returns a blank video."""
+
+    def __init__(self, pipe) -> None:
+        super().__init__(pipe)
+        self.specs: list[PromptSpec] = []
+
+    def generate(self, spec: PromptSpec, steps: int) -> np.ndarray:
+        self.specs.append(spec)
+        return np.zeros((2, 8, 8, 3))
+
+
+def test_validate_generates_each_prompt_with_its_own_seed_negative_image_and_extra(runner, plan_path):
+    spec = PromptSpec("a small blue square", "blurry", 7, image="first.png", extra={"flag": 1})
+    recording = RecordingRunner(runner.pipe)
+    report = validate_plan(load_plan(plan_path), recording, [spec], repeats=1, flops=False, progress=False)
+    assert set(recording.specs) == {spec} and recording.specs[0].extra == {"flag": 1}
+    assert report.prompts[0].seed == 7 and report.prompts[0].prompt == spec.prompt
+
+
+def test_validate_cli_shifts_the_seeds_of_a_jsonl_file(pipeline_dir, plan_path, tmp_path):
+    prompts = tmp_path / "held-out.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0].prompt, "negative_prompt": "a gray background", "seed": 5}) + "\n")
+    args = ["validate", str(plan_path), "--model", str(pipeline_dir), "--prompts", str(prompts), "--seed", "2"]
+    result = CliRunner().invoke(main, [*args, "--repeats", "1", "--no-flops", "--json", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert [p["seed"] for p in json.loads(result.stdout)["prompts"]] == [7]
 
 
 def test_validate_refuses_step_counts_the_runtime_cannot_remap(runner, plan_path):
@@ -175,7 +205,7 @@ def test_every_preset_replays_on_the_runtime(method, tmp_path):
 def test_validate_cli_runs_in_bfloat16_on_the_cpu(pipeline_dir, plan_path, tmp_path):
     """--device and --dtype reach the pipeline: a bfloat16 run on the CPU measures finite fidelity."""
     prompts = tmp_path / "held-out.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
+    prompts.write_text("\n".join(spec.prompt for spec in PROMPTS) + "\n")
     args = ["validate", str(plan_path), "--model", str(pipeline_dir), "--prompts", str(prompts), "--repeats", "1"]
     result = CliRunner().invoke(main, [*args, "--no-flops", "--device", "cpu", "--dtype", "bfloat16", "--json"])
     assert result.exit_code == 0, result.stderr
@@ -185,7 +215,7 @@ def test_validate_cli_runs_in_bfloat16_on_the_cpu(pipeline_dir, plan_path, tmp_p
 
 def test_validate_cli_shows_flop_counting_unless_quiet(pipeline_dir, plan_path, tmp_path):
     prompts = tmp_path / "held-out.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
+    prompts.write_text("\n".join(spec.prompt for spec in PROMPTS) + "\n")
     args = ["validate", str(plan_path), "--model", str(pipeline_dir), "--prompts", str(prompts), "--repeats", "1"]
     shown = CliRunner().invoke(main, args)
     assert shown.exit_code == 0, shown.stderr

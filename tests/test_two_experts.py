@@ -121,7 +121,7 @@ def test_fitted_plan_reuses_on_both_experts_but_never_at_an_expert_start(t2v):
 @pytest.mark.slow
 def test_validate_measures_the_predicted_flop_speedup(t2v):
     plan, runner = t2v.plan, PipelineRunner(t2v.pipe, GUIDANCE, SIZE)
-    report = validate_plan(plan, runner, [PROMPT.prompt], steps=STEPS, repeats=1, warmup=False, progress=False)
+    report = validate_plan(plan, runner, [PROMPT], steps=STEPS, repeats=1, warmup=False, progress=False)
     assert report.flop_speedup == pytest.approx(plan.predicted["speedup"], rel=0.02)
 
 
