@@ -425,23 +425,53 @@ def _adaptive_result(context: FitContext, policy: dict[str, Any], run: Any, chos
 
 
 def fit_unicp(context: FitContext) -> MethodResult:
-    """UniCP: EDCW windows under an error threshold, PCAS prune steps and DWS blend weights."""
+    """UniCP: EDCW windows under an error threshold, PCAS prune steps and DWS blend weights.
+
+    Windows follow the self-attention outputs' drift between adjacent steps (the paper's signal, `attention_rel_l1`);
+    the plan's prediction still scores the whole-block caching the runtime replays.
+    """
     predictor = context.predictor
-    cells = (predictor.drift * predictor.step_weight)[:, ~context.protected]
+    signal, signal_params = _edcw_signal(context)
+    windows = replace(predictor, drift=signal)
+    cells = (signal * predictor.step_weight)[:, ~context.protected]
     positive = cells[cells > 0]
 
     def build(threshold: float) -> Candidate:
-        actions = edcw_actions(predictor, threshold, context.protected, context.max_reuse, prune=True)
+        actions = edcw_actions(windows, threshold, context.protected, context.max_reuse, prune=True)
         return _static_candidate(context, actions, {"window_threshold": threshold})
 
     if positive.size:
-        top = float(predictor.step_weight.max() * predictor.drift.sum(axis=1).max() * predictor.block_weight.max())
+        top = float(predictor.step_weight.max() * signal.sum(axis=1).max() * predictor.block_weight.max())
         values = [0.0, *(float(v) for v in np.geomspace(positive.min() / 2, max(top, positive.min()), 40))]
         default = float(2 * np.median(positive))
     else:
         values, default = [0.0], 0.0
     chosen = _pick(context, values, default, build, "unicp")
-    return MethodResult(chosen.result, {"kind": "static"}, predictor.summary(chosen.result), chosen.params)
+    params = {**chosen.params, **signal_params}
+    return MethodResult(chosen.result, {"kind": "static"}, predictor.summary(chosen.result), params)
+
+
+def _edcw_signal(context: FitContext) -> tuple[np.ndarray, dict[str, Any]]:
+    """UniCP's window signal [blocks, steps] in the predictor's drift units, and what the plan says about it.
+
+    attention_rel_l1 · ‖r_{s−1}‖ / ‖h_out,s‖: the block residual's share of the stack output, moved by the relative
+    change of the block's attention output. Profiles without the field (or with a block that has no self-attention)
+    fall back to the residual drift, and say so.
+    """
+    profiles = context.profiles
+    if profiles.has("attention_rel_l1"):
+        norms = (profiles.stack(name).astype(np.float64) for name in ("residual_norm", "output_norm"))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            drift = normalised_drift(profiles.stack("attention_rel_l1").astype(np.float64), *norms)[0]
+        if np.all(np.isfinite(drift[..., 1:, :])):
+            return drift.mean(axis=(0, 1)).T.astype(np.float32).astype(np.float64), {
+                "window_signal": "attention_rel_l1"
+            }
+        reason = "holds non-finite values after step 0 (a block without self-attention)"
+    else:
+        reason = "is not in the profile (recorded since attention-output drift was added; re-profile)"
+    note = f"profile field attention_rel_l1 {reason}: EDCW windows follow the whole-block residual drift instead"
+    return context.predictor.drift, {"window_signal": "residual_rel_l1", "window_signal_note": note}
 
 
 def fit_auto(context: FitContext) -> MethodResult:

@@ -7,7 +7,8 @@ through a `TorchFunctionMode` and then run it unchanged.
 
 Per call it accumulates, as device tensors (no host synchronisation until the prompt ends):
 drift of each block's residual and output against the previous step (relative L1, cosine distance), their mean
-absolute values, a MoReg motion score of the residual, and the drift of the model output. On attention steps of
+absolute values, a MoReg motion score of the residual, the relative L1 drift of each block's self-attention output
+(UniCP's window signal) and the drift of the model output. On attention steps of
 the cond branch it records the attention each token receives, cross-attention to text tokens for sampled queries,
 and query/key samples for PCA.
 
@@ -42,6 +43,7 @@ DRIFT_METRICS = (
     "residual_norm",
     "output_norm",
     "motion",
+    "attention_rel_l1",
 )
 _EPS = 1e-12
 
@@ -83,6 +85,7 @@ class ProbeState(StepState):
         self.batch = 0
         self.prev_residual: dict[int, torch.Tensor] = {}
         self.prev_output: dict[int, torch.Tensor] = {}
+        self.prev_attention: dict[int, torch.Tensor] = {}
         self.prev_model_output: torch.Tensor | None = None
         self.metrics: dict[str, torch.Tensor] = {}
         self.model_output_rel_l1: torch.Tensor | None = None
@@ -203,6 +206,29 @@ class BlockProbe(ModelHook):
         state.prev_output[block] = hidden_out.detach()
 
 
+class AttentionOutputProbe:
+    """Reads one block's self-attention output and records its relative L1 drift against the previous step.
+
+    UniCP places its cache windows by how much attention outputs change between adjacent steps. Relative L1, like
+    `residual_rel_l1`, so that the planner can put it in the same units as the block drift. Only the previous step's
+    output per block and branch is kept.
+    """
+
+    def __init__(self, recorder: Recorder, index: int) -> None:
+        self.recorder, self.index = recorder, index
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(hidden, torch.Tensor):
+            return
+        state: ProbeState = self.recorder.branches.get_state()
+        with torch.no_grad():
+            previous = state.prev_attention.get(self.index)
+            if previous is not None and previous.shape == hidden.shape:
+                state.write("attention_rel_l1", state.step, self.index, rel_l1(hidden, previous))
+            state.prev_attention[self.index] = hidden.detach()
+
+
 class ModelOutputProbe(ModelHook):
     """Reads the transformer's input latent (for the foreground mask) and its output (for output drift)."""
 
@@ -306,6 +332,10 @@ class Recorder:
             if self.settings.record_attention or self.settings.record_features:
                 for attention in self.adapter.attention:
                     self._watch_attention(getattr(block, attention.attr), index, attention)
+            self_attention = next((a for a in self.adapter.attention if a.kind != "cross"), None)
+            if self_attention is not None:
+                module = getattr(block, self_attention.attr)
+                self._torch_hooks.append(module.register_forward_hook(AttentionOutputProbe(self, index)))
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         registry.register_hook(ModelOutputProbe(self), PROBE_OUTPUT_HOOK)
         registry.register_hook(StepHook(self.branches, self.settings.num_inference_steps), PROBE_STEP_HOOK)

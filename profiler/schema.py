@@ -105,6 +105,7 @@ FIELDS: dict[str, Field] = {
     "residual_norm": Field("norms/residual", ("branch", "step", "block"), "float32", _DRIFT),
     "output_norm": Field("norms/output", ("branch", "step", "block"), "float32", _DRIFT),
     "model_output_rel_l1": Field("model_output/rel_l1", ("branch", "step"), "float32", _DRIFT),
+    "attention_rel_l1": Field("drift/attention_rel_l1", ("branch", "step", "block"), "float32", _DRIFT),
     "motion": Field("motion", ("branch", "step", "block"), "float32", Values(0.0, 1.0 + COS_SLACK, True)),
     "attention_steps": Field("attention/steps", ("attention_step",), "int32"),
     "attention_received": Field(

@@ -13,6 +13,8 @@ from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import COMPUTE, REUSE
 from dit_accel.runtime.adaptive import AdaCachePolicy
 
+UNICP = FitOptions(method="unicp")
+
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory) -> str:
@@ -144,3 +146,63 @@ def test_each_preset_lands_near_its_target_or_says_what_it_reaches(profile, meth
     assert (reached <= 1.1 * target) == (note is None)
     if note is not None:
         assert f"{reached:.2f}x above" in note
+
+
+def test_recorder_records_the_self_attention_output_drift():
+    """attention_rel_l1 at (step, block) is ‖a_s − a_{s−1}‖₁ / ‖a_{s−1}‖₁ of the block's attn1 output."""
+    from tiny_models import run_steps, tiny_wan
+
+    from dit_accel.profiler.recorder import Recorder, RecordSettings
+    from dit_accel.runtime import get_adapter
+
+    torch.manual_seed(0)
+    model = tiny_wan(2).eval()
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    for index, block in enumerate(model.blocks):
+        block.attn1.register_forward_hook(lambda m, a, out, i=index: seen[i].append(out.detach().clone()))
+    settings = RecordSettings(num_inference_steps=3, record_attention=False, record_features=False, reuse_lags=0)
+    recorder = Recorder(model, get_adapter(model), settings)
+    recorder.begin_prompt(0)
+    run_steps(model, "wan", [999.0, 600.0, 200.0])
+    recorded = recorder.collect(("cond",))["attention_rel_l1"][0]
+    recorder.remove()
+    assert np.isnan(recorded[0]).all()
+    for block, outputs in seen.items():
+        expected = [float((b - a).abs().sum() / a.abs().sum()) for a, b in zip(outputs, outputs[1:])]
+        np.testing.assert_allclose(recorded[1:, block], expected, rtol=1e-5)
+
+
+def _profile_with_attention_drift(path, spec: SyntheticSpec, attention: np.ndarray) -> str:
+    """A synthetic profile whose prompts also hold attention_rel_l1 = `attention` [steps, blocks] (NaN at step 0)."""
+    from dit_accel.planner.synthetic import synthetic_arrays, synthetic_header
+    from dit_accel.profiler.schema import ProfileWriter, PromptInfo, prompt_key
+
+    rng = np.random.default_rng(0)
+    drift = np.broadcast_to(attention, (2, *attention.shape)).copy()
+    drift[:, 0] = np.nan
+    prompts = [
+        (PromptInfo(prompt_key(i), i, f"p{i}", "", i), {**synthetic_arrays(spec, rng), "attention_rel_l1": drift})
+        for i in range(spec.prompts)
+    ]
+    ProfileWriter(path, synthetic_header(spec)).add_prompts(prompts)
+    return str(path)
+
+
+def test_unicp_windows_follow_the_attention_output_drift(tmp_path):
+    """A spike in one block's attention drift closes that block's window; blocks whose attention drifts like their
+    residual keep the windows they get from the residual drift."""
+    spec = SyntheticSpec(steps=30, foreground_blocks=(1,))
+    attention = spec.drift_table().copy()
+    attention[15, 2] = 5.0
+    with_attention = fit_plan([_profile_with_attention_drift(tmp_path / "a.h5", spec, attention)], UNICP)
+    without = fit_plan([write_synthetic_profile(tmp_path / "old.h5", spec)], UNICP)
+    assert with_attention.provenance["chosen"]["window_signal"] == "attention_rel_l1"
+    assert "window_signal_note" not in with_attention.provenance["chosen"]
+    assert without.actions[2, 15] == REUSE and with_attention.actions[2, 15] != REUSE
+    np.testing.assert_array_equal(with_attention.actions[[0, 1, 3]], without.actions[[0, 1, 3]])
+
+
+def test_unicp_on_an_old_profile_falls_back_to_block_drift_and_says_so(profile):
+    chosen = fit_plan([profile], UNICP).provenance["chosen"]
+    assert chosen["window_signal"] == "residual_rel_l1"
+    assert "attention_rel_l1 is not in the profile" in chosen["window_signal_note"]
