@@ -38,8 +38,12 @@ class Simulation:
         return np.broadcast_to(1.0 - self.reuse.mean(axis=0), (blocks, self.reuse.shape[1])).astype(np.float32)
 
     def predicted(self) -> dict[str, float]:
+        """The plan's prediction: mean speedup and error, and the step speedup of the slowest and fastest replay
+        (adaptive policies decide per prompt; MoReg makes faster-moving videos compute more)."""
+        per_run = self.reuse.shape[1] / np.maximum(self.reuse.shape[1] - self.reuse.sum(axis=1), 1)
         return {
             "speedup": self.speedup,
+            "step_speedup_range": [float(per_run.min()), float(per_run.max())],
             "compute_fraction": float(1.0 - self.reuse.mean()),
             "error": self.error,
             "simulated_runs": int(self.reuse.shape[0]),

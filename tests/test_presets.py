@@ -206,3 +206,37 @@ def test_unicp_on_an_old_profile_falls_back_to_block_drift_and_says_so(profile):
     chosen = fit_plan([profile], UNICP).provenance["chosen"]
     assert chosen["window_signal"] == "residual_rel_l1"
     assert "attention_rel_l1 is not in the profile" in chosen["window_signal_note"]
+
+
+def test_adaptive_prediction_reports_the_per_prompt_speedup_range(profile):
+    plan = fit_plan([profile], FitOptions(method="adacache", target_speedup=1.5))
+    low, high = plan.predicted["step_speedup_range"]
+    steps = plan.actions.shape[1]
+    mean_computed = plan.arrays["expected_compute"][0].sum()
+    assert 1.0 <= low <= steps / mean_computed <= high
+
+
+@pytest.mark.slow
+def test_adacache_predicted_block_call_speedup_is_what_the_runtime_computes(tmp_path):
+    """On the default model at 8 steps: the speedup the fit simulates on its calibration prompts is the block-call
+    speedup the runtime reaches on them (within 10 %)."""
+    from dit_accel.bench.presets import counted_block_calls
+    from dit_accel.harness.captions import CALIBRATION
+    from dit_accel.harness.pipelines import generate, load_pipeline
+    from dit_accel.harness.prompts import PromptSpec
+    from dit_accel.profiler.recorder import RecordSettings
+    from dit_accel.profiler.run import profile_prompts
+    from dit_accel.runtime import apply_plan
+
+    pipe, steps = load_pipeline(None), 8
+    specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION[:2])]
+    settings = RecordSettings(num_inference_steps=steps, record_attention=False, record_features=False)
+    profile_prompts(pipe, specs, tmp_path / "p.h5", settings, progress=False)
+    plan = fit_plan([str(tmp_path / "p.h5")], FitOptions(method="adacache", target_speedup=1.25))
+    predicted = steps / plan.arrays["expected_compute"][0].sum()
+    assert predicted > 1.0
+    with counted_block_calls(pipe.transformer) as counts, apply_plan(pipe, plan):
+        for spec in specs:
+            generate(pipe, spec, steps, 5.0, {})
+    measured = 2 * len(specs) * steps * len(counts) / counts.sum()
+    assert measured == pytest.approx(predicted, rel=0.1)
