@@ -447,8 +447,20 @@ def fit_unicp(context: FitContext) -> MethodResult:
     else:
         values, default = [0.0], 0.0
     chosen = _pick(context, values, default, build, "unicp")
-    params = {**chosen.params, **signal_params}
+    params = {**chosen.params, **signal_params, "cache_tensors_per_branch": _cache_tensors(predictor, chosen.result)}
     return MethodResult(chosen.result, {"kind": "static"}, predictor.summary(chosen.result), params)
+
+
+def _cache_tensors(predictor: Predictor, actions: np.ndarray) -> int:
+    """Residual tensors the runtime keeps per CFG branch for a static schedule: one per span, one per other block that
+    reads its cache (reuse, or a pruned step blended with the cache)."""
+    alone = blending_blocks(actions, predictor.dws_weights(actions))
+    spans = group_spans(actions, alone)
+    in_span = np.zeros(len(actions), dtype=bool)
+    for start, stop in spans:
+        in_span[start:stop] = True
+    reads = np.any(actions == REUSE, axis=1) | alone
+    return len(spans) + int(np.sum(reads & ~in_span))
 
 
 def _edcw_signal(context: FitContext) -> tuple[np.ndarray, dict[str, Any]]:

@@ -240,3 +240,11 @@ def test_adacache_predicted_block_call_speedup_is_what_the_runtime_computes(tmp_
             generate(pipe, spec, steps, 5.0, {})
     measured = 2 * len(specs) * steps * len(counts) / counts.sum()
     assert measured == pytest.approx(predicted, rel=0.1)
+
+
+def test_unicp_reports_the_cache_tensors_inspect_predicts(profile):
+    from dit_accel.planner.summary import cache_memory
+
+    plan = fit_plan([profile], FitOptions(method="unicp", target_speedup=2.0))
+    spans = cache_memory(plan, 32, 16, 2)["spans"]
+    assert plan.provenance["chosen"]["cache_tensors_per_branch"] == sum(s["tensors"] for s in spans) > 0
