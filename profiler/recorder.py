@@ -35,6 +35,9 @@ from dit_accel.runtime.replay import StepHook
 PROBE_STEP_HOOK = "dit_profile_step"
 PROBE_BLOCK_HOOK = "dit_profile_block"
 PROBE_OUTPUT_HOOK = "dit_profile_output"
+#: Cache-context names of diffusers' guiders (`ClassifierFreeGuidance` and kin, used by e.g. HunyuanVideo 1.5's
+#: pipeline) and the CFG branch each names.
+GUIDER_BRANCHES = {"pred_cond": "cond", "pred_uncond": "uncond"}
 DRIFT_METRICS = (
     "residual_rel_l1",
     "residual_cos",
@@ -377,7 +380,7 @@ class Recorder:
         self.tokens_per_frame = self.grid[1] * self.grid[2]
         state = self.branches.get_state()
         name = self.branches.branch_name()
-        is_cond = name != "uncond"
+        is_cond = GUIDER_BRANCHES.get(name, name) != "uncond"
         state.batch = hidden.shape[0]
         self.call_batch = state.batch
         self.cond_row = self._rows(name, state.batch).get("cond", 0)
@@ -557,11 +560,12 @@ class Recorder:
     def _rows(self, context: str, batch: int) -> dict[str, int]:
         """Batch rows of the branches one transformer call in cache context `context` with `batch` rows holds.
 
-        A context named `cond` or `uncond` holds that branch alone. Any other context (`cond_uncond`, or `default`
-        outside a context) holds uncond then cond when its batch is twice the prompt batch (classifier-free guidance
-        batched into one call, as diffusers' CogVideoX, LTX-Video and Mochi pipelines do), else cond alone (guidance
-        off, or a guidance-distilled model).
+        A context named `cond` or `uncond` (or a diffusers guider's `pred_cond` / `pred_uncond`) holds that branch
+        alone. Any other context (`cond_uncond`, or `default` outside a context) holds uncond then cond when its batch
+        is twice the prompt batch (classifier-free guidance batched into one call, as diffusers' CogVideoX, LTX-Video
+        and Mochi pipelines do), else cond alone (guidance off, or a guidance-distilled model).
         """
+        context = GUIDER_BRANCHES.get(context, context)
         if context in ("cond", "uncond"):
             return {context: 0}
         if batch == 2 * self.prompt_batch:

@@ -317,3 +317,18 @@ def test_step_sensitivity_is_measured_on_the_first_prompt_and_matches_a_replayed
     ):
         reused = latent()
     assert measured[1] == pytest.approx(float((reused - full).norm() / full.norm()), rel=1e-5)
+
+
+def test_guider_context_names_are_the_cfg_branches(pipe, tmp_path, monkeypatch):
+    """Pipelines built on diffusers' guiders (HunyuanVideo 1.5) name their calls `pred_cond` / `pred_uncond`."""
+    transformer = pipe.transformer
+    named = transformer.cache_context
+    guider_names = {"cond": "pred_cond", "uncond": "pred_uncond"}
+    monkeypatch.setattr(transformer, "cache_context", lambda name, **kwargs: named(guider_names[name], **kwargs))
+    path = tmp_path / "guider.h5"
+    settings = RecordSettings(num_inference_steps=2, record_attention=False, sensitivity_steps=0)
+    profile_prompts(pipe, PROMPTS[:1], path, settings, progress=False)
+    profile = open_profile(path)
+    assert profile.header.branches == ("cond", "uncond")
+    drift = profile.stack("residual_rel_l1")[0, :, 1]
+    assert np.isfinite(drift).all() and not np.array_equal(drift[0], drift[1])
