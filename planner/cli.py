@@ -83,6 +83,11 @@ def main(ctx: click.Context) -> None:
     type=click.Choice(("fixed", "decreasing")),
     help="profilingdit: refresh background blocks at a fixed interval (default, the paper's code) or a decreasing one.",
 )
+@click.option(
+    "--max-cache-tensors",
+    type=click.IntRange(min=1),
+    help="unicp: at most N cached residual tensors per CFG branch (adjacent blocks share windows; see inspect).",
+)
 @click.option("--moreg/--no-moreg", default=True, show_default=True, help="AdaCache motion regularisation.")
 @click.option(
     "--probe",

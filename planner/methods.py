@@ -50,7 +50,15 @@ from .predict import Predictor, step_weights
 from .profiles import ProfileSet, load_profiles
 from .reuse_costs import REUSE_COST_FIELDS, ReuseCosts, reuse_costs
 from .search import SearchResult, cell_costs, search, walk_cost
-from .shapes import blending_blocks, corrector_fronts, edcw_actions, group_spans, interval_row, protected_steps
+from .shapes import (
+    blending_blocks,
+    corrector_fronts,
+    edcw_actions,
+    group_spans,
+    interval_row,
+    merge_windows,
+    protected_steps,
+)
 from .solver import Budget, Candidate, block_units, choose_candidate, greedy_schedule
 
 PLANNER_VERSION = "0.1.0"
@@ -95,6 +103,7 @@ class FitOptions:
     prune_time_ratio: float | None = None
     refresh: str | None = None
     probe: str | None = None
+    max_cache_tensors: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +185,11 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         raise PlannerError(f"unknown method {options.method!r} (known: {', '.join(METHODS)})")
     if not options.foreground_weight > 0:
         raise PlannerError(f"--foreground-weight must be positive, got {options.foreground_weight}")
+    if options.max_cache_tensors is not None and (options.method != "unicp" or options.max_cache_tensors < 1):
+        raise PlannerError(
+            f"--max-cache-tensors applies to method unicp and must be >= 1, got {options.max_cache_tensors} for "
+            f"{options.method}"
+        )
     if options.reuse not in (None, *REUSE_MODES) or (
         options.reuse in ("extrapolate", "slope") and options.method != "auto"
     ):
@@ -436,8 +450,12 @@ def fit_unicp(context: FitContext) -> MethodResult:
     cells = (signal * predictor.step_weight)[:, ~context.protected]
     positive = cells[cells > 0]
 
+    limit = context.options.max_cache_tensors
+
     def build(threshold: float) -> Candidate:
         actions = edcw_actions(windows, threshold, context.protected, context.max_reuse, prune=True)
+        if limit is not None:
+            actions = merge_windows(actions, limit, predictor.block_flops)
         return _static_candidate(context, actions, {"window_threshold": threshold})
 
     if positive.size:

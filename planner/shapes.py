@@ -59,6 +59,31 @@ def group_spans(actions: np.ndarray, alone: np.ndarray | None = None) -> tuple[t
     return tuple(spans)
 
 
+def merge_windows(actions: np.ndarray, max_tensors: int, block_flops: np.ndarray) -> np.ndarray:
+    """`actions` with contiguous blocks merged into groups that share one window row, until at most `max_tensors`
+    groups reuse at all (each replays as one span, cached in one tensor per CFG branch).
+
+    A merged group reuses a step only where every block in it reused it, and computes in full otherwise (pruning
+    dropped). Adjacent groups are merged greedily, cheapest first: the cost of a merge is the FLOPs of the reuse cells
+    it turns into compute steps.
+    """
+    bounds = [[block, block + 1] for block in range(actions.shape[0])]
+    merged = actions.copy()
+    while sum(bool(np.any(merged[a:b] == REUSE)) for a, b in bounds) > max_tensors:
+        costs = [_merge_cost(merged, block_flops, a[0], b[1]) for a, b in zip(bounds, bounds[1:])]
+        best = int(np.argmin(costs))
+        start, stop = bounds[best][0], bounds[best + 1][1]
+        bounds[best : best + 2] = [[start, stop]]
+        merged[start:stop] = np.where(np.all(merged[start:stop] == REUSE, axis=0), REUSE, COMPUTE)
+    return merged
+
+
+def _merge_cost(actions: np.ndarray, block_flops: np.ndarray, start: int, stop: int) -> float:
+    shared = np.all(actions[start:stop] == REUSE, axis=0)
+    lost = (actions[start:stop] == REUSE) & ~shared
+    return float(lost.sum(axis=1) @ block_flops[start:stop])
+
+
 def blending_blocks(actions: np.ndarray, dws_weight: np.ndarray | None) -> np.ndarray:
     """Blocks with a prune step whose DWS weight blends in the cached output (weight < 1)."""
     if dws_weight is None:

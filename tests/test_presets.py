@@ -248,3 +248,22 @@ def test_unicp_reports_the_cache_tensors_inspect_predicts(profile):
     plan = fit_plan([profile], FitOptions(method="unicp", target_speedup=2.0))
     spans = cache_memory(plan, 32, 16, 2)["spans"]
     assert plan.provenance["chosen"]["cache_tensors_per_branch"] == sum(s["tensors"] for s in spans) > 0
+
+
+def test_unicp_cache_bound_merges_windows_and_still_meets_the_target(profile):
+    from dit_accel.planner.summary import cache_memory
+
+    free = fit_plan([profile], FitOptions(method="unicp", target_speedup=1.5))
+    bounded = fit_plan([profile], FitOptions(method="unicp", target_speedup=1.5, max_cache_tensors=1))
+    assert free.provenance["chosen"]["cache_tensors_per_branch"] > 1
+    assert bounded.provenance["chosen"]["cache_tensors_per_branch"] == 1
+    assert sum(s["tensors"] for s in cache_memory(bounded, 32, 16, 2)["spans"]) == 1
+    reusing = np.flatnonzero(np.any(bounded.actions == REUSE, axis=1))
+    assert reusing.size >= 2 and (np.diff(reusing) == 1).all()  # one contiguous span shares one window row
+    assert (bounded.actions[reusing] == bounded.actions[reusing[0]]).all()
+    assert bounded.predicted["speedup"] >= 1.5 - 1e-9
+
+
+def test_the_cache_bound_is_refused_for_other_methods(profile):
+    with pytest.raises(PlannerError, match="--max-cache-tensors applies to method unicp"):
+        fit_plan([profile], FitOptions(method="auto", target_speedup=1.5, max_cache_tensors=2))
