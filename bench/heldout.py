@@ -18,6 +18,8 @@ import argparse
 import json
 import math
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from dit_accel.harness.prompts import PromptSpec
 from dit_accel.planner import FitOptions, PlannerError
 from dit_accel.planner.closed_loop import closed_loop_from_profile
 from dit_accel.planner.methods import fit_profiles
-from dit_accel.planner.profiles import load_profiles
+from dit_accel.planner.profiles import ProfileSet, load_profiles
 from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
 from dit_accel.runtime import REUSE, Plan, apply_plan
@@ -73,6 +75,14 @@ def block_call_speedup(plan: Plan) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Profile (unless given), fit v1 and v2 at every target, and measure both on the held-out captions."""
     pipe = load_pipeline(None)
+    with calibration_profiles(pipe, args) as profiles:
+        return _measure(pipe, profiles, args)
+
+
+@contextmanager
+def calibration_profiles(pipe: Any, args: argparse.Namespace) -> Iterator[ProfileSet]:
+    """`args.profile`, else a profile of the six calibration captions (seeds 1000–1005) at `args.steps` and
+    `args.guidance`, recorded into a temporary folder that lives as long as the context."""
     with tempfile.TemporaryDirectory() as folder:
         profile = args.profile
         if profile is None:
@@ -80,12 +90,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION)]
             settings = RecordSettings(num_inference_steps=args.steps, guidance_scale=args.guidance)
             profile_prompts(pipe, specs, profile, settings, progress=True)
-        return _measure(pipe, load_profiles([profile]), args)
+        yield load_profiles([profile])
 
 
 def _measure(pipe: Any, profiles: Any, args: argparse.Namespace) -> dict[str, Any]:
     held_out = [PromptSpec(text, "", seed) for text, seed in EVALUATION]
-    references = [_video(pipe, spec, args) for spec in held_out]
+    references = [held_out_video(pipe, spec, args) for spec in held_out]
     closed_loop = closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings)
     rows = []
     for target in args.targets:
@@ -98,7 +108,7 @@ def _measure(pipe: Any, profiles: Any, args: argparse.Namespace) -> dict[str, An
                 rows.append({"target": target, "version": version, "refused": str(exc)})
                 continue
             with apply_plan(pipe, plan):
-                videos = [_video(pipe, spec, args) for spec in held_out]
+                videos = [held_out_video(pipe, spec, args) for spec in held_out]
             pooled, worst = pooled_psnr(videos, references)
             rows.append(
                 {
@@ -116,7 +126,8 @@ def _measure(pipe: Any, profiles: Any, args: argparse.Namespace) -> dict[str, An
     return {"steps": args.steps, "guidance": args.guidance, "held_out": len(held_out), "rows": rows}
 
 
-def _video(pipe: Any, spec: PromptSpec, args: argparse.Namespace) -> np.ndarray:
+def held_out_video(pipe: Any, spec: PromptSpec, args: argparse.Namespace) -> np.ndarray:
+    """The video of one held-out caption at `args.steps` and `args.guidance`, the pipeline's own size."""
     return first_video(generate(pipe, spec, args.steps, args.guidance, {}))
 
 
@@ -134,9 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print("| target | auto | block-call speedup | pooled PSNR (dB) | worst caption (dB) | reuse | front blocks |")
     print("|---|---|---|---|---|---|---|")
-    report = run(args)
-    if args.out is not None:
-        write_bytes_atomic(args.out, (json.dumps(report, indent=1, default=float) + "\n").encode())
+    write_report(run(args), args.out)
+
+
+def write_report(report: dict[str, Any], path: Path | None) -> None:
+    """Every number as JSON at `path` (atomically), when a path is given."""
+    if path is not None:
+        write_bytes_atomic(path, (json.dumps(report, indent=1, default=float) + "\n").encode())
 
 
 if __name__ == "__main__":

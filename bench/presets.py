@@ -15,8 +15,6 @@ twelve videos and the worst caption's PSNR. No plan sees a held-out caption.
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,18 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dit_accel.harness.captions import CALIBRATION, EVALUATION
-from dit_accel.harness.files import write_bytes_atomic
-from dit_accel.harness.pipelines import first_video, generate, load_pipeline
+from dit_accel.harness.captions import EVALUATION
+from dit_accel.harness.pipelines import load_pipeline
 from dit_accel.harness.prompts import PromptSpec
 from dit_accel.planner import FitOptions, PlannerError
 from dit_accel.planner.methods import fit_profiles
-from dit_accel.planner.profiles import ProfileSet, load_profiles
-from dit_accel.profiler.recorder import RecordSettings
-from dit_accel.profiler.run import profile_prompts
+from dit_accel.planner.profiles import ProfileSet
 from dit_accel.runtime import apply_plan
 
-from .heldout import pooled_psnr
+from .heldout import calibration_profiles, held_out_video, pooled_psnr, write_report
 
 PRESETS = ("profilingdit", "adacache", "bwcache", "unicp")
 
@@ -73,20 +68,14 @@ def counted_block_calls(transformer: torch.nn.Module) -> Iterator[np.ndarray]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Profile (unless given), fit every preset at its default and each target, and measure each plan."""
     pipe = load_pipeline(None)
-    with tempfile.TemporaryDirectory() as folder:
-        profile = args.profile
-        if profile is None:
-            profile = Path(folder) / "calibration.h5"
-            specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION)]
-            settings = RecordSettings(num_inference_steps=args.steps, guidance_scale=args.guidance)
-            profile_prompts(pipe, specs, profile, settings, progress=True)
-        return _measure(pipe, load_profiles([profile]), args)
+    with calibration_profiles(pipe, args) as profiles:
+        return _measure(pipe, profiles, args)
 
 
 def _measure(pipe: Any, profiles: ProfileSet, args: argparse.Namespace) -> dict[str, Any]:
     held_out = [PromptSpec(text, "", seed) for text, seed in EVALUATION[: args.captions]]
     with counted_block_calls(pipe.transformer) as counts:
-        references = [_video(pipe, spec, args) for spec in held_out]
+        references = [held_out_video(pipe, spec, args) for spec in held_out]
         full = counts.copy()
     flops = profiles.header.block_flops.astype(np.float64)
     rows = []
@@ -100,7 +89,7 @@ def _measure(pipe: Any, profiles: ProfileSet, args: argparse.Namespace) -> dict[
                 print(_row(rows[-1]), flush=True)
                 continue
             with counted_block_calls(pipe.transformer) as counts, apply_plan(pipe, plan):
-                videos = [_video(pipe, spec, args) for spec in held_out]
+                videos = [held_out_video(pipe, spec, args) for spec in held_out]
             pooled, worst = pooled_psnr(videos, references)
             row.update(
                 predicted=float(plan.predicted["speedup"]),
@@ -113,10 +102,6 @@ def _measure(pipe: Any, profiles: ProfileSet, args: argparse.Namespace) -> dict[
             rows.append(row)
             print(_row(row), flush=True)
     return {"steps": args.steps, "guidance": args.guidance, "held_out": len(held_out), "rows": rows}
-
-
-def _video(pipe: Any, spec: PromptSpec, args: argparse.Namespace) -> np.ndarray:
-    return first_video(generate(pipe, spec, args.steps, args.guidance, {}))
 
 
 def _row(row: dict[str, Any]) -> str:
@@ -134,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     print("| preset | fitted at | predicted | block calls | FLOPs | pooled PSNR (dB) | worst caption (dB) |")
     print("|---|---|---|---|---|---|---|")
-    report = run(args)
-    if args.out is not None:
-        write_bytes_atomic(args.out, (json.dumps(report, indent=1, default=float) + "\n").encode())
+    write_report(run(args), args.out)
 
 
 if __name__ == "__main__":
