@@ -195,3 +195,48 @@ def test_missing_packages_are_named_in_one_line(tmp_path, monkeypatch):
     module.Pipe.__module__ = "fake_skyreels"
     with pytest.raises(DitAccelError, match=r"Pipe cleans prompts with the package 'ftfy'.*\(pip install ftfy\)"):
         pipelines._check_prompt_cleaning(module.Pipe())
+
+
+#: The CLI rows: one family with separate CFG calls at guidance 5, one with batched CFG at guidance 1 (the command-line
+#: path is the same code for every family; the library rows above cover each family).
+CLI_ROWS = [("wan", 5.0), ("cogvideox", 1.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "guidance"), CLI_ROWS, ids=[f"{n}-cfg{g:g}" for n, g in CLI_ROWS])
+def test_cli_profile_fit_every_method_and_validate(name, guidance, folders, tmp_path):
+    """dit-profile → dit-plan fit (auto and each preset) → dit-plan validate from a saved folder: each fit either works
+    or is refused in one line with exit code 2 and no file; every plan written validates."""
+    import json
+
+    from click.testing import CliRunner
+
+    from dit_accel.planner.cli import main as plan_main
+    from dit_accel.profiler.cli import main as profile_main
+
+    folder, prompts, profile = folders(name), tmp_path / "prompts.jsonl", tmp_path / "profile.h5"
+    prompts.write_text("".join(json.dumps({"prompt": p.prompt, "seed": p.seed}) + "\n" for p in PROMPTS))
+    size = PIPELINE_SIZES[name]
+    model = ["--model", folder, "--steps", str(STEPS), "--guidance", str(guidance)]
+    sizes = ["--frames", str(size["num_frames"]), "--height", str(size["height"]), "--width", str(size["width"])]
+    runner = CliRunner()
+    result = runner.invoke(
+        profile_main, ["run", "--prompts", str(prompts), "-o", str(profile), *model, *sizes, "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    written = []
+    for method in ("auto", "profilingdit", "adacache", "bwcache", "unicp"):
+        plan = tmp_path / f"{method}.plan"
+        args = ["fit", str(profile), "--method", method, "--target-speedup", "1.5", "-o", str(plan), "--quiet"]
+        result = runner.invoke(plan_main, [*args, "--model", folder] if method == "auto" else args)
+        if result.exit_code == 0:
+            written.append(plan)
+            continue
+        assert result.exit_code == 2 and not plan.exists(), (method, result.output)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert tmp_path / "auto.plan" in written
+    for plan in written:
+        args = ["validate", str(plan), "--prompts", str(prompts), *model, *sizes, "--repeats", "1", "--no-flops"]
+        result = runner.invoke(plan_main, [*args, "--json", "--quiet"])
+        assert result.exit_code == 0, (plan.name, result.output)
+        assert len(json.loads(result.stdout)["prompts"]) == len(PROMPTS)
