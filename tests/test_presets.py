@@ -230,7 +230,9 @@ def test_adacache_predicted_block_call_speedup_is_what_the_runtime_computes(tmp_
 
     pipe, steps = load_pipeline(None), 8
     specs = [PromptSpec(text, "", 1000 + i) for i, text in enumerate(CALIBRATION[:2])]
-    settings = RecordSettings(num_inference_steps=steps, record_attention=False, record_features=False)
+    settings = RecordSettings(
+        num_inference_steps=steps, record_attention=False, record_features=False, sensitivity_steps=0
+    )
     profile_prompts(pipe, specs, tmp_path / "p.h5", settings, progress=False)
     plan = fit_plan([str(tmp_path / "p.h5")], FitOptions(method="adacache", target_speedup=1.25))
     predicted = steps / plan.arrays["expected_compute"][0].sum()
