@@ -153,7 +153,8 @@ def test_validate_generates_each_prompt_with_its_own_seed_negative_image_and_ext
 
 def test_validate_cli_shifts_the_seeds_of_a_jsonl_file(pipeline_dir, plan_path, tmp_path):
     prompts = tmp_path / "held-out.jsonl"
-    prompts.write_text(json.dumps({"prompt": PROMPTS[0].prompt, "negative_prompt": "a gray background", "seed": 5}) + "\n")
+    line = {"prompt": PROMPTS[0].prompt, "negative_prompt": "a gray background", "seed": 5}
+    prompts.write_text(json.dumps(line) + "\n")
     args = ["validate", str(plan_path), "--model", str(pipeline_dir), "--prompts", str(prompts), "--seed", "2"]
     result = CliRunner().invoke(main, [*args, "--repeats", "1", "--no-flops", "--json", "--quiet"])
     assert result.exit_code == 0, result.stderr
