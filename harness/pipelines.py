@@ -35,7 +35,7 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32"
         pipe = _load(model, torch_dtype(dtype))
     except FileNotFoundError as exc:
         raise DitAccelError(str(exc)) from None
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, ImportError) as exc:
         reason = str(exc).splitlines()[0]
         if ("accelerate" in reason or "low_cpu_mem_usage" in reason) and importlib.util.find_spec("accelerate") is None:
             reason = (

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from dit_accel.runtime.adapters import AttentionModule, BlockList, ModelAdapter, block_inputs, block_outputs
 from dit_accel.runtime.branches import BranchStates, StepState
+from dit_accel.runtime.call_order import CALL_ORDER_HOOK, call_order_hook
 from dit_accel.runtime.replay import StepHook
 
 PROBE_STEP_HOOK = "dit_profile_step"
@@ -299,12 +300,15 @@ class Recorder:
         settings: RecordSettings,
         prompt_batch: int = 1,
         experts: Sequence[torch.nn.Module] = (),
+        scheduler: Any = None,
     ) -> None:
         """Install probes on `transformer` (and on every further expert in `experts`, which share its blocks);
         `prompt_batch` is the number of prompts per generation (one in `dit-profile`), against which a call's batch
-        says whether it holds one CFG branch or two."""
+        says whether it holds one CFG branch or two. `scheduler` is the pipeline's: models whose pipelines name no
+        CFG branch (`ModelAdapter.call_order`) take their step from it and are refused without it."""
         self.transformer, self.adapter, self.settings = transformer, adapter, settings
         self.experts = (transformer, *experts)
+        self.scheduler = scheduler
         self.prompt_batch = prompt_batch
         self.call_batch, self.cond_row = prompt_batch, 0
         self.blocks = adapter.iter_blocks(transformer)
@@ -319,7 +323,11 @@ class Recorder:
         self._observers: list[_AttentionObserver] = []
         self._torch_hooks: list[Any] = []
         self._reset_prompt(seed=0)
+        namers = [call_order_hook(expert, adapter, self.branches, scheduler) for expert in self.experts]
         self._install()
+        for expert, namer in zip(self.experts, namers):
+            if namer is not None:
+                HookRegistry.check_if_exists_or_initialize(expert).register_hook(namer, CALL_ORDER_HOOK)
 
     # -- installation -------------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -364,6 +372,7 @@ class Recorder:
             for _, block, _ in self.adapter.iter_blocks(expert):
                 HookRegistry.check_if_exists_or_initialize(block).remove_hook(PROBE_BLOCK_HOOK, recurse=False)
             registry = HookRegistry.check_if_exists_or_initialize(expert)
+            registry.remove_hook(CALL_ORDER_HOOK, recurse=False)
             registry.remove_hook(PROBE_STEP_HOOK, recurse=False)
             registry.remove_hook(PROBE_OUTPUT_HOOK, recurse=False)
             registry.invalidate_child_registries_cache()

@@ -214,9 +214,10 @@ def _record_prompts(
     (_, transformer), *others = find_experts(pipe)
     experts = [module for _, module in others]
     adapter = get_adapter(transformer)
+    scheduler = getattr(pipe, "scheduler", None)
     writer = ProfileWriter(output, None, lock=lock) if written_prompts(output) is not None else None
     cost = measure_cost(pipe, todo[0][1], settings.guidance_scale, size) if todo and writer is None else None
-    recorder = Recorder(transformer, adapter, settings, experts=experts)
+    recorder = Recorder(transformer, adapter, settings, experts=experts, scheduler=scheduler)
     bar = tqdm(
         total=len(todo) * settings.num_inference_steps,
         desc=f"profiling {output.name}",
@@ -236,7 +237,7 @@ def _record_prompts(
                 bar.set_postfix_str("step sensitivity")
                 arrays["step_sensitivity"] = measure_sensitivity(pipe, spec, settings, size, progress)
                 bar.set_postfix_str("")
-                recorder = Recorder(transformer, adapter, settings, experts=experts)
+                recorder = Recorder(transformer, adapter, settings, experts=experts, scheduler=scheduler)
                 recorder.progress = bar
             if writer is None:
                 fingerprint = with_expert_starts(fingerprint_pipeline(pipe), step_experts)

@@ -88,6 +88,11 @@ class ModelAdapter:
     `span_breaks_key` names a config key listing the blocks after which the transformer itself adds to the hidden
     states between blocks (Wan VACE's control hints after each of its `vace_layers`); a cached span never runs past
     such a block, else a reused span would add the hint it cached and the transformer's new hint both.
+
+    `call_order` names, in order, the CFG branches of the calls a pipeline makes within one step outside any cache
+    context (Cosmos: `cond`, then `uncond` when guidance is on); empty when the pipeline names its calls or makes one
+    call per step. Such a model's step comes from the pipeline's scheduler (`runtime/call_order.py`), so it is
+    profiled and accelerated through its pipeline only.
     """
 
     name: str
@@ -96,6 +101,7 @@ class ModelAdapter:
     grid: TokenGrid
     attention: tuple[AttentionModule, ...]
     span_breaks_key: str | None = None
+    call_order: tuple[str, ...] = ()
 
     def span_breaks(self, transformer: torch.nn.Module) -> tuple[int, ...]:
         """Indices of the blocks a cached span must end at (see `span_breaks_key`), in execution order."""
@@ -382,6 +388,17 @@ register_adapter(
         cfg_mode="batched",
         grid=TokenGrid(layout="BCFHW"),
         attention=_SELF_CROSS,
+    ),
+)
+register_adapter(
+    "CosmosTransformer3DModel",
+    ModelAdapter(
+        name="cosmos",
+        block_lists=(BlockList("transformer_blocks"),),
+        cfg_mode="separate",
+        grid=TokenGrid(layout="BCFHW"),
+        attention=_SELF_CROSS,
+        call_order=("cond", "uncond"),
     ),
 )
 

@@ -54,6 +54,7 @@ from .adapters import (
 )
 from .adaptive import POLICIES, AdaptivePolicy
 from .branches import BranchStates, StepState
+from .call_order import CALL_ORDER_HOOK, call_order_hook
 from .errors import PlanError
 from .plan import PRUNE, Plan
 from .pruning import ProjectedAttention, load_bases
@@ -585,12 +586,15 @@ def apply_plan(
     schedule = CompiledSchedule(plan, adaptive=policy is not None, breaks=adapter.span_breaks(transformer))
     handle = PlanHandle(transformer, BranchStates(BranchState), policy, experts=tuple(m for _, m in experts[1:]))
     scheduler = getattr(pipe_or_transformer, "scheduler", None)
-    for index, (_, module) in enumerate(experts):
+    namers = [call_order_hook(module, adapter, handle.branches, scheduler) for _, module in experts]
+    for index, ((_, module), namer) in enumerate(zip(experts, namers)):
         install_block_hooks(handle, adapter, plan, schedule, module)
         step_hook = StepHook(
             handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter, handle.current, index
         )
         _register(handle, module, step_hook, STEP_HOOK)
+        if namer is not None:
+            _register(handle, module, namer, CALL_ORDER_HOOK)
         HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
     return handle
 

@@ -1,0 +1,166 @@
+"""Cosmos: its pipelines call the transformer without a cache context, cond then uncond within one scheduler step.
+
+The adapter's `call_order` names those calls (`runtime/call_order.py`). Checked on a tiny Cosmos-Predict2
+text-to-image pipeline saved with `save_pretrained` and loaded back: the profile holds exactly the branches the
+pipeline ran (guidance 5 and 1), an all-compute plan reproduces the vanilla latent bit for bit, the fitted caching
+plan skips exactly the planned block calls (counted by plain torch pre-hooks on each block's self-attention, which a
+reused block never reaches), repeated runs under one plan agree, and the CLI path (profile, fit auto, validate) works.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers.hooks import HookRegistry
+from tiny_cosmos import COSMOS_SIZE, save_tiny_cosmos
+
+from dit_accel.harness.pipelines import generate, load_pipeline
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.planner.methods import FitOptions, fit_plan
+from dit_accel.profiler.recorder import RecordSettings
+from dit_accel.profiler.run import profile_prompts
+from dit_accel.profiler.schema import open_profile
+from dit_accel.runtime import REUSE, AdapterError, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
+
+STEPS = 6
+PROMPTS = [
+    PromptSpec("a large red circle moves right on a blue background", "", 0),
+    PromptSpec("a small white square moves up on a black background", "", 1),
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(save_tiny_cosmos(tmp_path_factory.mktemp("cosmos")))
+
+
+def _run(pipe, guidance: float) -> np.ndarray:
+    with torch.no_grad():
+        return generate(pipe, PROMPTS[0], STEPS, guidance, COSMOS_SIZE, output_type="latent").numpy()
+
+
+def _count_computed(transformer) -> tuple[list[int], list[int], list]:
+    """Per block, how many times its self-attention runs; the transformer's calls; the handles to remove."""
+    adapter = get_adapter(transformer)
+    counts = [0] * len(adapter.block_ids(transformer))
+    calls = [0]
+    handles = [transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))]
+    for index, (_, block, _) in enumerate(adapter.iter_blocks(transformer)):
+
+        def bump(*_, index=index):
+            counts[index] += 1
+
+        handles.append(block.attn1.register_forward_pre_hook(bump))
+    return counts, calls, handles
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg5", "cfg1"])
+def test_profile_fit_apply(guidance, folder, tmp_path):
+    pipe = load_pipeline(folder)
+    settings = RecordSettings(num_inference_steps=STEPS, guidance_scale=guidance, sensitivity_steps=0)
+    path = tmp_path / "profile.h5"
+    profile_prompts(pipe, PROMPTS, path, settings, size=COSMOS_SIZE, progress=False)
+    expected = ("cond", "uncond") if guidance > 1.0 else ("cond",)
+    profile = open_profile(path)
+    assert profile.header.branches == expected
+    drift = profile.stack("residual_rel_l1")
+    assert drift.shape[:2] == (len(PROMPTS), len(expected)) and np.isfinite(drift[:, :, 1:]).all()
+    if guidance > 1.0:  # the two calls of a step were told apart: their inputs differ (other text), so their drift
+        assert not np.array_equal(drift[:, 0], drift[:, 1])
+
+    plan = fit_plan([str(path)], FitOptions(method="auto", target_speedup=1.5, warmup=1, protect_last=1))
+    assert (plan.actions == REUSE).any(), "a 1.5x plan reuses some block calls"
+    from tiny_models import tiny_wan
+
+    with pytest.raises(PlanError, match="plan is for transformer class"):
+        apply_plan(pipe, Plan.all_compute(fingerprint_model(tiny_wan()), plan.timesteps))
+    vanilla = _run(pipe, guidance)
+    with apply_plan(pipe, Plan.all_compute(plan.model, plan.timesteps)):
+        assert np.array_equal(_run(pipe, guidance), vanilla)
+
+    counts, calls, handles = _count_computed(pipe.transformer)
+    try:
+        with apply_plan(pipe, plan):
+            cached = _run(pipe, guidance)
+            again = _run(pipe, guidance)
+    finally:
+        for handle in handles:
+            handle.remove()
+    calls_per_step = len(expected)
+    assert calls[0] == 2 * calls_per_step * STEPS
+    assert counts == [2 * calls_per_step * int((row != REUSE).sum()) for row in plan.actions]
+    assert np.isfinite(cached).all() and not np.array_equal(cached, vanilla)
+    assert np.array_equal(again, cached), "a second run under the same plan starts from step 0 again"
+
+
+def test_transformer_alone_is_refused_and_extra_calls_are_named(folder):
+    """Without the pipeline's scheduler the unnamed calls cannot be placed: refused in one line, nothing installed.
+    A pipeline that makes more calls per step than the adapter names is refused in one line, not misattributed."""
+    pipe = load_pipeline(folder)
+    transformer = pipe.transformer
+    plan = Plan.all_compute(fingerprint_model(transformer), [float(t) for t in range(1000, 0, -1000 // STEPS)])
+    with pytest.raises(AdapterError, match=r"name no CFG branch.*pass the pipeline, not the transformer alone$"):
+        apply_plan(transformer, plan)
+    assert not HookRegistry.check_if_exists_or_initialize(transformer).hooks, "nothing installed"
+
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 1, 4, 4),
+        "timestep": torch.tensor([0.5]),
+        "encoder_hidden_states": torch.randn(1, 8, 16),
+        "return_dict": False,
+    }
+    pipe.scheduler.set_timesteps(STEPS)
+    with apply_plan(pipe, plan), torch.no_grad():
+        transformer(**inputs)
+        transformer(**inputs)
+        with pytest.raises(
+            AdapterError, match=r"called CosmosTransformer3DModel 3 times in step 0; .* \(cond, uncond\)"
+        ):
+            transformer(**inputs)
+
+
+def test_loading_without_the_guardrail_package_is_one_line(folder, tmp_path):
+    """A folder without a safety checker makes diffusers build `CosmosSafetyChecker`, which needs
+    `cosmos_guardrail`: the loader says so in one line."""
+    import shutil
+
+    from dit_accel.harness.errors import DitAccelError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["safety_checker"] = [None, None]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(DitAccelError, match=r"^cannot load the pipeline in .*cosmos_guardrail[^\n]*$"):
+        load_pipeline(str(copy))
+
+
+@pytest.mark.slow
+def test_cli_profile_fit_auto_and_validate(folder, tmp_path):
+    """dit-profile → dit-plan fit auto → dit-plan validate from the saved folder, at guidance 5 (slow: about 10 s on
+    a shared 2-core CPU; the fast tests above pin the library path)."""
+    from click.testing import CliRunner
+
+    from dit_accel.planner.cli import main as plan_main
+    from dit_accel.profiler.cli import main as profile_main
+
+    prompts, profile, plan = tmp_path / "prompts.jsonl", tmp_path / "profile.h5", tmp_path / "auto.plan"
+    prompts.write_text("".join(json.dumps({"prompt": p.prompt, "seed": p.seed}) + "\n" for p in PROMPTS))
+    model = ["--model", folder, "--steps", str(STEPS), "--guidance", "5"]
+    sizes = ["--height", str(COSMOS_SIZE["height"]), "--width", str(COSMOS_SIZE["width"])]
+    runner = CliRunner()
+    result = runner.invoke(
+        profile_main, ["run", "--prompts", str(prompts), "-o", str(profile), *model, *sizes, "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    args = ["fit", str(profile), "--method", "auto", "--target-speedup", "1.5", "-o", str(plan), "--model", folder]
+    result = runner.invoke(plan_main, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    args = ["validate", str(plan), "--prompts", str(prompts), *model, *sizes, "--repeats", "1", "--no-flops"]
+    result = runner.invoke(plan_main, [*args, "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["prompts"]) == len(PROMPTS)
