@@ -1,0 +1,100 @@
+"""Complete tiny pipelines of the families first tested on their transformer alone (`tests/tiny_more_pipelines.py`):
+saved with `save_pretrained`, loaded back with `load_pipeline`, profiled through `profile_prompts` (what `dit-profile`
+runs), fitted with `auto` and applied.
+
+Per pipeline: the profile holds exactly the CFG branches the pipeline ran; an all-compute plan reproduces the vanilla
+latent bit for bit; the fitted caching plan skips exactly the planned block calls, counted by plain torch pre-hooks
+on each block's attention module (a reused block never reaches it); a plan for another model is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_wan
+from tiny_more_pipelines import qwen_image_pipeline
+
+from dit_accel.harness.pipelines import generate, load_pipeline
+from dit_accel.harness.prompts import PromptSpec
+from dit_accel.planner.methods import FitOptions, fit_plan
+from dit_accel.profiler.recorder import RecordSettings
+from dit_accel.profiler.run import profile_prompts
+from dit_accel.profiler.schema import open_profile
+from dit_accel.runtime import REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
+
+STEPS = 6
+PROMPTS = [
+    PromptSpec("a large red circle moves right on a blue background", "", 0),
+    PromptSpec("a small white square moves up on a black background", "", 1),
+]
+QWEN_SIZE = {"height": 32, "width": 32}
+#: Qwen-Image runs CFG as a second, named call only with `true_cfg_scale` > 1 and a negative prompt.
+QWEN_CFG = {"negative_prompt": "blurry", "extra": {"true_cfg_scale": 4.0}}
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen_image")
+    torch.manual_seed(0)
+    qwen_image_pipeline().save_pretrained(folder)
+    return str(folder)
+
+
+def _count_computed(transformer) -> tuple[list[int], list[int], list]:
+    """Per block, how many times its first attention module runs; the transformer's calls; the handles."""
+    adapter = get_adapter(transformer)
+    counts = [0] * len(adapter.block_ids(transformer))
+    calls = [0]
+    handles = [transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))]
+    for index, (_, block, _) in enumerate(adapter.iter_blocks(transformer)):
+
+        def bump(*_, index=index):
+            counts[index] += 1
+
+        handles.append(getattr(block, adapter.attention[0].attr).register_forward_pre_hook(bump))
+    return counts, calls, handles
+
+
+def _check_profile_fit_apply(pipe, prompts: list[PromptSpec], size: dict, branches: tuple[str, ...], tmp_path) -> None:
+    """Profile, fit `auto`, and check branches, bit-identical all-compute replay, exact skips and refusal."""
+    settings = RecordSettings(num_inference_steps=STEPS, guidance_scale=1.0, sensitivity_steps=0)
+    path = tmp_path / "profile.h5"
+    profile_prompts(pipe, prompts, path, settings, size=size, progress=False)
+    profile = open_profile(path)
+    assert profile.header.branches == branches
+    drift = profile.stack("residual_rel_l1")
+    assert drift.shape[:2] == (len(prompts), len(branches)) and np.isfinite(drift[:, :, 1:]).all()
+
+    plan = fit_plan([str(path)], FitOptions(method="auto", target_speedup=1.5, warmup=1, protect_last=1))
+    assert (plan.actions == REUSE).any(), "a 1.5x plan reuses some block calls"
+    with pytest.raises(PlanError, match="plan is for transformer class"):
+        apply_plan(pipe, Plan.all_compute(fingerprint_model(tiny_wan()), plan.timesteps))
+
+    def run() -> np.ndarray:
+        with torch.no_grad():
+            return generate(pipe, prompts[0], STEPS, 1.0, size, output_type="latent").numpy()
+
+    vanilla = run()
+    with apply_plan(pipe, Plan.all_compute(plan.model, plan.timesteps)):
+        assert np.array_equal(run(), vanilla)
+    counts, calls, handles = _count_computed(pipe.transformer)
+    try:
+        with apply_plan(pipe, plan):
+            cached = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls[0] == len(branches) * STEPS  # one named call per branch and step
+    assert counts == [len(branches) * int((row != REUSE).sum()) for row in plan.actions]
+    assert np.isfinite(cached).all() and not np.array_equal(cached, vanilla)
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["true_cfg4", "no_cfg"])
+def test_qwen_image_pipeline(cfg, qwen_folder, tmp_path):
+    pipe = load_pipeline(qwen_folder)
+    prompts = [dataclasses.replace(p, **QWEN_CFG) for p in PROMPTS] if cfg else PROMPTS
+    branches = ("cond", "uncond") if cfg else ("cond",)
+    _check_profile_fit_apply(pipe, prompts, QWEN_SIZE, branches, tmp_path)

@@ -1,0 +1,100 @@
+"""Complete tiny pipelines of Qwen-Image, HunyuanVideo 1.5 and LTX-2 (tests/test_more_pipelines.py), built offline.
+
+Each has its real diffusers pipeline class, VAE, scheduler and transformer (the tiny transformer configs of
+`tiny_models`), a text encoder of the architecture the pipeline expects at a width of 16, and a word-level
+tokenizer built here. The tokenizers know the words of each pipeline's prompt template and its chat tokens, and
+split newlines into tokens as the real ones do, so the pipelines drop the template's prefix where they expect it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tiny_models import PIPELINE_WORDS, tiny_qwen_image
+
+#: Qwen-Image's prompt template (diffusers' `QwenImagePipeline.prompt_template_encode`): its words are in the
+#: tiny Qwen tokenizer's vocabulary, and its prefix is 34 tokens there, as in Qwen2.5-VL's tokenizer.
+QWEN_CHAT = ("<|im_start|>", "<|im_end|>")
+QWEN_TEMPLATE_WORDS = (
+    "system Describe the image by detailing the color , shape , size , texture , quantity , text , spatial "
+    "relationships of the objects and background : user assistant"
+).split()
+
+
+def word_tokenizer(words: list[str], special: tuple[str, ...] = (), max_length: int = 1024) -> Any:
+    """A word-level fast tokenizer over `words` (words, punctuation runs and newlines are tokens; unknown words
+    map to `<unk>`) with `special` tokens kept whole, padded with `<pad>`."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<pad>", "<unk>", "</s>", "<s>", "\n", *special]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*base, *words]))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\n"), behavior="removed", invert=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="</s>",
+        bos_token="<s>",
+        model_max_length=max_length,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    return tokenizer
+
+
+def _qwen2_5_vl(vocab_size: int) -> torch.nn.Module:
+    """A two-layer Qwen2.5-VL of width 16 (its vision tower is built, never called: prompts are text only)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": vocab_size,
+            "bos_token_id": 3,
+            "eos_token_id": 2,
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16,
+        vocab_size=vocab_size,
+        bos_token_id=3,
+        eos_token_id=2,
+        vision_start_token_id=vocab_size - 3,
+        vision_end_token_id=vocab_size - 2,
+        vision_token_id=vocab_size - 1,
+        image_token_id=vocab_size - 1,
+        video_token_id=vocab_size - 1,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen_image_pipeline() -> Any:
+    """Qwen-Image: Qwen2.5-VL text encoder, Qwen-Image VAE (4 latent channels, 2×2-packed into the transformer's
+    16), flow-matching Euler steps; CFG runs as separate named calls when `true_cfg_scale` > 1 and a negative prompt
+    is given."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    tokenizer = word_tokenizer([*QWEN_TEMPLATE_WORDS, *PIPELINE_WORDS], QWEN_CHAT)
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=_qwen2_5_vl(len(tokenizer) + 3),
+        tokenizer=tokenizer,
+        transformer=tiny_qwen_image().eval(),
+    )
