@@ -98,3 +98,58 @@ def test_qwen_image_pipeline(cfg, qwen_folder, tmp_path):
     prompts = [dataclasses.replace(p, **QWEN_CFG) for p in PROMPTS] if cfg else PROMPTS
     branches = ("cond", "uncond") if cfg else ("cond",)
     _check_profile_fit_apply(pipe, prompts, QWEN_SIZE, branches, tmp_path)
+
+
+HY15_STEPS = 4
+HY15_SIZE = {"num_frames": 5, "height": 16, "width": 16, "output_type": "latent"}
+
+
+@pytest.mark.slow
+def test_hunyuan_video15_pipeline(tmp_path):
+    """HunyuanVideo 1.5 (slow: its pipeline encodes 1108 text tokens and attends over 1000 of them, about 10 s).
+
+    Its guider names the calls `pred_cond` / `pred_uncond`, which the profiler reads as the two CFG branches. The
+    pipeline takes its guidance from the guider, not a `guidance_scale` keyword, so it is called directly here (the
+    harness's `generate`, and so `dit-profile`, passes `guidance_scale`): an all-compute plan reproduces the vanilla
+    latent bit for bit, and a hand-made caching plan skips exactly the planned block calls in both branches."""
+    from tiny_more_pipelines import hunyuan_video15_pipeline
+
+    from dit_accel.profiler.recorder import Recorder
+
+    torch.manual_seed(0)
+    hunyuan_video15_pipeline().save_pretrained(tmp_path / "hy15")
+    pipe = load_pipeline(str(tmp_path / "hy15"))
+    transformer = pipe.transformer
+
+    def run() -> np.ndarray:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            out = pipe(PROMPTS[0].prompt, num_inference_steps=HY15_STEPS, generator=generator, **HY15_SIZE)
+        return out.frames.numpy()
+
+    recorder = Recorder(transformer, get_adapter(transformer), RecordSettings(num_inference_steps=HY15_STEPS))
+    try:
+        recorder.begin_prompt(0)
+        vanilla_recorded = run()
+        assert recorder.observed_branches() == ("cond", "uncond")
+    finally:
+        recorder.remove()
+    vanilla = run()
+    assert np.array_equal(vanilla, vanilla_recorded), "the probes change nothing"
+    timesteps = np.asarray(pipe.scheduler.timesteps)
+    blocks = len(get_adapter(transformer).block_ids(transformer))
+    with apply_plan(pipe, Plan.all_compute(fingerprint_model(transformer), timesteps)):
+        assert np.array_equal(run(), vanilla)
+    actions = np.zeros((blocks, HY15_STEPS), np.uint8)
+    actions[1:, 2] = REUSE
+    plan = Plan(model=fingerprint_model(transformer), timesteps=timesteps, actions=actions)
+    counts, calls, handles = _count_computed(transformer)
+    try:
+        with apply_plan(pipe, plan):
+            cached = run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls[0] == 2 * HY15_STEPS
+    assert counts == [2 * int((row != REUSE).sum()) for row in actions]
+    assert np.isfinite(cached).all() and not np.array_equal(cached, vanilla)

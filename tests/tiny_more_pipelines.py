@@ -98,3 +98,56 @@ def qwen_image_pipeline() -> Any:
         tokenizer=tokenizer,
         transformer=tiny_qwen_image().eval(),
     )
+
+
+#: A ChatML template like Qwen's: what `apply_chat_template` renders HunyuanVideo 1.5's system message and prompt with.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def hunyuan_video15_pipeline() -> Any:
+    """HunyuanVideo 1.5 text-to-video: a Qwen2.5-VL text model (ChatML prompt), a ByT5-style T5 for quoted glyph
+    text, its 4-channel VAE and CFG run by a `ClassifierFreeGuidance` guider (calls named `pred_cond` /
+    `pred_uncond`). The transformer takes the noisy latent, the conditioning latent and its mask: 9 channels."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
+    from diffusers import HunyuanVideo15Transformer3DModel as Transformer
+    from diffusers.guiders import ClassifierFreeGuidance
+    from tiny_models import tiny_hunyuan15
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    tokenizer = word_tokenizer(PIPELINE_WORDS, QWEN_CHAT)
+    tokenizer.chat_template = CHATML
+    qwen = Qwen2_5_VLTextConfig(
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+        vocab_size=len(tokenizer),
+        bos_token_id=3,
+        eos_token_id=2,
+    )
+    byt5 = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    vae = AutoencoderKLHunyuanVideo15(
+        latent_channels=4,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=2,
+        downsample_match_channel=False,
+        upsample_match_channel=False,
+    )
+    config = {**tiny_hunyuan15().config, "in_channels": 9, "text_embed_2_dim": 32, "target_size": 16}
+    return HunyuanVideo15Pipeline(
+        transformer=Transformer(**config).eval(),
+        vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=Qwen2_5_VLTextModel(qwen).eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(byt5).eval(),
+        tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=5.0),
+    )
