@@ -10,6 +10,8 @@ import importlib.util
 import inspect
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,18 +126,34 @@ def generate(
     conditioning = dict(spec.extra)
     if spec.image is not None:
         conditioning["image"] = load_image(spec.image)
-    result = pipe(
-        **text_inputs,
-        **conditioning,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=generator,
-        output_type=output_type,
-        **size,
-    )
+    with _guidance(pipe, guidance) as guidance_inputs:
+        result = pipe(
+            **text_inputs,
+            **conditioning,
+            **guidance_inputs,
+            num_inference_steps=steps,
+            generator=generator,
+            output_type=output_type,
+            **size,
+        )
     if hasattr(result, "frames"):
         return result.frames
     return result.images[:, None] if output_type == "np" else result.images  # an image DiT: one-frame videos
+
+
+@contextmanager
+def _guidance(pipe: Any, guidance: float) -> Iterator[dict[str, float]]:
+    """The keywords that set the guidance scale: `guidance_scale`, or none for a pipeline whose `guider` holds the
+    scale (HunyuanVideo 1.5 takes no `guidance_scale`), whose guider is then set to `guidance` for the call."""
+    if "guidance_scale" in inspect.signature(type(pipe).__call__).parameters or not hasattr(pipe, "guider"):
+        yield {"guidance_scale": guidance}
+        return
+    original = pipe.guider
+    pipe.guider = original.new(guidance_scale=guidance)
+    try:
+        yield {}
+    finally:
+        pipe.guider = original
 
 
 def load_image(path: str) -> Any:

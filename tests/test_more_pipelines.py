@@ -101,7 +101,7 @@ def test_qwen_image_pipeline(cfg, qwen_folder, tmp_path):
 
 
 HY15_STEPS = 4
-HY15_SIZE = {"num_frames": 5, "height": 16, "width": 16, "output_type": "latent"}
+HY15_SIZE = {"num_frames": 5, "height": 16, "width": 16}
 
 
 @pytest.mark.slow
@@ -109,9 +109,10 @@ def test_hunyuan_video15_pipeline(tmp_path):
     """HunyuanVideo 1.5 (slow: its pipeline encodes 1108 text tokens and attends over 1000 of them, about 10 s).
 
     Its guider names the calls `pred_cond` / `pred_uncond`, which the profiler reads as the two CFG branches. The
-    pipeline takes its guidance from the guider, not a `guidance_scale` keyword, so it is called directly here (the
-    harness's `generate`, and so `dit-profile`, passes `guidance_scale`): an all-compute plan reproduces the vanilla
-    latent bit for bit, and a hand-made caching plan skips exactly the planned block calls in both branches."""
+    pipeline takes its guidance from the guider, not a `guidance_scale` keyword: the harness's `generate` (which
+    `dit-profile` and `validate` use) sets the guider for the call and puts the user's guider back. An all-compute plan
+    reproduces the vanilla latent bit for bit, and a hand-made caching plan skips exactly the planned block calls in
+    both branches."""
     from tiny_more_pipelines import hunyuan_video15_pipeline
 
     from dit_accel.profiler.recorder import Recorder
@@ -121,11 +122,13 @@ def test_hunyuan_video15_pipeline(tmp_path):
     pipe = load_pipeline(str(tmp_path / "hy15"))
     transformer = pipe.transformer
 
+    guider = pipe.guider
+
     def run() -> np.ndarray:
-        generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            out = pipe(PROMPTS[0].prompt, num_inference_steps=HY15_STEPS, generator=generator, **HY15_SIZE)
-        return out.frames.numpy()
+            latent = generate(pipe, PROMPTS[0], HY15_STEPS, 5.0, HY15_SIZE, output_type="latent").numpy()
+        assert pipe.guider is guider
+        return latent
 
     recorder = Recorder(transformer, get_adapter(transformer), RecordSettings(num_inference_steps=HY15_STEPS))
     try:
