@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dit_accel.planner import FitOptions, PlannerError, fit_plan
-from dit_accel.planner.adaptive_fit import simulate_bwcache
+from dit_accel.planner.adaptive_fit import simulate_adacache, simulate_bwcache
 from dit_accel.planner.labels import fit_labels
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
 from dit_accel.runtime import COMPUTE, REUSE
@@ -269,3 +269,29 @@ def test_unicp_cache_bound_merges_windows_and_still_meets_the_target(profile):
 def test_the_cache_bound_is_refused_for_other_methods(profile):
     with pytest.raises(PlannerError, match="--max-cache-tensors applies to method unicp"):
         fit_plan([profile], FitOptions(method="auto", target_speedup=1.5, max_cache_tensors=2))
+
+
+def test_adacache_gap_replay_on_the_calibration_profile_is_the_prediction(profile):
+    """bench.adacache_gap replays a plan on any profile; on the one it was fitted on, it gives the plan's prediction."""
+    from dit_accel.bench.adacache_gap import replayed_speedup
+    from dit_accel.planner.profiles import load_profiles
+
+    plan = fit_plan([profile], FitOptions(method="adacache", target_speedup=1.5))
+    pooled, per_prompt = replayed_speedup(plan.policy, load_profiles([profile]))
+    assert pooled == pytest.approx(plan.actions.shape[1] / plan.arrays["expected_compute"][0].sum())
+    assert min(per_prompt) == pytest.approx(plan.predicted["step_speedup_range"][0])
+
+
+def test_moreg_makes_a_prompt_with_more_motion_than_the_calibration_reuse_less(profile):
+    """(m / norm)^8: 10 % more motion than calibrated multiplies the distances by 2.1, so fewer steps reuse; this is
+    why AdaCache's speed on prompts unlike the calibration ones cannot be predicted from the calibration profile."""
+    from dit_accel.bench.adacache_gap import deciding_branch
+    from dit_accel.planner.profiles import load_profiles
+
+    plan = fit_plan([profile], FitOptions(method="adacache", target_speedup=1.5))
+    profiles, probe = load_profiles([profile]), plan.policy["probe_block"]
+    drift = deciding_branch(profiles, "residual_rel_l1", probe)
+    drift[:, 0] = 0.0
+    motion = deciding_branch(profiles, "motion", probe)
+    calibrated = simulate_adacache(plan.policy, drift, motion).sum()
+    assert 0 < simulate_adacache(plan.policy, drift, 1.1 * motion).sum() < calibrated
