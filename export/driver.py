@@ -5,7 +5,8 @@ step to its graph and DWS weights. `OnnxPlanRunner.step` runs one transformer ca
 inputs plus the residual caches and blend weights the graph asks for, and keeps the `cache_out.*` tensors it
 returns, per CFG branch, for the steps that reuse them. For plans whose policy says `reuse: extrapolate`, what it
 feeds back is the returned residual moved one step along its slope since the span's previous computed step, exactly
-as the torch runtime caches it. `denoise` is the flow-matching Euler loop with separate
+as the torch runtime caches it (`slope`: the manifest's `advance` steps); for `reuse: scale`, the hidden-state
+residual times the manifest's `gain` for the step. `denoise` is the flow-matching Euler loop with separate
 cond/uncond calls that Wan-style text-to-video pipelines (and the default model) run.
 
 This module imports only numpy, the standard library, `export.manifest` and (lazily) onnxruntime: no torch.
@@ -81,7 +82,8 @@ class OnnxPlanRunner:
                         f"step {step} of branch '{branch}' reuses cache {key}, which no earlier step computed; run "
                         "steps in order from 0"
                     )
-                feeds[name] = self._advanced(caches[key], slopes.get(key), self._advance(entry, key))
+                moved = self._advanced(caches[key], slopes.get(key), self._advance(entry, key))
+                feeds[name] = self._scaled(moved, entry, key)
             elif name.startswith(BLEND):
                 feeds[name] = np.array([entry["blend"][name]], dtype=np.float32)
             elif name in inputs:
@@ -120,6 +122,13 @@ class OnnxPlanRunner:
         if advance is None:
             return 1.0 if self.reuse_mode == "extrapolate" else 0.0
         return float(advance.get(key.split(".")[0], 0.0))
+
+    @staticmethod
+    def _scaled(residual: np.ndarray, entry: dict[str, Any], key: str) -> np.ndarray:
+        """The cache `key` times the scaled hold's gain at this step (hidden states only; manifest `gain` per span)."""
+        span, stream = key.split(".")[0], key.split(".")[-1]
+        gain = float(entry.get("gain", {}).get(span, 1.0))
+        return residual if gain == 1.0 or stream != "hidden" else residual * np.float32(gain)
 
     @staticmethod
     def _advanced(residual: np.ndarray, slope: np.ndarray | None, advance: float) -> np.ndarray:

@@ -439,6 +439,8 @@ def _manifest(
         entry: dict[str, Any] = {"graph": distinct.index(key), "blend": blend}
         if table.advance is not None:
             entry["advance"] = {str(s): row[step] for s, row in enumerate(table.advance) if row[step] != 0.0}
+        if table.gain is not None:
+            entry["gain"] = {str(s): row[step] for s, row in enumerate(table.gain) if row[step] != 1.0}
         steps.append(entry)
     scheduler = getattr(pipe, "scheduler", None)
     schedule_info: dict[str, Any] = {}

@@ -41,7 +41,7 @@ from dit_accel.harness.cli import (
 METHOD_NAMES = ("profilingdit", "adacache", "bwcache", "unicp", "auto")
 LABEL_RULES = ("threshold", "kmeans")
 GRANULARITY_NAMES = ("block", "label", "stack")
-REUSE_MODE_NAMES = ("hold", "extrapolate", "slope")
+REUSE_MODE_NAMES = ("hold", "extrapolate", "slope", "scale")
 
 
 @click.group(cls=OneLineErrorGroup, invoke_without_command=True, context_settings=CONTEXT_SETTINGS)
@@ -107,8 +107,9 @@ def main(ctx: click.Context) -> None:
     type=click.Choice(REUSE_MODE_NAMES),
     help=(
         "auto: reuse steps add the cached residual as it is (hold), moved along its slope by amounts fitted per run "
-        "position (slope), or one step along it (extrapolate: the v1 solver). Default: the best measured of hold and "
-        "slope."
+        "position (slope), scaled by gains fitted per step and run position (scale: the residual's magnitude shrinks "
+        "over the steps), or one step along its slope (extrapolate: the v1 solver). Default: the best measured of "
+        "hold, slope and scale (scale where the profile recorded stack_residual_sq)."
     ),
 )
 @click.option(
@@ -122,6 +123,12 @@ def main(ctx: click.Context) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Pruned / full attention wall time measured on the target device (the GPU suite's pruned-attention row); "
     "pruning is chosen only where that makes a block cheaper (>= 1: never). Default: FLOPs at the kernel rank.",
+)
+@click.option(
+    "--refine-rounds",
+    type=click.IntRange(0),
+    help="auto, with the closed loop: rounds of measured local search after it (each moves one computed step by one "
+    "or two steps, keeps the move that best lowers the worst-quarter measured error; 0: off). Default: 3.",
 )
 @click.option("--sign-key-file", help="Sign the plan with the secret key in this file (HMAC-SHA256).")
 @click.option(
@@ -152,8 +159,9 @@ def fit(
     """Fit a plan from one or more profiles of the same model.
 
     `auto` on profiles with measured reuse costs searches the exact least-cost schedule and, with the closed loop
-    (default), measures its candidates on the calibration prompts: it refuses a plan that measures more than 3 dB
-    worse than predicted, naming the speedup that passes. Steps, guidance and video size are the profiles'.
+    (default), measures its candidates on the calibration prompts and refines the best by measured local search: it
+    refuses a plan that measures more than 3 dB worse than predicted, naming the next slower speedup that passes.
+    Steps, guidance and video size are the profiles'.
     """
     from dit_accel.harness.checks import check_output_file
     from dit_accel.runtime.plan import read_key_file, save_plan
@@ -197,6 +205,12 @@ def _render_fit(report: dict[str, Any]) -> str:
             f"\nclosed loop on {loop['prompts']} calibration prompt(s), {len(loop['candidates'])} candidate(s): "
             f"measured error worst {loop['measured_worst']:.4g}, mean {loop['measured_mean']:.4g}"
         )
+        refinement = loop.get("refinement")
+        if refinement:
+            line += (
+                f"\nrefinement: {refinement['rounds']} move(s) kept of {refinement['tried']} tried, "
+                f"{loop['generations']} generations in all"
+            )
     return line
 
 

@@ -3,13 +3,14 @@
 The error model ranks schedules from teacher-forced, per-step measurements; how errors compound over a whole
 generation it only approximates. So `dit-plan fit` (for `auto`, by default) runs the pipeline: once without a plan
 per calibration prompt (the reference), then once per candidate plan, and measures ‖x − x_ref‖ / ‖x_ref‖ of the final
-latents (no decoding). The candidate with the least worst-prompt error is kept, and every candidate's predicted and
-measured errors go into the plan (`predicted["closed_loop"]`), so `dit-plan inspect` shows how far to trust the
-prediction.
+latents (no decoding). The candidate with the least robust measured error (`tail_error`: the mean over the worst
+quarter of the prompts) is kept, and every candidate's predicted and measured errors go into the plan
+(`predicted["closed_loop"]`), so `dit-plan inspect` shows how far to trust the prediction.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ from .errors import PlannerError
 
 #: A plan whose measured worst-prompt error exceeds its prediction by more than this (3 dB) fails its closed loop.
 FAIL_RATIO = 10 ** (3 / 20)
+#: Share of the calibration prompts whose errors make up the robust measured error (at least one prompt).
+TAIL_SHARE = 0.25
 #: Significant digits kept of measured errors, so that plans stay byte-identical across runs on one machine.
 DIGITS = 4
 
@@ -46,15 +49,29 @@ class ClosedLoop:
             raise PlannerError("the closed loop needs at least one calibration prompt")
         self._references: dict[int, list[torch.Tensor]] = {}
         self._bar: Any = None
+        #: Generations run so far (references included): what the closed loop has cost.
+        self.generations = 0
 
-    def measure(self, plan: Plan) -> np.ndarray:
-        """Relative final-latent error of `plan` on every calibration prompt ([prompt], rounded to `DIGITS`)."""
+    def measure(self, plan: Plan, order: Sequence[int] | None = None, beat: float | None = None) -> np.ndarray:
+        """Relative final-latent error of `plan` on every calibration prompt ([prompt], rounded to `DIGITS`).
+
+        Args:
+            plan: the plan to replay.
+            order: the order to generate the prompts in (default: as given); put the likely worst first.
+            beat: stop as soon as the measured prompts prove `tail_error` cannot fall below this; the prompts not
+                generated are NaN then.
+        """
         steps = plan.num_inference_steps
         references = self._reference(steps)
+        errors = np.full(len(self.prompts), np.nan)
         with apply_plan(self.pipe, plan):
-            latents = [self._latent(spec, steps) for spec in self.prompts]
-        errors = [float((x - ref).norm() / ref.norm().clamp_min(1e-12)) for x, ref in zip(latents, references)]
-        return np.array([_round(e) for e in errors])
+            for index in range(len(self.prompts)) if order is None else order:
+                x, ref = self._latent(self.prompts[index], steps), references[index]
+                error = float((x - ref).norm() / ref.norm().clamp_min(1e-12))
+                errors[index] = _round(error) if np.isfinite(error) else np.inf
+                if beat is not None and tail_error(errors) >= beat:
+                    break
+        return errors
 
     def _reference(self, steps: int) -> list[torch.Tensor]:
         if steps not in self._references:
@@ -64,6 +81,7 @@ class ClosedLoop:
     def _latent(self, spec: PromptSpec, steps: int) -> torch.Tensor:
         with torch.no_grad():
             frames = generate(self.pipe, spec, steps, self.guidance, self.size, output_type="latent")
+        self.generations += 1
         self._tick()
         return frames.float()
 
@@ -78,12 +96,24 @@ class ClosedLoop:
         self._bar.update(1)
 
 
+def tail_error(errors: np.ndarray) -> float:
+    """Robust measured error: the mean of the worst `TAIL_SHARE` of the prompts' errors (NaN = not measured).
+
+    With prompts missing it is a lower bound of the full value (their errors can only add to the worst quarter), which
+    is what lets `ClosedLoop.measure` stop early.
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    tail = max(1, math.ceil(errors.size * TAIL_SHARE))
+    worst = np.sort(np.nan_to_num(errors, nan=0.0, posinf=np.inf))[::-1][:tail]
+    return float(worst.sum() / tail)
+
+
 def _round(value: float) -> float:
     return float(f"{value:.{DIGITS - 1}e}") if np.isfinite(value) else value
 
 
 def closed_loop_from_profile(
-    pipe: Any, prompts: Sequence[Any], settings: dict[str, Any], limit: int = 6, progress: bool = False
+    pipe: Any, prompts: Sequence[Any], settings: dict[str, Any], limit: int = 12, progress: bool = False
 ) -> ClosedLoop:
     """A closed loop on the first `limit` profiled prompts, with the guidance and size the profile was recorded at."""
     specs = [PromptSpec(p.prompt, p.negative_prompt, p.seed) for p in prompts[:limit]]

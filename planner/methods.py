@@ -41,21 +41,23 @@ from .adaptive_fit import (
     simulate_bwcache,
     unprotected,
 )
-from .closed_loop import FAIL_RATIO, ClosedLoop
+from .closed_loop import FAIL_RATIO, ClosedLoop, tail_error
 from .drift import build_predictor, normalised_drift, sensitivity_weights
 from .errors import PlannerError
 from .labels import BlockLabels, fit_labels
 from .pca import PcaBases, fit_pca_bases, pruned_block_flops
 from .predict import Predictor, step_weights
 from .profiles import ProfileSet, load_profiles
-from .reuse_costs import REUSE_COST_FIELDS, ReuseCosts, reuse_costs
-from .search import SearchResult, cell_costs, search, walk_cost
+from .refine import DEFAULT_ROUNDS, Refinement, evenly_spaced, refine
+from .reuse_costs import REUSE_COST_FIELDS, SCALED_HOLD_FIELD, ReuseCosts, reuse_costs
+from .search import ROBUST, SearchResult, cell_costs, search, walk_cost
 from .shapes import (
     blending_blocks,
     corrector_fronts,
     edcw_actions,
     group_spans,
     interval_row,
+    longest_reuse_run,
     merge_windows,
     protected_steps,
 )
@@ -66,8 +68,16 @@ PLANNER_VERSION = "0.1.0"
 ERROR_MODEL = "stale-drift-v1"
 ERROR_MODEL_SENSITIVITY = "stale-drift-v1+step-sensitivity"
 ERROR_MODEL_MEASURED = "measured-reuse-v2"
-#: The schedules `auto` searches on measured reuse costs: (reuse mode, robust aggregate over prompts).
-MEASURED_CANDIDATES = (("slope", "max"), ("slope", "mean"), ("hold", "max"), ("hold", "mean"))
+#: The schedules `auto` searches on measured reuse costs: (reuse mode, robust aggregate over prompts); the scaled
+#: hold only where the profile recorded the residual norms it needs.
+MEASURED_CANDIDATES = (
+    ("slope", "max"),
+    ("slope", "mean"),
+    ("hold", "max"),
+    ("hold", "mean"),
+    ("scale", "max"),
+    ("scale", "mean"),
+)
 METHODS = ("profilingdit", "adacache", "bwcache", "unicp", "auto")
 LABEL_FIELDS = ("attention_received", "foreground")
 FEATURE_FIELDS = ("feature_queries", "feature_keys")
@@ -104,6 +114,7 @@ class FitOptions:
     refresh: str | None = None
     probe: str | None = None
     max_cache_tensors: int | None = None
+    refine_rounds: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -532,7 +543,7 @@ def measured_search_applies(context: FitContext) -> bool:
         context.profiles.has(*REUSE_COST_FIELDS)
         and options.granularity == "stack"
         and not options.prune
-        and options.reuse in (None, "hold", "slope")
+        and options.reuse in (None, "hold", "slope", "scale")
     )
 
 
@@ -540,9 +551,10 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     """`auto` on measured reuse costs: exact search per reuse mode and robust aggregate, then the closed loop.
 
     Without a budget it aims at a 2x FLOP speedup. Only step 0 (nothing cached) and the steps the user forces with
-    --warmup / --protect-last always compute. With a closed loop, candidates also include corrector schedules (the
-    first `front` blocks computed at every step, the rest of the stack reused as one span: cache-dit's DBCache Fn),
-    priced by their FLOPs and by the closed loop's measurement; `options.front_blocks` fixes the front instead.
+    --warmup / --protect-last always compute. With a closed loop, candidates also include evenly spaced schedules and
+    corrector schedules (the first `front` blocks computed at every step, the rest of the stack reused as one span:
+    cache-dit's DBCache Fn), priced by their FLOPs and by the closed loop's measurement (`options.front_blocks` fixes
+    the front instead), and the best is refined by measured local search (`refine.py`).
     """
     options = context.options
     budget = context.budget if context.budget.given else Budget(target_speedup=AUTO_DEFAULT_SPEEDUP)
@@ -552,30 +564,23 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
     forced[: options.warmup or 0] = True
     if options.protect_last:
         forced[context.steps - options.protect_last :] = True
-    modes = [(m, r) for m, r in MEASURED_CANDIDATES if options.reuse in (None, m)]
+    available = ("hold", "slope", "scale") if costs.scaled is not None else ("hold", "slope")
+    modes = [(m, r) for m, r in MEASURED_CANDIDATES if options.reuse in (None, m) and m in available]
+    if not modes:
+        raise PlannerError("--reuse scale needs profile field stack_residual_sq, which this profile lacks; re-profile")
     fronts = _fronts(context, closed_loop)
     candidates = _measured_candidates(context, costs, weights, forced, budget, modes, fronts[0])
+    best, record = candidates[0], None
     if closed_loop is not None:
-        _measure(context, candidates, closed_loop)
-        best = _least_measured(candidates)
-        for front in fronts[1:]:  # corrector depths, tried with the best plain candidate's mode and aggregate
-            mode = [(best["mode"], best["robust"])]
-            extra = _measured_candidates(context, costs, weights, forced, budget, mode, front, optional=True)
-            candidates += _measure(context, extra, closed_loop)
-        best = _least_measured(candidates)
-        _check_closed_loop(context, best, costs, weights, forced, modes, closed_loop)
-    else:
-        best = candidates[0]
-    policy = {"kind": "static", "reuse": best["mode"]}
-    if best["mode"] == "slope":
-        policy["slope_scale"] = [float(b) for b in costs.beta]
+        best, record = _measured_pick(context, candidates, costs, weights, forced, budget, modes, fronts, closed_loop)
+    policy, arrays = reuse_policy(best["mode"], costs)
     predicted = {
         **context.predictor.summary(best["actions"]),
         "error": best["error"],
         "error_model": ERROR_MODEL_MEASURED,
     }
-    if closed_loop is not None:
-        predicted["closed_loop"] = _closed_loop_summary(candidates, best)
+    if record is not None:
+        predicted["closed_loop"] = record
     chosen = {
         "budget": budget.to_json(),
         "reuse": best["mode"],
@@ -583,7 +588,48 @@ def fit_auto_measured(context: FitContext, closed_loop: ClosedLoop | None) -> Me
         "max_run": costs.max_run,
         "front_blocks": best["front"],
     }
-    return MethodResult(best["actions"], policy, predicted, chosen)
+    return MethodResult(best["actions"], policy, predicted, chosen, arrays)
+
+
+def reuse_policy(mode: str, costs: ReuseCosts) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A static plan's policy and extra arrays for a reuse mode: the fitted slope scales (`slope`) or the scaled
+    hold's gains per step and run position (`scale`, plan array `reuse_gain`)."""
+    policy: dict[str, Any] = {"kind": "static", "reuse": mode}
+    if mode == "slope":
+        policy["slope_scale"] = [float(b) for b in costs.beta]
+    if mode == "scale":
+        return policy, {"reuse_gain": costs.gain.astype(np.float32)}
+    return policy, {}
+
+
+def _measured_pick(
+    context: FitContext,
+    candidates: list[dict[str, Any]],
+    costs: ReuseCosts,
+    weights: np.ndarray,
+    forced: np.ndarray,
+    budget: Budget,
+    modes: Sequence[tuple[str, str]],
+    fronts: tuple[int, ...],
+    closed_loop: ClosedLoop,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The closed loop's pick among the searched `candidates`, and what the plan records of it.
+
+    Adds the evenly spaced starts, measures everything, tries the corrector depths with the best plain candidate's
+    mode, refines the best by measured local search, and keeps the best candidate that passes its closed loop.
+    """
+    start = closed_loop.generations
+    candidates = candidates + _even_candidates(context, costs, weights, forced, candidates, modes)
+    _measure(context, candidates, closed_loop)
+    best = _least_measured(candidates)
+    for front in fronts[1:]:
+        mode = [(best["mode"], best["robust"] if best["robust"] in ROBUST else "max")]
+        extra = _measured_candidates(context, costs, weights, forced, budget, mode, front, optional=True)
+        candidates += _measure(context, extra, closed_loop)
+    refinement, refined = _refine(context, _least_measured(candidates), costs, weights, forced, closed_loop)
+    candidates += refined
+    best = _passing_best(context, candidates, costs, weights, forced, modes, closed_loop)
+    return best, _closed_loop_summary(candidates, best, refinement, closed_loop.generations - start)
 
 
 def _fronts(context: FitContext, closed_loop: ClosedLoop | None) -> tuple[int, ...]:
@@ -611,7 +657,9 @@ def measured_costs(context: FitContext) -> ReuseCosts:
     profiles = context.profiles
     lags = profiles.stack("reuse_gram").shape[-1]
     runs = min((lags - 1) // 2, context.options.max_reuse or lags)
-    return reuse_costs(profiles.stack("reuse_gram"), profiles.stack("stack_output_sq"), max_run=runs)
+    residual_sq = profiles.stack(SCALED_HOLD_FIELD) if profiles.has(SCALED_HOLD_FIELD) else None
+    gram, output_sq = profiles.stack("reuse_gram"), profiles.stack("stack_output_sq")
+    return reuse_costs(gram, output_sq, max_run=runs, residual_sq=residual_sq)
 
 
 def measured_weights(context: FitContext, costs: ReuseCosts) -> np.ndarray:
@@ -662,8 +710,59 @@ def _measure(context: FitContext, candidates: list[dict[str, Any]], closed_loop:
 
 
 def _least_measured(candidates: list[dict[str, Any]]) -> dict[str, Any]:
-    """The candidate with the least measured worst-prompt error (the faster one on a tie)."""
-    return min(candidates, key=lambda c: (float(c["measured"].max()), -c["speedup"]))
+    """The candidate with the least robust measured error (`tail_error`; the faster one on a tie)."""
+    return min(candidates, key=lambda c: (tail_error(c["measured"]), -c["speedup"]))
+
+
+def _even_candidates(
+    context: FitContext,
+    costs: ReuseCosts,
+    weights: np.ndarray,
+    forced: np.ndarray,
+    searched: list[dict[str, Any]],
+    modes: Sequence[tuple[str, str]],
+) -> list[dict[str, Any]]:
+    """Evenly spaced schedules with as many computed steps as the first searched candidate, one per reuse mode: starts
+    for the closed loop away from the cost model's picks (none when a forced step falls off them, a run outruns the
+    measured costs, or a searched candidate is the same)."""
+    fixed = forced.copy()
+    fixed[0] = True
+    reuse = evenly_spaced(context.steps, int((~searched[0]["reuse"]).sum()), fixed)
+    if reuse is None or longest_reuse_run(np.where(reuse, REUSE, COMPUTE)) > costs.max_run:
+        return []
+    return [
+        measured_candidate(context, costs, weights, (mode, "even"), reuse)
+        for mode in dict.fromkeys(m for m, _ in modes)
+        if not any(c["mode"] == mode and np.array_equal(c["reuse"], reuse) for c in searched)
+    ]
+
+
+def _refine(
+    context: FitContext,
+    start: dict[str, Any],
+    costs: ReuseCosts,
+    weights: np.ndarray,
+    forced: np.ndarray,
+    closed_loop: ClosedLoop,
+) -> tuple[Refinement, list[dict[str, Any]]]:
+    """Refine the best measured candidate by measured local search (`refine.py`), keeping its mode and front; the
+    refinement, and its kept schedule as a closed-loop candidate (none when no move helped)."""
+    mode = (start["mode"], start["robust"])
+
+    def measure(reuse: np.ndarray, order: list[int], bound: float | None) -> np.ndarray:
+        trial = measured_candidate(context, costs, weights, mode, reuse, start["front"])
+        return closed_loop.measure(candidate_plan(context, trial), order, bound)
+
+    fixed = forced.copy()
+    fixed[0] = True
+    rounds = DEFAULT_ROUNDS if context.options.refine_rounds is None else context.options.refine_rounds
+    result = refine(start["reuse"], start["measured"], measure, fixed, costs.max_run, rounds)
+    if not result.rounds:
+        return result, []
+    refined = measured_candidate(context, costs, weights, mode, result.reuse, start["front"])
+    refined["measured"] = result.errors
+    refined["refined"] = True
+    return result, [refined]
 
 
 def _schedule_with(
@@ -702,25 +801,37 @@ def measured_candidate(
         "reuse": reuse,
         "error": worst,
         "speedup": predictor.speedup(actions),
-        "beta": costs.beta,
+        "costs": costs,
     }
 
 
-def _closed_loop_summary(candidates: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
-    """What the plan records of its closed loop: every candidate's prediction next to its measurement."""
+def _closed_loop_summary(
+    candidates: list[dict[str, Any]], best: dict[str, Any], refinement: Refinement, generations: int
+) -> dict[str, Any]:
+    """What the plan records of its closed loop: every candidate's prediction next to its measurement, what
+    refinement tried and kept, and how many generations it all took."""
     return {
         "prompts": int(best["measured"].size),
         "measured_worst": float(best["measured"].max()),
         "measured_mean": float(best["measured"].mean()),
+        "measured_tail": tail_error(best["measured"]),
+        "generations": generations,
+        "refinement": {
+            "rounds": refinement.rounds,
+            "tried": refinement.tried,
+            "moves": [list(move) for move in refinement.moves],
+        },
         "candidates": [
             {
                 "reuse": c["mode"],
                 "objective": c["robust"],
                 "front_blocks": c["front"],
+                "refined": bool(c.get("refined", False)),
                 "speedup": float(c["speedup"]),
                 "predicted": float(c["error"]),
                 "measured_worst": float(c["measured"].max()),
                 "measured_mean": float(c["measured"].mean()),
+                "measured_tail": tail_error(c["measured"]),
             }
             for c in candidates
         ],
@@ -763,9 +874,7 @@ def _stack_speedup(predictor: Predictor, steps: int, computed: int, front: int =
 
 def candidate_plan(context: FitContext, candidate: dict[str, Any]) -> Plan:
     """The bare plan of one measured candidate (schedule, spans, reuse policy): what the closed loop replays."""
-    policy = {"kind": "static", "reuse": candidate["mode"]}
-    if candidate["mode"] == "slope":
-        policy["slope_scale"] = [float(b) for b in candidate["beta"]]
+    policy, arrays = reuse_policy(candidate["mode"], candidate["costs"])
     header = context.profiles.header
     return Plan(
         model=header.fingerprint,
@@ -774,43 +883,50 @@ def candidate_plan(context: FitContext, candidate: dict[str, Any]) -> Plan:
         actions=candidate["actions"],
         spans=group_spans(candidate["actions"]),
         policy=policy,
+        arrays=arrays,
     )
 
 
-def _check_closed_loop(
+def _passes(candidate: dict[str, Any]) -> bool:
+    """Whether a measured candidate passes its closed loop: worst prompt within 3 dB of its predicted error."""
+    return float(candidate["measured"].max()) <= candidate["error"] * FAIL_RATIO
+
+
+def _passing_best(
     context: FitContext,
-    best: dict[str, Any],
+    candidates: list[dict[str, Any]],
     costs: ReuseCosts,
     weights: np.ndarray,
     forced: np.ndarray,
     modes: Sequence[tuple[str, str]],
     closed_loop: ClosedLoop,
-) -> None:
-    """Refuse a plan whose measured worst-prompt error exceeds its prediction by more than 3 dB.
+) -> dict[str, Any]:
+    """The least measured candidate among those that pass their closed loop.
 
-    The refusal names the fastest speedup whose best schedule passes (found by bisection on the computed steps).
+    Raises:
+        PlannerError: none passes; the message names the next slower schedule that does (tried one computed step
+            more at a time: slower schedules need not pass more easily, since the test is against each one's own
+            prediction).
     """
+    passing = [c for c in candidates if _passes(c)]
+    if passing:
+        return _least_measured(passing)
+    best = _least_measured(candidates)
     worst = float(best["measured"].max())
-    if worst <= best["error"] * FAIL_RATIO:
-        return
-    low, high = int((~best["reuse"]).sum()) + 1, context.steps
     result = search(cell_costs(costs, *modes[0]), weights, forced)
-    passing = context.steps
-    while low <= high:
-        middle = (low + high) // 2
-        trial = _schedule_with(context, costs, weights, modes[0], result, middle)
-        if (
-            trial is not None
-            and float(closed_loop.measure(candidate_plan(context, trial)).max()) <= trial["error"] * FAIL_RATIO
-        ):
-            passing, high = middle, middle - 1
-        else:
-            low = middle + 1
-    reachable = _stack_speedup(context.predictor, context.steps, passing)
+    slower = "no slower schedule passes either"
+    for computed in range(int((~best["reuse"]).sum()) + 1, context.steps):
+        trial = _schedule_with(context, costs, weights, modes[0], result, computed)
+        if trial is None:
+            continue
+        trial["measured"] = closed_loop.measure(candidate_plan(context, trial))
+        if _passes(trial):
+            slower = f"the next slower schedule that passes is {trial['speedup']:.2f}x"
+            break
     raise PlannerError(
         f"the {best['speedup']:.2f}x plan fails its closed loop: worst calibration prompt measured error {worst:.4g}, "
         f"{20 * np.log10(worst / max(best['error'], 1e-12)):.1f} dB worse than predicted ({best['error']:.4g}); "
-        f"at most {reachable:.2f}x passes at {context.steps} steps (more steps, or a lower --target-speedup)"
+        f"{slower} at {context.steps} steps (more steps, or a lower --target-speedup)"
     )
 
 

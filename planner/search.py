@@ -22,7 +22,7 @@ from .errors import PlannerError
 from .reuse_costs import ReuseCosts
 
 ROBUST = ("max", "mean")
-REUSE_MODES = ("hold", "slope")
+REUSE_MODES = ("hold", "slope", "scale")
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,15 @@ class SearchResult:
 def cell_costs(costs: ReuseCosts, mode: str, robust: str) -> np.ndarray:
     """[step, run position j (1…K), previous gap g (0 = none, 1…G)] robust error of reusing there.
 
-    With no previous gap (one computed step so far) or in `hold` mode, the cost is the plain hold's.
+    With no previous gap (one computed step so far) or in `hold` mode, the cost is the plain hold's; in `scale` mode,
+    the scaled hold's at every gap.
     """
     if mode not in REUSE_MODES or robust not in ROBUST:
         raise PlannerError(f"unknown reuse mode {mode!r} or robust aggregate {robust!r}")
+    if mode == "scale" and costs.scaled is None:
+        raise PlannerError("the scaled hold needs profile field stack_residual_sq; re-profile")
     reduce = np.max if robust == "max" else np.mean
-    hold = reduce(costs.hold, axis=0)
+    hold = reduce(costs.scaled if mode == "scale" else costs.hold, axis=0)
     steps, runs = hold.shape
     table = np.empty((steps, runs, costs.max_gap + 1))
     table[:] = hold[:, :, None]

@@ -99,6 +99,7 @@ class ProbeState(StepState):
         self.stack_dots: dict[tuple[int, int], torch.Tensor] = {}
         self.reuse_gram: torch.Tensor | None = None
         self.stack_output_sq: torch.Tensor | None = None
+        self.stack_residual_sq: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.__init__(self.num_steps, self.num_blocks)
@@ -402,7 +403,7 @@ class Recorder:
             self.final_latent = hidden[self.cond_row].detach().float().cpu().numpy()
 
     def observe_stack(self, state: ProbeState, residual: torch.Tensor, output: torch.Tensor) -> None:
-        """Record the Gram matrix of `R_{s−i} − R_s` (i = 1 … L) for the whole-stack residual R, and ‖h_out‖².
+        """Record the Gram matrix of `R_{s−i} − R_s` (i = 1 … L) for the whole-stack residual R, ‖h_out‖² and ‖R_s‖².
 
         Only ⟨R_s, R_{s−i}⟩ is new at step s; earlier pairs are kept, so a step costs L + 1 dot products (in float64,
         since the Gram of differences is a small difference of large dot products). The planner derives every reuse
@@ -417,6 +418,7 @@ class Recorder:
                 (state.num_steps, lags, lags, batch), math.nan, dtype=torch.float64, device=device
             )
             state.stack_output_sq = torch.full((state.num_steps, batch), math.nan, dtype=torch.float64, device=device)
+            state.stack_residual_sq = state.stack_output_sq.clone()
         current = residual.detach()
         state.stack_history = {s: r for s, r in state.stack_history.items() if step - lags <= s < step}
         state.stack_dots = {k: v for k, v in state.stack_dots.items() if min(k) >= step - lags}
@@ -424,6 +426,7 @@ class Recorder:
             state.stack_dots[(earlier, step)] = _dots(current, past)
         state.stack_output_sq[step] = _dots(output, output)
         here = state.stack_dots[(step, step)]
+        state.stack_residual_sq[step] = here
         for i in range(1, lags + 1):
             for k in range(i, lags + 1):
                 a, b = step - i, step - k
@@ -520,6 +523,7 @@ class Recorder:
         if self.settings.recorded_lags:
             arrays["reuse_gram"] = np.stack([per_branch[b]["reuse_gram"] for b in branch_names])
             arrays["stack_output_sq"] = np.stack([per_branch[b]["stack_output_sq"] for b in branch_names])
+            arrays["stack_residual_sq"] = np.stack([per_branch[b]["stack_residual_sq"] for b in branch_names])
         if self.settings.record_attention:
             arrays["attention_steps"] = np.asarray(self.attention_steps, np.int32)
             arrays["query_index"] = (
@@ -560,9 +564,10 @@ class Recorder:
                 if gram is not None
                 else np.full((steps, lags, lags), np.nan, np.float32)
             )
-            metrics["stack_output_sq"] = (
-                output_sq[:, row].float().cpu().numpy() if output_sq is not None else np.full(steps, np.nan, np.float32)
-            )
+            for name, values in (("stack_output_sq", output_sq), ("stack_residual_sq", state.stack_residual_sq)):
+                metrics[name] = (
+                    values[:, row].float().cpu().numpy() if values is not None else np.full(steps, np.nan, np.float32)
+                )
             result[branch] = metrics
         return result
 

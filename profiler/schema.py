@@ -122,6 +122,7 @@ FIELDS: dict[str, Field] = {
     "step_sensitivity": Field("sensitivity/final_error", ("step",), "float32", _DRIFT),
     "reuse_gram": Field("reuse/gram", ("branch", "step", "lag", "lag"), "float32", Values(nan_means_unrecorded=True)),
     "stack_output_sq": Field("reuse/stack_output_sq", ("branch", "step"), "float32", _DRIFT),
+    "stack_residual_sq": Field("reuse/stack_residual_sq", ("branch", "step"), "float32", _DRIFT),
 }
 _ROOT_ARRAYS = {
     "timesteps": ("timesteps", ("step",), "float64", Values()),

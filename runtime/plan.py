@@ -702,6 +702,10 @@ def _check_arrays(plan: Plan) -> None:
         "cost.other_flops": (1,),
     }
     _expect(len(plan.arrays) <= MAX_TENSORS, f"the plan holds {len(plan.arrays)} extra arrays, more than {MAX_TENSORS}")
+    _expect(
+        plan.policy.get("reuse") != "scale" or "reuse_gain" in plan.arrays,
+        "plan policy 'reuse: scale' needs array 'reuse_gain'; refit the plan",
+    )
     for name, array in plan.arrays.items():
         _expect(_is_name(name) and not name.startswith("/"), f"extra array name {_show(name)} is not a valid name")
         _expect(isinstance(array, np.ndarray), f"extra array {name!r} is not an array")
@@ -719,6 +723,13 @@ def _check_arrays(plan: Plan) -> None:
                 array.dtype.kind in "fiu" and array.shape == expected,
                 f"plan array {name!r} must be numbers of shape {expected}, got {array.dtype} {array.shape}",
             )
+        if name == "reuse_gain":
+            _expect(
+                array.dtype.kind == "f" and array.ndim == 2 and array.shape[0] == steps and array.shape[1] >= 1,
+                f"plan array 'reuse_gain' must be floats of shape ({steps}, run positions), got {array.dtype} "
+                f"{array.shape}",
+            )
+            _expect(bool(np.all((array >= 0) & (array <= 2))), "plan array 'reuse_gain' must hold gains in [0, 2]")
         if name in _SHARE_ARRAYS:
             _expect(bool(np.all((array >= 0) & (array <= 1))), f"plan array {name!r} must hold values in [0, 1]")
         if name in _COST_ARRAYS:

@@ -9,8 +9,10 @@ Hooks installed:
 * a *block hook* on every block, which on a compute step runs the block (recording the span's residual when a
   reuse step or a blended prune step follows), on a prune step runs it with PCA-projected attention scores
   (blending with the cached output by the plan's DWS weight), and on a reuse step returns its input plus the
-  residual cached at the span's last computed step (plans with policy `reuse: extrapolate`: that residual moved one
-  step along its slope since the span's previous computed step). A span of contiguous blocks is cached as one tensor:
+  residual cached at the span's last computed step (policy `reuse: extrapolate` / `slope`: that residual moved one
+  step / a fitted amount along its slope since the span's previous computed step; `reuse: scale`: the hidden-state
+  residual times the plan's `reuse_gain` for the step and run position, the encoder stream's as cached). A span of
+  contiguous blocks is cached as one tensor:
   its first block adds the residual, the others pass their input through;
 * an *attention hook* on the self-attention of blocks that have prune steps (see `dit_accel.runtime.pruning`).
 
@@ -22,7 +24,8 @@ per batch row, so the halves never mix either.
 Under `torch.compile`, every per-call decision (step, run length, step table, adaptive policy, extrapolation slopes)
 is taken by code wrapped in `torch.compiler.disable`, as diffusers' own cache hooks do. What the compiled graph
 reads is the call's `StepActions` value, which Dynamo guards by value: one graph per distinct action set of the
-plan, never one per step, and no recompilation from one generation to the next.
+plan, never one per step, and no recompilation from one generation to the next (a `scale` plan's gains differ
+from one reuse step to the next, so there its reuse steps get a graph each).
 
 Example:
     >>> handle = apply_plan(pipe, load_plan("model.plan"))
@@ -365,8 +368,10 @@ class BlockHook(ModelHook):
 
     def _reuse(self, state: BranchState, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         if self.is_first:
-            hidden_residual, encoder_residual = self._cached(state, state.current_actions().advance[self.span_index])
-            hidden = hidden + hidden_residual
+            actions = state.current_actions()
+            hidden_residual, encoder_residual = self._cached(state, actions.advance[self.span_index])
+            gain = actions.gain[self.span_index]
+            hidden = hidden + (hidden_residual if gain == 1.0 else hidden_residual * gain)
             if encoder_residual is not None:
                 encoder = encoder + encoder_residual
         return pack_block_outputs(self.spec, hidden, encoder)

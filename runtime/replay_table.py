@@ -26,7 +26,7 @@ MIN_STEP_RATIO, MAX_STEP_RATIO = 0.5, 2.0
 #: What a reuse step adds (plan policy key `reuse`): the span's last residual R as it is (`hold`), or R moved along its
 #: slope D between the last two stored residuals: one step of it at every reuse step (`extrapolate`), or β_j steps at
 #: the j-th step of a reuse run, β from the plan's `slope_scale` list (`slope`, fitted by the planner).
-REUSE_MODES = ("hold", "extrapolate", "slope")
+REUSE_MODES = ("hold", "extrapolate", "slope", "scale")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class StepActions:
     Per span: `reuse` (add the cached residual), `store` (cache the residual after computing), `slope`, the
     factor 1 / (steps since the span's previous stored residual) that turns their difference into a per-step slope,
     `None` when there is none or the plan holds its residuals, and `advance`, how many steps along that slope the
-    cached residual is moved where it is used (0 for a plain hold). Per block: `prune` and `blend` (DWS weight). The
+    cached residual is moved where it is used (0 for a plain hold), and `gain`, the factor the cached residual is scaled
+    by where it is used (1 but for the scaled hold). Per block: `prune` and `blend` (DWS weight). The
     values are plain Python constants compared by value, which is what `torch.compile` guards on: steps with equal
     actions share one graph.
     """
@@ -47,12 +48,18 @@ class StepActions:
     blend: tuple[float, ...]
     slope: tuple[float | None, ...]
     advance: tuple[float, ...]
+    gain: tuple[float, ...]
 
     def reusing_all(self) -> StepActions:
         """These actions with every span reusing and nothing stored (an adaptive policy's whole-stack reuse)."""
         spans = len(self.reuse)
         return replace(
-            self, reuse=(True,) * spans, store=(False,) * spans, slope=(None,) * spans, advance=(0.0,) * spans
+            self,
+            reuse=(True,) * spans,
+            store=(False,) * spans,
+            slope=(None,) * spans,
+            advance=(0.0,) * spans,
+            gain=(1.0,) * spans,
         )
 
     def with_slopes(self, step: int, stored_at: dict[int, int]) -> StepActions:
@@ -72,9 +79,10 @@ class StepActions:
 
 @dataclass(frozen=True)
 class StepTable:
-    """Static decisions for one run length: per span `reuse`/`store`/`advance`, per block `prune`/`blend` (DWS weight).
+    """Static decisions for one run length: per span `reuse`/`store`/`advance`/`gain`, per block `prune`/`blend` (DWS
+    weight).
 
-    `advance` defaults to 0 everywhere (a plain hold).
+    `advance` defaults to 0 everywhere (a plain hold), `gain` to 1.
     """
 
     steps: int
@@ -83,6 +91,7 @@ class StepTable:
     prune: tuple[tuple[bool, ...], ...]
     blend: tuple[tuple[float, ...], ...]
     advance: tuple[tuple[float, ...], ...] | None = None
+    gain: tuple[tuple[float, ...], ...] | None = None
     _actions: tuple[StepActions, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -94,7 +103,8 @@ class StepTable:
             prune = tuple(row[step] for row in self.prune)
             blend = tuple(row[step] for row in self.blend)
             advance = tuple(row[step] for row in self.advance) if self.advance is not None else (0.0,) * len(reuse)
-            actions.append(StepActions(reuse, store, prune, blend, (None,) * len(reuse), advance))
+            gain = tuple(row[step] for row in self.gain) if self.gain is not None else (1.0,) * len(reuse)
+            actions.append(StepActions(reuse, store, prune, blend, (None,) * len(reuse), advance, gain))
         object.__setattr__(self, "_actions", tuple(actions))
 
     def at(self, step: int) -> StepActions:
@@ -137,19 +147,21 @@ def build_table(
     blend: np.ndarray | None,
     store_always: bool,
     slope_scale: tuple[float, ...] = (),
+    gains: np.ndarray | None = None,
 ) -> StepTable:
     """Decisions for one run length from (possibly remapped) actions.
 
     A span stores its residual after a computed step when the next step reuses it or prunes with a blend (DWS needs
     the cached output); `store_always` (adaptive policies, which decide online, and slope modes) stores after every
     computed step. `slope_scale[j − 1]` is how far along its slope the cache moves at the j-th step after the span's
-    last stored residual (the last entry for longer runs; empty: a plain hold).
+    last stored residual (the last entry for longer runs; empty: a plain hold). `gains[s, j − 1]` scales the cache
+    reused at step s, the j-th step after the span's last stored residual (the last column for longer runs; None: 1).
     """
     steps = actions.shape[1]
     prune = tuple(tuple(bool(a == PRUNE) for a in row) for row in actions)
     weights = blend if blend is not None else np.ones(actions.shape, np.float32)
     blend_rows = tuple(tuple(float(w) for w in row) for row in weights)
-    reuse_rows, store_rows, advance_rows = [], [], []
+    reuse_rows, store_rows, advance_rows, gain_rows = [], [], [], []
     for start, stop in spans:
         reuse = tuple(bool(a == REUSE) for a in actions[start])
         needs_cache = [
@@ -159,8 +171,15 @@ def build_table(
         reuse_rows.append(reuse)
         store_rows.append(store)
         advance_rows.append(_advance_row(reuse, needs_cache, slope_scale))
+        gain_rows.append(_gain_row(reuse, gains))
     return StepTable(
-        steps, tuple(reuse_rows), tuple(store_rows), prune, blend_rows, tuple(advance_rows) if slope_scale else None
+        steps,
+        tuple(reuse_rows),
+        tuple(store_rows),
+        prune,
+        blend_rows,
+        tuple(advance_rows) if slope_scale else None,
+        tuple(gain_rows) if gains is not None else None,
     )
 
 
@@ -173,6 +192,17 @@ def _advance_row(reuse: tuple[bool, ...], uses_cache: list[bool], slope_scale: t
         row.append(slope_scale[min(position, len(slope_scale)) - 1] if used and slope_scale else 0.0)
         if not reused:
             position = 0
+    return tuple(row)
+
+
+def _gain_row(reuse: tuple[bool, ...], gains: np.ndarray | None) -> tuple[float, ...]:
+    """Per step, the scaled hold's gain where the span reuses (1 elsewhere): `gains` at the step and its position
+    after the span's last computed step."""
+    row, position = [], 0
+    for step, reused in enumerate(reuse):
+        position = position + 1 if reused else 0
+        use = reused and gains is not None
+        row.append(float(gains[step, min(position, gains.shape[1]) - 1]) if use else 1.0)
     return tuple(row)
 
 
@@ -194,6 +224,7 @@ class CompiledSchedule:
         blend = plan.arrays.get("dws_weight")
         self._blend = None if blend is None else np.asarray(blend, np.float32)
         self._check_blend()
+        self._gains = self._reuse_gains()
         self.table = lru_cache(maxsize=8)(self._table)
 
     def _check_blend(self) -> None:
@@ -214,6 +245,19 @@ class CompiledSchedule:
                     f"span [{start}, {stop}); DWS blocks must be cached alone"
                 )
 
+    def _reuse_gains(self) -> np.ndarray | None:
+        """The scaled hold's gains [plan step, run position] (`scale` mode only).
+
+        Raises:
+            PlanError: a `scale` plan without a `reuse_gain` array of one row per plan step.
+        """
+        if self.reuse_mode != "scale":
+            return None
+        gains = self.plan.arrays.get("reuse_gain")
+        if gains is None or gains.ndim != 2 or gains.shape[0] != self.plan.num_inference_steps or gains.shape[1] < 1:
+            raise PlanError("plan policy 'reuse: scale' needs array 'reuse_gain' with one row per step; refit the plan")
+        return np.asarray(gains, np.float64)
+
     def action_sets(self, steps: int) -> set[StepActions]:
         """The distinct actions of a static plan over a run of `steps` steps (`torch.compile` builds one graph each)."""
         table, stored_at = self.table(steps), {}
@@ -225,8 +269,14 @@ class CompiledSchedule:
     def _table(self, steps: int) -> StepTable:
         actions = remap_actions(self.plan.actions, steps)
         blend = None if self._blend is None else self._blend[:, _source_steps(self.plan.num_inference_steps, steps)]
+        gains = None if self._gains is None else self._gains[_source_steps(self.plan.num_inference_steps, steps)]
         return build_table(
-            actions, self.spans, blend, store_always=self.adaptive or self.extrapolate, slope_scale=self.slope_scale
+            actions,
+            self.spans,
+            blend,
+            store_always=self.adaptive or self.extrapolate,
+            slope_scale=self.slope_scale,
+            gains=gains,
         )
 
     @property
