@@ -114,3 +114,14 @@ def test_a_scale_plan_without_or_with_bad_gains_is_refused_in_one_line(tmp_path)
             save_plan(dataclasses.replace(plan, arrays=arrays), tmp_path / "bad.plan")
         assert "\n" not in str(caught.value)
         assert not (tmp_path / "bad.plan").exists()
+
+
+def test_the_onnx_driver_scales_the_hidden_cache_by_the_manifest_gain_and_leaves_the_encoder_cache():
+    from dit_accel.export.driver import OnnxPlanRunner
+
+    residual = np.arange(6, dtype=np.float32).reshape(2, 3)
+    entry = {"gain": {"0": 0.5}}
+    np.testing.assert_array_equal(OnnxPlanRunner._scaled(residual, entry, "0.hidden"), residual * np.float32(0.5))
+    assert OnnxPlanRunner._scaled(residual, entry, "0.encoder") is residual
+    assert OnnxPlanRunner._scaled(residual, entry, "1.hidden") is residual
+    assert OnnxPlanRunner._scaled(residual, {}, "0.hidden") is residual
