@@ -3,7 +3,10 @@
 Every prompt is generated with and without the plan from the same seed; fidelity is PSNR (global MSE) and SSIM of
 the accelerated video against the full one. Speed is the wall-clock ratio of the median full run to the median
 planned run (runs interleaved, alternating which goes first, after one warm-up run), and the FLOP ratio of the first
-prompt, counted for the transformer (comparable to the prediction) and for the whole pipeline.
+prompt, counted for the transformer (comparable to the prediction) and for the whole pipeline. Forward hooks on the
+blocks also time what happens inside them: their share of a full run gives the wall speedup that cutting block calls
+alone allows (Amdahl's law; the text encoder, VAE, embeddings and scheduler still run), and the ratio of block time
+with and without the plan shows what the runtime's reuse costs where it acts.
 
 Tightening is a closed loop: while some prompt is below the minimum PSNR, the plan's own error model (`predict.py`)
 recomputes the cells that remove the most predicted error per FLOP, enough to close the PSNR gap if
@@ -26,8 +29,8 @@ from dit_accel.harness.metrics import psnr, ssim
 from dit_accel.harness.pipelines import first_video, generate
 from dit_accel.harness.prompts import PromptSpec
 from dit_accel.profiler.flops import count_flops
-from dit_accel.runtime.adapters import find_experts
-from dit_accel.runtime.plan import COMPUTE, Plan
+from dit_accel.runtime.adapters import find_experts, get_adapter
+from dit_accel.runtime.plan import COMPUTE, REUSE, Plan
 from dit_accel.runtime.replay import apply_plan
 from dit_accel.runtime.replay_table import remap_actions
 
@@ -78,10 +81,23 @@ class ValidationReport:
     pipeline_flop_speedup: float | None
     predicted_speedup: float | None
     predicted_error: float | None
+    #: Median share of a full run's wall time spent inside the transformer blocks.
+    block_share: float | None = None
+    #: Median time inside the blocks, full run over planned run (what the runtime gains where it acts).
+    block_wall_speedup: float | None = None
+    #: All block calls over computed ones (a static plan's schedule at the run's step count; None if adaptive).
+    block_call_speedup: float | None = None
 
     @property
     def wall_speedup(self) -> float:
         return self.wall_full_s / self.wall_plan_s
+
+    @property
+    def wall_bound(self) -> float | None:
+        """The wall speedup the block-call speedup allows when only block time shrinks (Amdahl's law)."""
+        if self.block_share is None or self.block_call_speedup is None:
+            return None
+        return 1.0 / ((1.0 - self.block_share) + self.block_share / self.block_call_speedup)
 
     @property
     def min_psnr(self) -> float:
@@ -98,7 +114,10 @@ class ValidationReport:
         data = asdict(self)
         data["prompts"] = [_finite_json(asdict(p)) for p in self.prompts]
         data.update(
-            wall_speedup=self.wall_speedup, min_psnr=_json_number(self.min_psnr), calibration_db=self.calibration_db()
+            wall_speedup=self.wall_speedup,
+            wall_bound=self.wall_bound,
+            min_psnr=_json_number(self.min_psnr),
+            calibration_db=self.calibration_db(),
         )
         return data
 
@@ -147,13 +166,16 @@ def validate_plan(
         runner.generate(prompts[0], steps)
         bar.update()
     times: dict[str, list[float]] = {"full": [], "plan": []}
+    block_times: dict[str, list[float]] = {"full": [], "plan": []}
     results = []
     for spec in prompts:
         videos = {}
         for repeat in range(repeats):
             for variant in ("full", "plan") if repeat % 2 == 0 else ("plan", "full"):
-                elapsed, video = _timed(runner, plan if variant == "plan" else None, spec, steps)
+                with BlockClock(runner.pipe) as clock:
+                    elapsed, video = _timed(runner, plan if variant == "plan" else None, spec, steps)
                 times[variant].append(elapsed)
+                block_times[variant].append(clock.seconds)
                 videos.setdefault(variant, video)
                 bar.update()
         results.append(
@@ -176,7 +198,47 @@ def validate_plan(
         pipeline_flop_speedup,
         predicted.get("speedup"),
         predicted.get("error"),
+        statistics.median(b / t for b, t in zip(block_times["full"], times["full"], strict=True)),
+        statistics.median(block_times["full"]) / max(statistics.median(block_times["plan"]), 1e-12),
+        _block_call_speedup(plan, steps),
     )
+
+
+def _block_call_speedup(plan: Plan, steps: int) -> float | None:
+    """All block calls over computed ones of a static plan at `steps` steps (None for adaptive policies)."""
+    if plan.policy.get("kind", "static") != "static":
+        return None
+    actions = remap_actions(plan.actions, steps)
+    return actions.size / max(int((actions != REUSE).sum()), 1)
+
+
+class BlockClock:
+    """Wall time spent inside the transformer blocks of every expert while the context is open (forward hooks)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.seconds = 0.0
+        self._modules = [
+            block for _, expert in find_experts(pipe) for _, block, _ in get_adapter(expert).iter_blocks(expert)
+        ]
+        self._handles: list[Any] = []
+        self._started = 0.0
+
+    def __enter__(self) -> BlockClock:
+        for block in self._modules:
+            self._handles.append(block.register_forward_pre_hook(self._start))
+            self._handles.append(block.register_forward_hook(self._stop))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _start(self, *_: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, *_: Any) -> None:
+        self.seconds += time.perf_counter() - self._started
 
 
 def _check_steps(plan: Plan, steps: int | None) -> int:
@@ -282,6 +344,12 @@ def render_validation(report: dict[str, Any]) -> str:
         f"wall speedup {report['wall_speedup']:.2f}x (full {report['wall_full_s']:.3f}s, plan "
         f"{report['wall_plan_s']:.3f}s)",
     ]
+    if report.get("wall_bound") is not None:
+        lines.append(
+            f"block calls {report['block_call_speedup']:.2f}x fewer, time inside the blocks "
+            f"{report['block_wall_speedup']:.2f}x less; the blocks are {100 * report['block_share']:.1f} % of a full "
+            f"run, so cutting only them allows {report['wall_bound']:.2f}x wall"
+        )
     if report["flop_speedup"] is not None:
         lines.append(
             f"FLOP speedup {report['flop_speedup']:.2f}x in the transformer (predicted "

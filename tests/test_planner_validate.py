@@ -18,7 +18,7 @@ from dit_accel.harness.prompts import PromptSpec
 from dit_accel.planner import FitOptions, PipelineRunner, fit_plan, tighten_plan, validate_plan
 from dit_accel.planner.cli import main
 from dit_accel.planner.synthetic import SyntheticSpec, write_synthetic_profile
-from dit_accel.runtime import COMPUTE, fingerprint_model, load_plan
+from dit_accel.runtime import COMPUTE, REUSE, fingerprint_model, load_plan
 from dit_accel.runtime.plan import save_plan
 
 pytestmark = pytest.mark.slow  # the default model end to end, exports or subprocesses
@@ -88,6 +88,11 @@ def test_validate_measures_speed_and_fidelity(measured, plan_path):
     assert measured.wall_full_s > 0 and measured.wall_plan_s > 0 and measured.pipeline_flop_speedup > 1.0
     assert measured.predicted_speedup == plan.predicted["speedup"] and measured.calibration_db() is not None
     assert json.loads(json.dumps(measured.to_json()))["prompts"][0]["psnr"] == result.psnr
+    # block time is part of the run; the schedule's block-call speedup bounds what cutting block calls allows
+    actions = plan.actions
+    assert measured.block_call_speedup == pytest.approx(actions.size / (actions != REUSE).sum())
+    assert 0 < measured.block_share < 1 and measured.block_wall_speedup > 1.0
+    assert 1.0 < measured.wall_bound < measured.block_call_speedup
 
 
 def test_flop_speedup_matches_the_prediction(measured, plan_path):
