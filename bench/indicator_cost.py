@@ -4,8 +4,9 @@ Fits `bwcache` on a calibration profile, then sets its threshold below every pos
 step computes and also measures the indicator (the cost a step pays whether or not it then reuses). Times, interleaved
 in one process, one held-out caption generated four ways: without a plan; with an all-compute static plan (the replay
 hooks alone); with that bwcache plan (the indicator on the paper's subset of blocks); and with the same plan measuring
-every block (the paper's indicator for models without full 3-D attention). Prints the median of `--repeats` per way
-and its ratio to the plain generation; as every step does the same work, the ratio is also the per-step cost.
+every block (the paper's indicator for models without full 3-D attention). Prints, per way, the median over
+`--repeats` rounds of its time over the plain generation's in the same round, and the range; as every step does the
+same work, the ratio is also the per-step cost.
 
     python -m dit_accel.bench.indicator_cost [--steps 20] [--repeats 5] [--profile cal.h5] [--out cost.json]
 """
@@ -55,16 +56,20 @@ def variants(plan: Plan) -> dict[str, Plan | None]:
     }
 
 
-def interleaved_medians(jobs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median wall seconds of each job, the jobs run in turn `repeats` times after one untimed round."""
-    times: dict[str, list[float]] = {name: [] for name in jobs}
+def interleaved_ratios(jobs: dict[str, Callable[[], Any]], repeats: int, baseline: str) -> dict[str, list[float]]:
+    """Wall time of each job over that of `baseline` in the same round, the jobs run in turn `repeats` times after one
+    untimed round (each round's ratio shares its moment of machine load)."""
+    ratios: dict[str, list[float]] = {name: [] for name in jobs}
     for round_index in range(repeats + 1):
+        seconds = {}
         for name, job in jobs.items():
             start = time.perf_counter()
             job()
-            if round_index > 0:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            seconds[name] = time.perf_counter() - start
+        if round_index > 0:
+            for name, value in seconds.items():
+                ratios[name].append(value / seconds[baseline])
+    return ratios
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,17 +87,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         return generate
 
-    medians = interleaved_medians({name: job(v) for name, v in variants(plan).items()}, args.repeats)
-    ratios = {name: seconds / medians["plain"] for name, seconds in medians.items()}
-    return {"steps": args.steps, "repeats": args.repeats, "ratio_to_plain": ratios}
+    ratios = interleaved_ratios({name: job(v) for name, v in variants(plan).items()}, args.repeats, "plain")
+    return {
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "ratio_to_plain": {name: statistics.median(values) for name, values in ratios.items()},
+        "ratios_per_round": ratios,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m dit_accel.bench.indicator_cost`."""
     args = parse_args(argv)
     report = run(args)
+    print("| generation | median ratio to plain | range over rounds |")
+    print("|---|---|---|")
     for name, ratio in report["ratio_to_plain"].items():
-        print(f"| {name} | {ratio:.3f}x |")
+        rounds = report["ratios_per_round"][name]
+        print(f"| {name} | {ratio:.3f}x | {min(rounds):.3f}–{max(rounds):.3f}x |")
     write_report(report, args.out)
 
 
