@@ -121,7 +121,7 @@ def _scaled_hold(hold_sq: np.ndarray, residual_sq: np.ndarray) -> tuple[np.ndarr
         raise PlannerError(f"stack_residual_sq {residual_sq.shape} does not match reuse_gram {hold_sq.shape[:3]}")
     steps, runs = hold_sq.shape[2], hold_sq.shape[3]
     earlier = np.full(hold_sq.shape, np.nan)  # ‖R_c‖² of the computed step c = s − j
-    for j in range(1, runs + 1):
+    for j in range(1, min(runs, steps - 1) + 1):  # runs may be longer than a few-step profile allows
         earlier[:, :, j:, j - 1] = residual_sq[:, :, : steps - j]
     dot = (residual_sq[..., None] + earlier - hold_sq) / 2
     valid = np.isfinite(dot) & np.isfinite(earlier)

@@ -125,3 +125,11 @@ def test_the_onnx_driver_scales_the_hidden_cache_by_the_manifest_gain_and_leaves
     assert OnnxPlanRunner._scaled(residual, entry, "0.encoder") is residual
     assert OnnxPlanRunner._scaled(residual, entry, "1.hidden") is residual
     assert OnnxPlanRunner._scaled(residual, {}, "0.hidden") is residual
+
+
+def test_a_profile_with_fewer_steps_than_the_longest_run_fits_gains_where_it_can():
+    residuals = np.random.default_rng(2).normal(size=(2, 3, 16))
+    gram, output_sq, residual_sq = _profile(residuals)
+    costs = reuse_costs(gram, output_sq, max_run=5, residual_sq=residual_sq)
+    assert costs.gain.shape == (3, 5) and np.isfinite(costs.scaled[:, 2, :2]).all()
+    assert np.isnan(costs.scaled[:, :, 2:]).all()
