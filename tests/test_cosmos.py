@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers.hooks import HookRegistry
 from tiny_cosmos import COSMOS_SIZE, save_tiny_cosmos
+from tiny_models import count_computed
 
 from dit_accel.harness.pipelines import generate, load_pipeline
 from dit_accel.harness.prompts import PromptSpec
@@ -23,7 +24,7 @@ from dit_accel.planner.methods import FitOptions, fit_plan
 from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
 from dit_accel.profiler.schema import open_profile
-from dit_accel.runtime import REUSE, AdapterError, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
+from dit_accel.runtime import REUSE, AdapterError, Plan, PlanError, apply_plan, fingerprint_model
 
 STEPS = 6
 PROMPTS = [
@@ -40,21 +41,6 @@ def folder(tmp_path_factory):
 def _run(pipe, guidance: float) -> np.ndarray:
     with torch.no_grad():
         return generate(pipe, PROMPTS[0], STEPS, guidance, COSMOS_SIZE, output_type="latent").numpy()
-
-
-def _count_computed(transformer) -> tuple[list[int], list[int], list]:
-    """Per block, how many times its self-attention runs; the transformer's calls; the handles to remove."""
-    adapter = get_adapter(transformer)
-    counts = [0] * len(adapter.block_ids(transformer))
-    calls = [0]
-    handles = [transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))]
-    for index, (_, block, _) in enumerate(adapter.iter_blocks(transformer)):
-
-        def bump(*_, index=index):
-            counts[index] += 1
-
-        handles.append(block.attn1.register_forward_pre_hook(bump))
-    return counts, calls, handles
 
 
 @pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg5", "cfg1"])
@@ -81,7 +67,7 @@ def test_profile_fit_apply(guidance, folder, tmp_path):
     with apply_plan(pipe, Plan.all_compute(plan.model, plan.timesteps)):
         assert np.array_equal(_run(pipe, guidance), vanilla)
 
-    counts, calls, handles = _count_computed(pipe.transformer)
+    counts, calls, handles = count_computed(pipe.transformer)
     try:
         with apply_plan(pipe, plan):
             cached = _run(pipe, guidance)

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from tiny_models import PIPELINE_EXTRA, PIPELINE_SIZES, TINY_MODELS, TINY_PIPELINES, save_tiny_pipeline
+from tiny_models import PIPELINE_EXTRA, PIPELINE_SIZES, TINY_MODELS, TINY_PIPELINES, count_computed, save_tiny_pipeline
 
 from dit_accel.harness.pipelines import generate, load_pipeline
 from dit_accel.harness.prompts import PromptSpec
@@ -69,22 +69,6 @@ def _run(pipe, name: str, guidance: float) -> np.ndarray:
         return generate(pipe, _prompts(name)[0], STEPS, guidance, PIPELINE_SIZES[name], output_type="latent").numpy()
 
 
-def _count_computed(pipe) -> tuple[list[int], list[int], list]:
-    """Per block, how many times its first attention module runs; and the transformer's calls (two counters)."""
-    transformer = pipe.transformer
-    adapter = get_adapter(transformer)
-    counts = [0] * len(adapter.block_ids(transformer))
-    calls = [0]
-    handles = [transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))]
-    for index, (_, block, _) in enumerate(adapter.iter_blocks(transformer)):
-
-        def bump(*_, index=index):
-            counts[index] += 1
-
-        handles.append(getattr(block, adapter.attention[0].attr).register_forward_pre_hook(bump))
-    return counts, calls, handles
-
-
 @pytest.mark.parametrize(("name", "guidance"), ROWS)
 def test_profile_fit_apply(name, guidance, folders, tmp_path):
     pipe = load_pipeline(folders(name))
@@ -106,7 +90,7 @@ def test_profile_fit_apply(name, guidance, folders, tmp_path):
     with apply_plan(pipe, Plan.all_compute(plan.model, plan.timesteps)):
         assert np.array_equal(_run(pipe, name, guidance), vanilla)
 
-    counts, calls, handles = _count_computed(pipe)
+    counts, calls, handles = count_computed(pipe.transformer)
     try:
         with apply_plan(pipe, plan):
             cached = _run(pipe, name, guidance)

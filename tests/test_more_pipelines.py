@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_wan
+from tiny_models import count_computed, tiny_wan
 from tiny_more_pipelines import qwen_image_pipeline
 
 from dit_accel.harness.pipelines import generate, load_pipeline
@@ -43,21 +43,6 @@ def qwen_folder(tmp_path_factory):
     return str(folder)
 
 
-def _count_computed(transformer) -> tuple[list[int], list[int], list]:
-    """Per block, how many times its first attention module runs; the transformer's calls; the handles."""
-    adapter = get_adapter(transformer)
-    counts = [0] * len(adapter.block_ids(transformer))
-    calls = [0]
-    handles = [transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))]
-    for index, (_, block, _) in enumerate(adapter.iter_blocks(transformer)):
-
-        def bump(*_, index=index):
-            counts[index] += 1
-
-        handles.append(getattr(block, adapter.attention[0].attr).register_forward_pre_hook(bump))
-    return counts, calls, handles
-
-
 def _check_profile_fit_apply(pipe, prompts: list[PromptSpec], size: dict, branches: tuple[str, ...], tmp_path) -> None:
     """Profile, fit `auto`, and check branches, bit-identical all-compute replay, exact skips and refusal."""
     settings = RecordSettings(num_inference_steps=STEPS, guidance_scale=1.0, sensitivity_steps=0)
@@ -80,7 +65,7 @@ def _check_profile_fit_apply(pipe, prompts: list[PromptSpec], size: dict, branch
     vanilla = run()
     with apply_plan(pipe, Plan.all_compute(plan.model, plan.timesteps)):
         assert np.array_equal(run(), vanilla)
-    counts, calls, handles = _count_computed(pipe.transformer)
+    counts, calls, handles = count_computed(pipe.transformer)
     try:
         with apply_plan(pipe, plan):
             cached = run()
@@ -146,7 +131,7 @@ def test_hunyuan_video15_pipeline(tmp_path):
     actions = np.zeros((blocks, HY15_STEPS), np.uint8)
     actions[1:, 2] = REUSE
     plan = Plan(model=fingerprint_model(transformer), timesteps=timesteps, actions=actions)
-    counts, calls, handles = _count_computed(transformer)
+    counts, calls, handles = count_computed(transformer)
     try:
         with apply_plan(pipe, plan):
             cached = run()

@@ -703,3 +703,21 @@ def save_tiny_pipeline(name: str, folder: Any) -> Any:
     torch.manual_seed(0)
     TINY_PIPELINES[name]().save_pretrained(folder)
     return folder
+
+
+def count_computed(transformer: torch.nn.Module) -> tuple[list[int], list[int], list]:
+    """Independent counters: per block, how many times its first attention module runs; the transformer's calls; and
+    the hook handles to remove."""
+    from dit_accel.runtime import get_adapter
+
+    adapter = get_adapter(transformer)
+    counts = [0] * len(adapter.block_ids(transformer))
+    calls = [0]
+    handles = [transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))]
+    for index, (_, block, _) in enumerate(adapter.iter_blocks(transformer)):
+
+        def bump(*_, index=index):
+            counts[index] += 1
+
+        handles.append(getattr(block, adapter.attention[0].attr).register_forward_pre_hook(bump))
+    return counts, calls, handles
