@@ -320,6 +320,11 @@ def check_exportable(plan: Plan) -> None:
             f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with "
             "--method auto, profilingdit or unicp)"
         )
+    if plan.policy.get("cache_level", "block") != "block":
+        raise ExportError(
+            "plan caches self-attention outputs (cache_level: attention), which the ONNX export does not replay; "
+            "export a block-level plan (fit unicp with --cache-level block)"
+        )
     if plan.model.experts:
         raise ExportError(
             f"plan covers experts {', '.join(plan.model.expert_names)}; exporting a multi-expert plan to ONNX is not "

@@ -51,6 +51,9 @@ FORMAT_NAME = "dit-plan"
 COMPUTE, REUSE, PRUNE = 0, 1, 2
 ACTION_NAMES = {COMPUTE: "compute", REUSE: "reuse", PRUNE: "prune"}
 LABELS = ("foreground", "background", "unlabelled")
+#: What a reuse cell of a static plan replays (policy key `cache_level`, absent: "block"): the block's residual, or,
+#: with "attention", the block runs and only its self-attention returns the output cached at its last computed step.
+CACHE_LEVELS = ("block", "attention")
 #: Largest plan file read, in bytes.
 MAX_PLAN_BYTES = 2 << 30
 #: Largest safetensors header (the JSON before the tensor data), in bytes.
@@ -535,6 +538,15 @@ def _check_policy(policy: dict[str, Any], blocks: int) -> None:
             f"plan policy 'reuse: slope' needs 'slope_scale' as a list of 1 to {MAX_POLICY_STEPS} numbers in [0, run "
             f"length], got {_show(scale)}",
         )
+    level = policy.get("cache_level", "block")
+    _expect(
+        level in CACHE_LEVELS,
+        f"plan policy 'cache_level' is {_show(level)}; this runtime knows {', '.join(CACHE_LEVELS)}",
+    )
+    _expect(
+        level == "block" or (kind == "static" and policy.get("reuse", "hold") == "hold"),
+        "plan policy 'cache_level: attention' needs a static policy that holds its cache (no 'reuse' other than hold)",
+    )
     check = _POLICY_CHECKS.get(kind)
     if check is not None:
         check(policy, blocks)
@@ -687,7 +699,7 @@ def _check_predicted(predicted: dict[str, Any]) -> None:
 
 _GRID_ARRAYS = ("dws_weight", "expected_compute", "error.drift", "error.prune")
 _SHARE_ARRAYS = ("dws_weight", "expected_compute")
-_BLOCK_ARRAYS = ("error.block_weight", "cost.block_flops", "cost.pruned_flops")
+_BLOCK_ARRAYS = ("error.block_weight", "cost.block_flops", "cost.pruned_flops", "cost.attention_flops")
 _COST_ARRAYS = ("cost.block_flops", "cost.pruned_flops", "cost.other_flops")
 _PCA_NAME = re.compile(r"(pca|pca_explained)\.(\d{1,9})")
 
@@ -705,6 +717,12 @@ def _check_arrays(plan: Plan) -> None:
     _expect(
         plan.policy.get("reuse") != "scale" or "reuse_gain" in plan.arrays,
         "plan policy 'reuse: scale' needs array 'reuse_gain'; refit the plan",
+    )
+    _expect(
+        cache_level(plan) == "block"
+        or "cost.attention_flops" in plan.arrays
+        or not any(name in plan.arrays for name in _COST_ARRAYS),
+        "plan policy 'cache_level: attention' with cost arrays needs array 'cost.attention_flops'; refit the plan",
     )
     for name, array in plan.arrays.items():
         _expect(_is_name(name) and not name.startswith("/"), f"extra array name {_show(name)} is not a valid name")
@@ -732,8 +750,14 @@ def _check_arrays(plan: Plan) -> None:
             _expect(bool(np.all((array >= 0) & (array <= 2))), "plan array 'reuse_gain' must hold gains in [0, 2]")
         if name in _SHARE_ARRAYS:
             _expect(bool(np.all((array >= 0) & (array <= 1))), f"plan array {name!r} must hold values in [0, 1]")
-        if name in _COST_ARRAYS:
+        if name in _COST_ARRAYS or name == "cost.attention_flops":
             _expect(bool(np.all(array >= 0)), f"plan array {name!r} must hold FLOP counts >= 0")
+        block_flops = plan.arrays.get("cost.block_flops")
+        if name == "cost.attention_flops" and block_flops is not None and block_flops.shape == array.shape:
+            _expect(
+                bool(np.all(array <= block_flops)),
+                "plan array 'cost.attention_flops' must not exceed 'cost.block_flops' (attention is part of a block)",
+            )
         match = _PCA_NAME.fullmatch(name)
         if match is not None:
             _expect(int(match.group(2)) < blocks, f"plan array {name!r} names a block outside the {blocks} blocks")
@@ -758,7 +782,8 @@ def check_claims(plan: Plan) -> None:
 
     Recomputed: `compute_fraction` (static plans: from the actions; adaptive plans: from the simulated replays
     stored in `expected_compute`) and `speedup` (from those and the cost arrays `cost.block_flops`,
-    `cost.pruned_flops`, `cost.other_flops`, when the plan stores them). The predicted error is not recomputed
+    `cost.pruned_flops`, `cost.other_flops`, when the plan stores them; an attention-level plan's reuse cells cost
+    the block less its `cost.attention_flops`). The predicted error is not recomputed
     (it needs the planner's error model); docs/reliability.md lists what is and is not checked.
 
     Raises:
@@ -785,6 +810,9 @@ def check_claims(plan: Plan) -> None:
     planned = float(
         ((compute - pruned) * block_flops[:, None] + pruned * pruned_flops[:, None]).sum() + other_flops * steps
     )
+    if cache_level(plan) == "attention":
+        running = block_flops - plan.arrays["cost.attention_flops"].astype(np.float64)
+        planned += float(((plan.actions == REUSE) * running[:, None]).sum())
     full = float((block_flops.sum() + other_flops) * steps)
     actual = full / planned if full > 0 and planned > 0 else math.nan
     _expect(
@@ -792,6 +820,11 @@ def check_claims(plan: Plan) -> None:
         f"the plan claims speedup {_show(claimed)} but its schedule and cost arrays give {actual:.4g}; it was edited "
         "after fitting: refit it",
     )
+
+
+def cache_level(plan: Plan) -> str:
+    """What the plan's reuse cells replay: "block" (the residual; plans without the key) or "attention"."""
+    return plan.policy.get("cache_level", "block")
 
 
 def _expected_compute(plan: Plan) -> np.ndarray | None:

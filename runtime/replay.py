@@ -14,7 +14,12 @@ Hooks installed:
   residual times the plan's `reuse_gain` for the step and run position, the encoder stream's as cached). A span of
   contiguous blocks is cached as one tensor:
   its first block adds the residual, the others pass their input through;
-* an *attention hook* on the self-attention of blocks that have prune steps (see `dit_accel.runtime.pruning`).
+* an *attention hook* on the self-attention of blocks that have prune steps (see `dit_accel.runtime.pruning`);
+* with policy `cache_level: attention` (UniCP's caching), an *attention-cache hook* on every block's self-attention
+  (the adapter's non-cross attention module): there a reuse cell runs the block, but its self-attention returns the
+  output cached at the block's last computed step for that CFG branch (cross-attention and feed-forward still run);
+  a prune step's blend (DWS) mixes the pruned and the cached attention outputs. The block hooks then replay the plan
+  with every reuse cell computed (`block_view`).
 
 All decisions of a static plan are plain Python tuples prepared at apply time, so the hot path never synchronises
 with the device; adaptive policies read one scalar per computed step (see `dit_accel.runtime.adaptive`). Cache state is
@@ -37,8 +42,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
@@ -59,13 +66,14 @@ from .adaptive import POLICIES, AdaptivePolicy
 from .branches import BranchStates, StepState
 from .call_order import CALL_ORDER_HOOK, call_order_hook
 from .errors import PlanError
-from .plan import PRUNE, Plan
+from .plan import COMPUTE, PRUNE, REUSE, Plan, cache_level
 from .pruning import ProjectedAttention, load_bases
-from .replay_table import CompiledSchedule, StepActions, StepTable
+from .replay_table import CompiledSchedule, StepActions, StepTable, _source_steps, remap_actions
 
 STEP_HOOK = "dit_plan_step"
 BLOCK_HOOK = "dit_plan_block"
 ATTENTION_HOOK = "dit_plan_attention"
+ATTENTION_CACHE_HOOK = "dit_plan_attention_cache"
 SUPPORTED_POLICIES = ("static", *POLICIES)
 #: A span's residual slot before its first store: (hidden, encoder) both absent.
 EMPTY: tuple[None, None] = (None, None)
@@ -90,6 +98,9 @@ class BranchState(StepState):
         self.blend_inputs: dict[int, torch.Tensor] = {}
         #: Index of the expert whose residuals the caches hold (None before this generation's first call).
         self.expert: int | None = None
+        #: Attention-level plans: this call's self-attention actions, and per block its cached attention output.
+        self.attention: AttentionActions | None = None
+        self.attention_cache: dict[int, Any] = {}
 
     def reset(self) -> None:
         self.__init__()
@@ -111,6 +122,7 @@ class BranchState(StepState):
             return False
         self.expert = expert
         self.inputs, self.residuals, self.slopes, self.stored_at = {}, {}, {}, {}
+        self.attention_cache = {}
         return True
 
     def current_actions(self) -> StepActions:
@@ -119,9 +131,10 @@ class BranchState(StepState):
         return self.actions if self.actions is not None else self.table.at(self.step)
 
     def cache_bytes(self) -> int:
-        """Bytes held by this branch's cached residuals."""
-        pairs = [*self.residuals.values(), *self.slopes.values()]
-        return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
+        """Bytes held by this branch's cached residuals and attention outputs."""
+        pairs = [*self.residuals.values(), *self.slopes.values(), *self.attention_cache.values()]
+        tensors = [t for pair in pairs for t in (pair if isinstance(pair, tuple) else (pair,))]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 class CurrentBranch:
@@ -170,11 +183,12 @@ class StepHook(ModelHook):
         adapter: ModelAdapter | None = None,
         current: CurrentBranch | None = None,
         expert: int = 0,
+        attention: AttentionSchedule | None = None,
     ) -> None:
         super().__init__()
         self.branches, self.num_steps, self.scheduler = branches, num_steps, scheduler
         self.schedule, self.policy, self.adapter, self.current = schedule, policy, adapter, current
-        self.expert = expert
+        self.expert, self.attention = expert, attention
 
     def _run_length(self, context: Any) -> int:
         if context is not None and context.num_inference_steps:
@@ -210,6 +224,9 @@ class StepHook(ModelHook):
                 actions = actions.reusing_all()
         if entered and any(actions.reuse):
             actions = _computing_all(actions)
+        if self.attention is not None:
+            attention = self.attention.table(steps)[step]
+            state.attention = attention.computing_all() if entered else attention
         if self.schedule.extrapolate:
             actions = actions.with_slopes(step, state.stored_at)
         state.actions = actions
@@ -240,6 +257,85 @@ def _computing_all(actions: StepActions) -> StepActions:
     spans = len(actions.reuse)
     store = tuple(s or r for s, r in zip(actions.store, actions.reuse, strict=True))
     return replace(actions, reuse=(False,) * spans, store=store, slope=(None,) * spans, advance=(0.0,) * spans)
+
+
+@dataclass(frozen=True)
+class AttentionActions:
+    """What every block's self-attention does at one call of an attention-level plan: per block, `reuse` (return the
+    cached output), `store` (cache the output after computing) and `blend` (DWS weight of a pruned output against the
+    cached one; 1: none)."""
+
+    reuse: tuple[bool, ...]
+    store: tuple[bool, ...]
+    blend: tuple[float, ...]
+
+    def computing_all(self) -> AttentionActions:
+        """These actions with every block computed, and stored where it would have reused (an expert's first call)."""
+        store = tuple(s or r for s, r in zip(self.store, self.reuse, strict=True))
+        return AttentionActions((False,) * len(self.reuse), store, self.blend)
+
+
+class AttentionSchedule:
+    """An attention-level plan's self-attention decisions, per run length (remapped like the block tables)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        blend = plan.arrays.get("dws_weight")
+        self._blend = np.ones(plan.actions.shape, np.float32) if blend is None else np.asarray(blend, np.float32)
+        self.table = lru_cache(maxsize=8)(self._table)
+
+    def _table(self, steps: int) -> tuple[AttentionActions, ...]:
+        """Per step of a run of `steps`: a block's attention output is stored after a computed step when the next
+        step reuses it or blends a pruned output with it."""
+        actions = remap_actions(self.plan.actions, steps)
+        blend = self._blend[:, _source_steps(self.plan.num_inference_steps, steps)]
+        reuse = actions == REUSE
+        needs = reuse | ((actions == PRUNE) & (blend < 1.0))
+        store = ~reuse & np.concatenate([needs[:, 1:], np.zeros((len(actions), 1), bool)], axis=1)
+        return tuple(
+            AttentionActions(
+                tuple(bool(r) for r in reuse[:, s]),
+                tuple(bool(v) for v in store[:, s]),
+                tuple(float(w) for w in blend[:, s]),
+            )
+            for s in range(steps)
+        )
+
+
+def block_view(plan: Plan) -> Plan:
+    """What the block hooks replay of an attention-level plan: every reuse cell computed, no block-level blend (the
+    attention-cache hooks reuse and blend the self-attention outputs instead)."""
+    arrays = {name: array for name, array in plan.arrays.items() if name != "dws_weight"}
+    return plan.with_changes(actions=np.where(plan.actions == REUSE, COMPUTE, plan.actions), arrays=arrays)
+
+
+class AttentionCacheHook(ModelHook):
+    """On a block's self-attention (attention-level plans): returns, computes, blends and stores its output according
+    to the call's `AttentionActions`; registered after any prune hook, so a pruned call is projected inside it."""
+
+    def __init__(self, current: CurrentBranch, block: int) -> None:
+        super().__init__()
+        self.current, self.block = current, block
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        state = self.current.get_state()
+        actions = state.attention
+        if actions.reuse[self.block]:
+            return state.attention_cache[self.block]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        cached = state.attention_cache.get(self.block)
+        if actions.blend[self.block] < 1.0 and cached is not None:
+            output = _lerp_outputs(cached, output, actions.blend[self.block])
+        if actions.store[self.block]:
+            state.attention_cache[self.block] = output
+        return output
+
+
+def _lerp_outputs(cached: Any, fresh: Any, weight: float) -> Any:
+    """weight·fresh + (1 − weight)·cached, for an attention output or a tuple of them (joint attention)."""
+    if isinstance(fresh, torch.Tensor):
+        return torch.lerp(cached, fresh, weight)
+    return tuple(f if f is None else torch.lerp(c, f, weight) for c, f in zip(cached, fresh, strict=True))
 
 
 class PruneSwitch:
@@ -533,7 +629,8 @@ def check_expert_weights(plan: Plan, experts: list[tuple[str, torch.nn.Module]],
 
 
 def _pruned_attention(adapter: ModelAdapter) -> AttentionModule:
-    """The attention module whose scores pruning projects: the block's self- or joint attention."""
+    """The attention module whose scores pruning projects and whose output attention-level plans cache: the block's
+    self- or joint attention."""
     return next(a for a in adapter.attention if a.kind != "cross")
 
 
@@ -588,14 +685,26 @@ def apply_plan(
             raise PlanError(f"a plan is already applied to {name}; call .remove() on its handle first")
     kind = plan.policy["kind"]
     policy = POLICIES[kind](plan.policy, plan.num_blocks) if kind in POLICIES else None
-    schedule = CompiledSchedule(plan, adaptive=policy is not None, breaks=adapter.span_breaks(transformer))
+    attention = AttentionSchedule(plan) if cache_level(plan) == "attention" else None
+    blocks = plan if attention is None else block_view(plan)
+    schedule = CompiledSchedule(blocks, adaptive=policy is not None, breaks=adapter.span_breaks(transformer))
     handle = PlanHandle(transformer, BranchStates(BranchState), policy, experts=tuple(m for _, m in experts[1:]))
     scheduler = getattr(pipe_or_transformer, "scheduler", None)
     namers = [call_order_hook(module, adapter, handle.branches, scheduler) for _, module in experts]
     for index, ((_, module), namer) in enumerate(zip(experts, namers)):
-        install_block_hooks(handle, adapter, plan, schedule, module)
+        install_block_hooks(handle, adapter, blocks, schedule, module)
+        if attention is not None:
+            install_attention_cache_hooks(handle, adapter, module)
         step_hook = StepHook(
-            handle.branches, plan.num_inference_steps, scheduler, schedule, policy, adapter, handle.current, index
+            handle.branches,
+            plan.num_inference_steps,
+            scheduler,
+            schedule,
+            policy,
+            adapter,
+            handle.current,
+            index,
+            attention,
         )
         _register(handle, module, step_hook, STEP_HOOK)
         if namer is not None:
@@ -637,6 +746,15 @@ def install_block_hooks(
             schedule.extrapolate,
         )
         _register(handle, block, hook, BLOCK_HOOK)
+
+
+def install_attention_cache_hooks(handle: PlanHandle, adapter: ModelAdapter, transformer: torch.nn.Module) -> None:
+    """Install the attention-cache hook on every block's self-attention of `transformer` (after its prune hook)."""
+    attention = _pruned_attention(adapter)
+    for index, (_, block, _) in enumerate(adapter.iter_blocks(transformer)):
+        _register(
+            handle, getattr(block, attention.attr), AttentionCacheHook(handle.current, index), ATTENTION_CACHE_HOOK
+        )
 
 
 def _register(handle: PlanHandle, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
