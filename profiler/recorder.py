@@ -39,6 +39,10 @@ PROBE_OUTPUT_HOOK = "dit_profile_output"
 #: Cache-context names of diffusers' guiders (`ClassifierFreeGuidance` and kin, used by e.g. HunyuanVideo 1.5's
 #: pipeline) and the CFG branch each names.
 GUIDER_BRANCHES = {"pred_cond": "cond", "pred_uncond": "uncond"}
+#: Cache-context names of guidance passes beside CFG (LTX-2's spatio-temporal and modality-isolation guidance):
+#: perturbed copies of the cond call. They hold no branch the profile records (their attention and latents are not
+#: the cond branch's); the runtime runs the plan's schedule in them as in every call.
+EXTRA_GUIDANCE_CONTEXTS = ("uncond_stg", "uncond_modality")
 DRIFT_METRICS = (
     "residual_rel_l1",
     "residual_cos",
@@ -390,10 +394,11 @@ class Recorder:
         self.tokens_per_frame = self.grid[1] * self.grid[2]
         state = self.branches.get_state()
         name = self.branches.branch_name()
-        is_cond = GUIDER_BRANCHES.get(name, name) != "uncond"
         state.batch = hidden.shape[0]
         self.call_batch = state.batch
-        self.cond_row = self._rows(name, state.batch).get("cond", 0)
+        rows = self._rows(name, state.batch)
+        is_cond = "cond" in rows
+        self.cond_row = rows.get("cond", 0)
         self.current_step = state.step
         self.step_experts[state.step] = next(i for i, e in enumerate(self.experts) if e is module)
         self.attention_active = is_cond and state.step in self.attention_steps
@@ -575,11 +580,14 @@ class Recorder:
         """Batch rows of the branches one transformer call in cache context `context` with `batch` rows holds.
 
         A context named `cond` or `uncond` (or a diffusers guider's `pred_cond` / `pred_uncond`) holds that branch
-        alone. Any other context (`cond_uncond`, or `default` outside a context) holds uncond then cond when its batch
-        is twice the prompt batch (classifier-free guidance batched into one call, as diffusers' CogVideoX, LTX-Video
-        and Mochi pipelines do), else cond alone (guidance off, or a guidance-distilled model).
+        alone; an extra guidance pass (`EXTRA_GUIDANCE_CONTEXTS`) holds none. Any other context (`cond_uncond`, or
+        `default` outside a context) holds uncond then cond when its batch is twice the prompt batch (classifier-free
+        guidance batched into one call, as diffusers' CogVideoX, LTX-Video, LTX-2 and Mochi pipelines do), else cond
+        alone (guidance off, or a guidance-distilled model).
         """
         context = GUIDER_BRANCHES.get(context, context)
+        if context in EXTRA_GUIDANCE_CONTEXTS:
+            return {}
         if context in ("cond", "uncond"):
             return {context: 0}
         if batch == 2 * self.prompt_batch:

@@ -43,9 +43,20 @@ def qwen_folder(tmp_path_factory):
     return str(folder)
 
 
-def _check_profile_fit_apply(pipe, prompts: list[PromptSpec], size: dict, branches: tuple[str, ...], tmp_path) -> None:
-    """Profile, fit `auto`, and check branches, bit-identical all-compute replay, exact skips and refusal."""
-    settings = RecordSettings(num_inference_steps=STEPS, guidance_scale=1.0, sensitivity_steps=0)
+def _check_profile_fit_apply(
+    pipe,
+    prompts: list[PromptSpec],
+    size: dict,
+    branches: tuple[str, ...],
+    tmp_path,
+    guidance: float = 1.0,
+    calls_per_step: int | None = None,
+) -> None:
+    """Profile, fit `auto`, and check branches, bit-identical all-compute replay, exact skips and refusal.
+
+    `calls_per_step` is how many transformer calls the pipeline makes per step (default: one per branch)."""
+    calls_per_step = len(branches) if calls_per_step is None else calls_per_step
+    settings = RecordSettings(num_inference_steps=STEPS, guidance_scale=guidance, sensitivity_steps=0)
     path = tmp_path / "profile.h5"
     profile_prompts(pipe, prompts, path, settings, size=size, progress=False)
     profile = open_profile(path)
@@ -60,7 +71,7 @@ def _check_profile_fit_apply(pipe, prompts: list[PromptSpec], size: dict, branch
 
     def run() -> np.ndarray:
         with torch.no_grad():
-            return generate(pipe, prompts[0], STEPS, 1.0, size, output_type="latent").numpy()
+            return generate(pipe, prompts[0], STEPS, guidance, size, output_type="latent").numpy()
 
     vanilla = run()
     with apply_plan(pipe, Plan.all_compute(plan.model, plan.timesteps)):
@@ -72,8 +83,8 @@ def _check_profile_fit_apply(pipe, prompts: list[PromptSpec], size: dict, branch
     finally:
         for handle in handles:
             handle.remove()
-    assert calls[0] == len(branches) * STEPS  # one named call per branch and step
-    assert counts == [len(branches) * int((row != REUSE).sum()) for row in plan.actions]
+    assert calls[0] == calls_per_step * STEPS
+    assert counts == [calls_per_step * int((row != REUSE).sum()) for row in plan.actions]
     assert np.isfinite(cached).all() and not np.array_equal(cached, vanilla)
 
 
@@ -141,3 +152,70 @@ def test_hunyuan_video15_pipeline(tmp_path):
     assert calls[0] == 2 * HY15_STEPS
     assert counts == [2 * int((row != REUSE).sum()) for row in actions]
     assert np.isfinite(cached).all() and not np.array_equal(cached, vanilla)
+
+
+LTX2_SIZE = {"num_frames": 5, "height": 32, "width": 32}  # the pipeline wants sizes divisible by 32
+#: LTX-2 prompts: a short text window (the pipeline pads to `max_sequence_length`, 1024 by default), and
+#: spatio-temporal and modality-isolation guidance off, so each step is the one batched CFG call.
+LTX2_EXTRA = {
+    "max_sequence_length": 16,
+    "stg_scale": 0.0,
+    "audio_stg_scale": 0.0,
+    "modality_scale": 1.0,
+    "audio_modality_scale": 1.0,
+}
+#: The audio stream's guidance defaults to 7 whatever `guidance_scale` is: CFG-free needs it set to 1 as well.
+LTX2_NO_CFG = {"audio_guidance_scale": 1.0}
+
+
+@pytest.fixture(scope="module")
+def ltx2_folder(tmp_path_factory):
+    from tiny_more_pipelines import ltx2_pipeline
+
+    folder = tmp_path_factory.mktemp("ltx2")
+    torch.manual_seed(0)
+    ltx2_pipeline().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["cfg4", "cfg1"])
+def test_ltx2_pipeline(guidance, ltx2_folder, tmp_path):
+    """LTX-2 (video and audio in one transformer; CFG batched in one call per step): at guidance 4 the profile holds
+    both branches of the batched call, at guidance 1 (audio guidance 1 too) the cond branch alone."""
+    pipe = load_pipeline(ltx2_folder)
+    cfg = guidance > 1.0
+    extra = LTX2_EXTRA if cfg else {**LTX2_EXTRA, **LTX2_NO_CFG}
+    prompts = [dataclasses.replace(p, extra=extra) for p in PROMPTS]
+    branches = ("cond", "uncond") if cfg else ("cond",)
+    _check_profile_fit_apply(pipe, prompts, LTX2_SIZE, branches, tmp_path, guidance, calls_per_step=1)
+
+
+def test_ltx2_extra_guidance_passes(ltx2_folder, tmp_path):
+    """At LTX-2's default guidance the pipeline adds a spatio-temporal and a modality-isolation guidance call to the
+    batched CFG call of each step. The profile records the two CFG branches only, and attention only in the CFG call
+    (the extra passes perturb attention); the plan's schedule runs in all three calls."""
+    from dit_accel.profiler.recorder import Recorder
+
+    pipe = load_pipeline(ltx2_folder)
+    extra = {"max_sequence_length": 16, "spatio_temporal_guidance_blocks": [1]}
+    prompts = [dataclasses.replace(p, extra=extra) for p in PROMPTS]
+    settings = RecordSettings(num_inference_steps=STEPS, guidance_scale=4.0)
+    recorder = Recorder(pipe.transformer, get_adapter(pipe.transformer), settings)
+    active, calls = [], [0]
+    attention = pipe.transformer.transformer_blocks[0].attn1
+    handles = [
+        attention.register_forward_pre_hook(lambda *_: active.append(recorder.attention_active)),
+        pipe.transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)),
+    ]
+    try:
+        recorder.begin_prompt(0)
+        with torch.no_grad():
+            generate(pipe, prompts[0], STEPS, 4.0, LTX2_SIZE, output_type="latent")
+        assert recorder.observed_branches() == ("cond", "uncond")
+    finally:
+        recorder.remove()
+        for handle in handles:
+            handle.remove()
+    assert calls[0] == 3 * STEPS
+    assert sum(active) == len(settings.attention_steps())
+    _check_profile_fit_apply(pipe, prompts, LTX2_SIZE, ("cond", "uncond"), tmp_path, 4.0, calls_per_step=3)

@@ -151,3 +151,96 @@ def hunyuan_video15_pipeline() -> Any:
         tokenizer_2=ByT5Tokenizer(),
         guider=ClassifierFreeGuidance(guidance_scale=5.0),
     )
+
+
+def _gemma3(vocab_size: int) -> torch.nn.Module:
+    """A two-layer Gemma-3 of width 16 (its SigLIP vision tower is built, never called: prompts are text only)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "sliding_window": 16,
+            "vocab_size": vocab_size,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+        },
+        mm_tokens_per_image=4,
+    )
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def ltx2_pipeline() -> Any:
+    """LTX-2 text-to-video-and-audio: a Gemma-3 text encoder whose every layer's hidden states (3 of width 16) feed the
+    text connectors, a video VAE (8 latent channels, 2× spatial and temporal compression), an audio VAE (2 channels of
+    2 mel bins: the transformer's 4 audio channels), a vocoder, flow-matching Euler steps. CFG runs batched in one
+    call named `cond_uncond`; spatio-temporal and modality-isolation guidance, when on, add a call each per step."""
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler, LTX2Pipeline
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from tiny_models import tiny_ltx2
+
+    tokenizer = word_tokenizer(PIPELINE_WORDS)
+    connector = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "num_learnable_registers": None}
+    connectors = LTX2TextConnectors(
+        caption_channels=16,
+        text_proj_in_factor=3,  # Gemma's embedding output and its 2 layers
+        **{f"{stream}_connector_{key}": value for stream in ("video", "audio") for key, value in connector.items()},
+        connector_rope_base_seq_len=32,
+        rope_type="split",
+    )
+    vae = AutoencoderKLLTX2Video(
+        latent_channels=8,
+        block_out_channels=(8,),
+        decoder_block_out_channels=(8,),
+        layers_per_block=(1,),
+        decoder_layers_per_block=(1, 1),
+        spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False),
+        downsample_type=("spatial",),
+        upsample_residual=(False,),
+        upsample_factor=(1,),
+        timestep_conditioning=False,
+    )
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4,
+        output_channels=2,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=None,
+        latent_channels=2,
+        mid_block_add_attention=False,
+        mel_bins=8,
+    )
+    vocoder = LTX2Vocoder(
+        in_channels=2 * 8,  # the audio VAE's output channels times its mel bins
+        hidden_channels=8,
+        out_channels=2,
+        upsample_kernel_sizes=[4, 4],
+        upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        output_sampling_rate=16000,
+    )
+    return LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.eval(),
+        audio_vae=audio_vae.eval(),
+        text_encoder=_gemma3(len(tokenizer)),
+        tokenizer=tokenizer,
+        connectors=connectors.eval(),
+        transformer=tiny_ltx2().eval(),
+        vocoder=vocoder.eval(),
+    )
