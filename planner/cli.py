@@ -88,6 +88,12 @@ def main(ctx: click.Context) -> None:
     type=click.IntRange(min=1),
     help="unicp: at most N cached residual tensors per CFG branch (adjacent blocks share windows; see inspect).",
 )
+@click.option(
+    "--cache-level",
+    type=click.Choice(("attention", "block")),
+    help="unicp: reuse cells cache the self-attention output (attention: the block runs, only its self-attention is "
+    "skipped) or the whole block's residual (block). Default: docs/methods.md.",
+)
 @click.option("--moreg/--no-moreg", default=True, show_default=True, help="AdaCache motion regularisation.")
 @click.option(
     "--probe",

@@ -4,7 +4,8 @@
   --refresh decreasing, one shrinking linearly); foreground blocks always computed. Budget knob: the longest interval.
 * `adacache` — adaptive codebook policy on a probe block's residual distance, MoReg on. Budget knob: codebook scale.
 * `bwcache` — adaptive similarity-indicator policy. Budget knob: the indicator quantile used as threshold.
-* `unicp` — EDCW windows per block and step, PCAS prune steps, DWS blend weights. Budget knob: the window threshold.
+* `unicp` — EDCW windows per block and step, PCAS prune steps, DWS blend weights, reuse cells caching the
+  self-attention output (`--cache-level attention`) or the whole block's residual. Budget knob: the window threshold.
 * `auto` — on profiles with measured reuse costs (whole stack, no pruning): the exact least-cost schedule from
   dynamic programming on measured per-step reuse errors, for a plain hold and a calibrated slope, robust over prompts
   (`search.py`, `reuse_costs.py`); with a closed loop, the candidate that measures best on the calibration prompts
@@ -41,6 +42,7 @@ from .adaptive_fit import (
     simulate_bwcache,
     unprotected,
 )
+from .attention_level import CACHE_LEVELS, AttentionLevelPredictor, self_attention_flops
 from .closed_loop import FAIL_RATIO, ClosedLoop, tail_error
 from .drift import build_predictor, normalised_drift, sensitivity_weights
 from .errors import PlannerError
@@ -88,6 +90,8 @@ REFRESH_SCHEDULES = ("fixed", "decreasing")
 PROBES = ("mid", "correlated")
 #: How far above its target speedup a preset's plan may land before the plan notes that it overshoots.
 TARGET_SLACK = 0.10
+#: UniCP's default cache level (docs/methods.md has the measurement behind it).
+UNICP_CACHE_LEVEL = "block"
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class FitOptions:
     probe: str | None = None
     max_cache_tensors: int | None = None
     refine_rounds: int | None = None
+    cache_level: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +162,8 @@ class MethodResult:
     predicted: dict[str, Any]
     chosen: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The cost/error model the plan stores, when not the context's (attention-level UniCP).
+    predictor: Predictor | None = None
 
 
 def fit_plan(profile_paths: Sequence[str], options: FitOptions, closed_loop: ClosedLoop | None = None) -> Plan:
@@ -196,6 +203,8 @@ def build_context(profiles: ProfileSet, options: FitOptions) -> FitContext:
         raise PlannerError(f"unknown method {options.method!r} (known: {', '.join(METHODS)})")
     if not options.foreground_weight > 0:
         raise PlannerError(f"--foreground-weight must be positive, got {options.foreground_weight}")
+    if options.cache_level is not None and options.method != "unicp":
+        raise PlannerError(f"--cache-level applies to method unicp, not {options.method}")
     if options.max_cache_tensors is not None and (options.method != "unicp" or options.max_cache_tensors < 1):
         raise PlannerError(
             f"--max-cache-tensors applies to method unicp and must be >= 1, got {options.max_cache_tensors} for "
@@ -452,12 +461,16 @@ def _adaptive_result(context: FitContext, policy: dict[str, Any], run: Any, chos
 def fit_unicp(context: FitContext) -> MethodResult:
     """UniCP: EDCW windows under an error threshold, PCAS prune steps and DWS blend weights.
 
-    Windows follow the self-attention outputs' drift between adjacent steps (the paper's signal, `attention_rel_l1`);
-    the plan's prediction still scores the whole-block caching the runtime replays.
+    Windows follow the self-attention outputs' drift between adjacent steps (the paper's signal, `attention_rel_l1`).
+    At cache level "attention" (the paper's) a reuse cell skips only the block's self-attention, and the prediction
+    scores that (`attention_level.py`); at "block" it skips the whole block, and the prediction scores the whole-block
+    reuse the runtime then replays.
     """
+    level = _unicp_cache_level(context)
     predictor = context.predictor
     signal, signal_params = _edcw_signal(context)
     windows = replace(predictor, drift=signal)
+    scored = predictor if level == "block" else AttentionLevelPredictor.of(predictor, signal, _attention_flops(context))
     cells = (signal * predictor.step_weight)[:, ~context.protected]
     positive = cells[cells > 0]
 
@@ -467,7 +480,7 @@ def fit_unicp(context: FitContext) -> MethodResult:
         actions = edcw_actions(windows, threshold, context.protected, context.max_reuse, prune=True)
         if limit is not None:
             actions = merge_windows(actions, limit, predictor.block_flops)
-        return _static_candidate(context, actions, {"window_threshold": threshold})
+        return Candidate({"window_threshold": threshold}, scored.speedup(actions), scored.error(actions), actions)
 
     if positive.size:
         top = float(predictor.step_weight.max() * signal.sum(axis=1).max() * predictor.block_weight.max())
@@ -476,19 +489,55 @@ def fit_unicp(context: FitContext) -> MethodResult:
     else:
         values, default = [0.0], 0.0
     chosen = _pick(context, values, default, build, "unicp")
-    params = {**chosen.params, **signal_params, "cache_tensors_per_branch": _cache_tensors(predictor, chosen.result)}
-    return MethodResult(chosen.result, {"kind": "static"}, predictor.summary(chosen.result), params)
+    params = {
+        **chosen.params,
+        **signal_params,
+        "cache_level": level,
+        "cache_tensors_per_branch": _cache_tensors(scored, chosen.result, level),
+    }
+    policy: dict[str, Any] = {"kind": "static"}
+    if level == "attention":
+        policy["cache_level"] = "attention"
+        share = float(scored.attention_flops.sum() / scored.block_flops.sum())
+        params["cache_level_note"] = (
+            f"reuse cells run the block and skip only its self-attention ({share:.0%} of the block FLOPs): the "
+            "predicted speedup counts self-attention FLOPs, and every block call runs (block-call speedup 1.0)"
+        )
+    return MethodResult(chosen.result, policy, scored.summary(chosen.result), params, predictor=scored)
 
 
-def _cache_tensors(predictor: Predictor, actions: np.ndarray) -> int:
-    """Residual tensors the runtime keeps per CFG branch for a static schedule: one per span, one per other block that
-    reads its cache (reuse, or a pruned step blended with the cache)."""
+def _unicp_cache_level(context: FitContext) -> str:
+    """The cache level asked for (UniCP's default when none); --max-cache-tensors bounds block-level spans only."""
+    level = context.options.cache_level or UNICP_CACHE_LEVEL
+    if level not in CACHE_LEVELS:
+        raise PlannerError(f"--cache-level must be one of {', '.join(CACHE_LEVELS)}, got {level!r}")
+    if level == "attention" and context.options.max_cache_tensors is not None:
+        raise PlannerError(
+            "--max-cache-tensors merges block-level cache spans; with --cache-level attention every reusing block "
+            "keeps its own attention output (use --cache-level block to bound them)"
+        )
+    return level
+
+
+def _attention_flops(context: FitContext) -> np.ndarray:
+    """Estimated self-attention FLOPs per block, from the token grid and the PCA bases' heads × head dim."""
+    heads, head_dim = context.pca.bases[0].shape[:2]
+    header = context.profiles.header
+    return self_attention_flops(header.block_flops, int(np.prod(header.grid)), heads, head_dim)
+
+
+def _cache_tensors(predictor: Predictor, actions: np.ndarray, level: str = "block") -> int:
+    """Tensors the runtime keeps per CFG branch for a static schedule. Block level: one residual per span, one per
+    other block that reads its cache (reuse, or a pruned step blended with the cache); attention level: one attention
+    output per block that reads its cache."""
     alone = blending_blocks(actions, predictor.dws_weights(actions))
+    reads = np.any(actions == REUSE, axis=1) | alone
+    if level == "attention":
+        return int(np.sum(reads))
     spans = group_spans(actions, alone)
     in_span = np.zeros(len(actions), dtype=bool)
     for start, stop in spans:
         in_span[start:stop] = True
-    reads = np.any(actions == REUSE, axis=1) | alone
     return len(spans) + int(np.sum(reads & ~in_span))
 
 
@@ -942,10 +991,11 @@ METHOD_FITTERS: dict[str, Callable[[FitContext], MethodResult]] = {
 def assemble_plan(context: FitContext, result: MethodResult) -> Plan:
     """The plan file's content: schedule, labels, spans, policy, arrays, provenance and prediction."""
     header = context.profiles.header
-    arrays = {**context.predictor.to_arrays(), **result.arrays}
+    predictor = result.predictor or context.predictor
+    arrays = {**predictor.to_arrays(), **result.arrays}
     if context.pca is not None:
         arrays.update(context.pca.to_arrays())
-        arrays["dws_weight"] = context.predictor.dws_weights(result.actions)
+        arrays["dws_weight"] = predictor.dws_weights(result.actions)
     static = result.policy["kind"] == "static"
     alone = blending_blocks(result.actions, arrays.get("dws_weight"))
     spans = group_spans(result.actions, alone) if static else ((0, context.blocks),) if context.blocks > 1 else ()

@@ -18,8 +18,10 @@ import numpy as np
 
 from dit_accel.harness.cli import printable
 from dit_accel.runtime.errors import PlanError
-from dit_accel.runtime.plan import COMPUTE, PRUNE, REUSE, Plan
+from dit_accel.runtime.plan import COMPUTE, PRUNE, REUSE, Plan, cache_level
 from dit_accel.runtime.replay_table import CompiledSchedule
+
+from .shapes import blending_blocks
 
 ACTION_CHARS = {COMPUTE: "C", REUSE: ".", PRUNE: "P"}
 LABEL_CHARS = {"foreground": "F", "background": "B", "unlabelled": "-"}
@@ -110,7 +112,11 @@ def cache_memory(plan: Plan, tokens: int | None, hidden: int | None, dtype_bytes
 
 
 def _cached_residuals(plan: Plan) -> list[tuple[tuple[int, int], int]]:
-    """(span, residual tensors it keeps per branch) for every span that stores at the plan's own step count."""
+    """(span, residual tensors it keeps per branch) for every span that stores at the plan's own step count; an
+    attention-level plan keeps one self-attention output (tokens × hidden) per block that stores one instead."""
+    if cache_level(plan) == "attention":
+        reads = np.any(plan.actions == REUSE, axis=1) | blending_blocks(plan.actions, plan.arrays.get("dws_weight"))
+        return [((int(b), int(b) + 1), 1) for b in np.flatnonzero(reads)]
     schedule = CompiledSchedule(plan, adaptive=plan.policy.get("kind") != "static")
     table = schedule.table(plan.num_inference_steps)
     per_span = 2 if schedule.extrapolate else 1
