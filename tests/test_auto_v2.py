@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from dit_accel.planner.profiles import load_profiles
 from dit_accel.planner.shapes import corrector_fronts
 from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
+from dit_accel.profiler.schema import seal
 from dit_accel.runtime import REUSE, apply_plan
 
 pytestmark = pytest.mark.slow
@@ -35,11 +38,12 @@ def calibrated(tmp_path_factory):
     profile_prompts(pipe, specs, path, settings, progress=False)
     profiles = load_profiles([path])
     # the closed loop replays one of the two prompts: half the suite time, the same code paths
-    return profiles, closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings, limit=1)
+    loop = closed_loop_from_profile(pipe, profiles.profiles[0].prompts, profiles.header.settings, limit=1)
+    return path, profiles, loop
 
 
 def test_a_few_step_plan_is_refused_or_passes_its_closed_loop_and_records_what_it_measured(calibrated):
-    profiles, loop = calibrated
+    _, profiles, loop = calibrated
     for target in (1.3, 1.6):
         try:
             plan = fit_profiles(profiles, FitOptions(target_speedup=target, refine_rounds=1), loop)
@@ -58,7 +62,7 @@ def test_a_few_step_plan_is_refused_or_passes_its_closed_loop_and_records_what_i
 
 
 def test_without_a_closed_loop_the_search_meets_the_budget_and_may_reuse_the_last_step(calibrated):
-    profiles, _ = calibrated
+    _, profiles, _ = calibrated
     plan = fit_profiles(profiles, FitOptions(target_speedup=2.0), None)
     reuse = plan.actions[0] == REUSE
     assert plan.policy["reuse"] in ("hold", "slope") and not reuse[0]
@@ -70,7 +74,7 @@ def test_without_a_closed_loop_the_search_meets_the_budget_and_may_reuse_the_las
 
 
 def test_forced_steps_compute_and_hold_only_is_respected(calibrated):
-    profiles, _ = calibrated
+    _, profiles, _ = calibrated
     plan = fit_profiles(profiles, FitOptions(target_speedup=1.5, warmup=2, protect_last=1, reuse="hold"), None)
     reuse = plan.actions[0] == REUSE
     assert not reuse[:2].any() and not reuse[-1] and plan.policy == {"kind": "static", "reuse": "hold"}
@@ -98,7 +102,7 @@ def _block_calls(pipe, plan=None) -> np.ndarray:
 
 
 def test_a_corrector_plan_computes_its_front_blocks_and_skips_exactly_the_planned_calls(calibrated):
-    profiles, loop = calibrated
+    _, profiles, loop = calibrated
     plan = fit_profiles(profiles, FitOptions(target_speedup=1.5, front_blocks=2), None)
     blocks = plan.num_blocks
     reuse = plan.actions == REUSE
@@ -112,7 +116,21 @@ def test_a_corrector_plan_computes_its_front_blocks_and_skips_exactly_the_planne
 
 
 def test_a_front_that_leaves_nothing_to_reuse_is_refused_in_one_line(calibrated):
-    profiles, _ = calibrated
+    _, profiles, _ = calibrated
     blocks = profiles.num_blocks
     with pytest.raises(PlannerError, match=rf"--front-blocks {blocks - 1} leaves no span to reuse: use 0 to"):
         fit_profiles(profiles, FitOptions(target_speedup=1.5, front_blocks=blocks - 1), None)
+
+
+def test_the_scaled_hold_on_a_profile_written_before_it_existed_is_refused_in_one_line(calibrated, tmp_path):
+    path, _, _ = calibrated
+    old = tmp_path / "old.h5"
+    shutil.copyfile(path, old)
+    with h5py.File(old, "a") as f:
+        for prompt in f["prompts"].values():
+            del prompt["reuse/stack_residual_sq"]
+    seal(old)  # as the profiler of that time sealed it
+    with pytest.raises(PlannerError, match=r"^--reuse scale needs profile field stack_residual_sq.*re-profile$"):
+        fit_profiles(load_profiles([old]), FitOptions(target_speedup=1.5, reuse="scale"), None)
+    plan = fit_profiles(load_profiles([old]), FitOptions(target_speedup=1.5), None)
+    assert plan.policy["reuse"] in ("hold", "slope") and "reuse_gain" not in plan.arrays
