@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -93,6 +94,10 @@ class ModelAdapter:
     context (Cosmos: `cond`, then `uncond` when guidance is on); empty when the pipeline names its calls or makes one
     call per step. Such a model's step comes from the pipeline's scheduler (`runtime/call_order.py`), so it is
     profiled and accelerated through its pipeline only.
+
+    `config_packages` pairs a boolean config key with the package the transformer's forward needs when it is set:
+    diffusers imports such packages only if installed, so without one the first call fails mid-run with a NameError
+    (Cosmos's `concat_padding_mask`, set by every real checkpoint, resizes the mask with `torchvision`).
     """
 
     name: str
@@ -102,6 +107,16 @@ class ModelAdapter:
     attention: tuple[AttentionModule, ...]
     span_breaks_key: str | None = None
     call_order: tuple[str, ...] = ()
+    config_packages: tuple[tuple[str, str], ...] = ()
+
+    def check_packages(self, transformer: torch.nn.Module) -> None:
+        """Refuse, in one line, a transformer whose config needs a package that is not installed."""
+        for key, package in self.config_packages:
+            if getattr(transformer.config, key, False) and importlib.util.find_spec(package) is None:
+                raise AdapterError(
+                    f"{type(transformer).__name__} with {key}=True needs the package '{package}', which is not "
+                    f"installed (pip install {package})"
+                )
 
     def span_breaks(self, transformer: torch.nn.Module) -> tuple[int, ...]:
         """Indices of the blocks a cached span must end at (see `span_breaks_key`), in execution order."""
@@ -179,15 +194,19 @@ def supported_classes() -> list[str]:
 def get_adapter(model_or_class: torch.nn.Module | type) -> ModelAdapter:
     """The adapter of a transformer (instance or class): exact class first, then the nearest base class."""
     cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
-    for klass in cls.__mro__:
-        adapter = _REGISTRY.get(klass.__name__)
-        if adapter is not None:
-            return adapter
+    adapter = _find_adapter(cls)
+    if adapter is not None:
+        return adapter
     raise AdapterError(
         f"no adapter for transformer class {cls.__name__} (supported: {', '.join(supported_classes())}); describe "
         f"its blocks with dit_accel.runtime.register_adapter({cls.__name__!r}, ModelAdapter(...)) before loading it, "
         "see docs/adapters.md"
     )
+
+
+def _find_adapter(cls: type) -> ModelAdapter | None:
+    """The adapter registered for `cls` or its nearest base class, None when there is none."""
+    return next((_REGISTRY[k.__name__] for k in cls.__mro__ if k.__name__ in _REGISTRY), None)
 
 
 def config_hash(config: Any) -> str:
@@ -227,7 +246,8 @@ def find_experts(pipe_or_transformer: Any) -> list[tuple[str, torch.nn.Module]]:
     module alone is `[("transformer", module)]`.
 
     Experts must have the same block ids, since one plan schedules the blocks of whichever expert serves a step;
-    anything else is refused in one line naming both.
+    anything else is refused in one line naming both. An expert whose config needs a missing package
+    (`ModelAdapter.config_packages`) is refused in one line naming it, before anything runs.
     """
     experts = [
         (name, unwrap_module(module))
@@ -241,6 +261,10 @@ def find_experts(pipe_or_transformer: Any) -> list[tuple[str, torch.nn.Module]]:
             "expected a diffusers pipeline with a .transformer or a transformer module, got "
             f"{type(pipe_or_transformer).__name__}"
         )
+    for _, module in experts:
+        adapter = _find_adapter(type(module))
+        if adapter is not None:
+            adapter.check_packages(module)
     _check_same_blocks(type(pipe_or_transformer).__name__, experts)
     return experts
 
@@ -399,6 +423,7 @@ register_adapter(
         grid=TokenGrid(layout="BCFHW"),
         attention=_SELF_CROSS,
         call_order=("cond", "uncond"),
+        config_packages=(("concat_padding_mask", "torchvision"),),
     ),
 )
 

@@ -10,6 +10,7 @@ reused block never reaches), repeated runs under one plan agree, and the CLI pat
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -150,3 +151,34 @@ def test_cli_profile_fit_auto_and_validate(folder, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert len(report["prompts"]) == len(PROMPTS)
+
+
+def test_padding_mask_without_torchvision_is_one_line(tmp_path, monkeypatch):
+    """Real Cosmos checkpoints set `concat_padding_mask`, whose forward resizes the mask with torchvision: without
+    it, `dit-profile` exits 2 with one line naming `pip install torchvision` and writes nothing, and `apply_plan`
+    refuses in one line before installing anything."""
+    import sys
+
+    from click.testing import CliRunner
+    from tiny_cosmos import cosmos2_text_to_image_pipeline
+
+    from dit_accel.profiler.cli import main as profile_main
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # unimportable, whether installed or not
+    torch.manual_seed(0)
+    pipe = cosmos2_text_to_image_pipeline(concat_padding_mask=True)
+    pipe.save_pretrained(tmp_path / "model")
+    prompts, profile = tmp_path / "prompts.txt", tmp_path / "profile.h5"
+    prompts.write_text(PROMPTS[0].prompt + "\n")
+    args = ["run", "--prompts", str(prompts), "-o", str(profile), "--model", str(tmp_path / "model"), "--steps", "2"]
+    result = CliRunner().invoke(profile_main, [*args, "--quiet"])
+    message = r"error: .*concat_padding_mask=True needs the package 'torchvision', .*\(pip install torchvision\)"
+    last = result.stderr.splitlines()[-1]  # after diffusers' own loading bars
+    assert result.exit_code == 2 and re.fullmatch(message, last) and "Traceback" not in result.output, result.output
+    assert not profile.exists()
+
+    transformer = pipe.transformer
+    plan = Plan.all_compute(fingerprint_model(transformer), [1000.0, 500.0])
+    with pytest.raises(AdapterError, match=r"needs the package 'torchvision'.*\(pip install torchvision\)$"):
+        apply_plan(pipe, plan)
+    assert not HookRegistry.check_if_exists_or_initialize(transformer).hooks, "nothing installed"

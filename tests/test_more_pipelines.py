@@ -23,7 +23,7 @@ from dit_accel.planner.methods import FitOptions, fit_plan
 from dit_accel.profiler.recorder import RecordSettings
 from dit_accel.profiler.run import profile_prompts
 from dit_accel.profiler.schema import open_profile
-from dit_accel.runtime import REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter
+from dit_accel.runtime import REUSE, Plan, PlanError, apply_plan, fingerprint_model, get_adapter, load_plan
 
 STEPS = 6
 PROMPTS = [
@@ -219,3 +219,38 @@ def test_ltx2_extra_guidance_passes(ltx2_folder, tmp_path):
     assert calls[0] == 3 * STEPS
     assert sum(active) == len(settings.attention_steps())
     _check_profile_fit_apply(pipe, prompts, LTX2_SIZE, ("cond", "uncond"), tmp_path, 4.0, calls_per_step=3)
+
+
+@pytest.mark.slow
+def test_hunyuan_video15_cli_profile_fit_and_validate(tmp_path):
+    """dit-profile → dit-plan fit auto → dit-plan validate from a saved HunyuanVideo 1.5 folder at guidance 5, one
+    prompt (slow: about 20 s on a shared 2-core CPU, its 1108 text tokens dominate). The fit skips the closed loop
+    (a closed loop on this model takes minutes; it replays through the same `generate` as validate). The target is
+    1.2×: the blocks are about two thirds of this tiny model's step, the text refiner and embedders the rest."""
+    import json
+
+    from click.testing import CliRunner
+    from tiny_more_pipelines import hunyuan_video15_pipeline
+
+    from dit_accel.planner.cli import main as plan_main
+    from dit_accel.profiler.cli import main as profile_main
+
+    folder, prompts, profile, plan = tmp_path / "hy15", tmp_path / "p.jsonl", tmp_path / "p.h5", tmp_path / "a.plan"
+    torch.manual_seed(0)
+    hunyuan_video15_pipeline().save_pretrained(folder)
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0].prompt, "seed": PROMPTS[0].seed}) + "\n")
+    model = ["--model", str(folder), "--steps", str(HY15_STEPS), "--guidance", "5"]
+    sizes = [f"--{key.removeprefix('num_')}={value}" for key, value in HY15_SIZE.items()]
+    runner = CliRunner()
+    args = ["run", "--prompts", str(prompts), "-o", str(profile), *model, *sizes, "--sensitivity-steps", "0"]
+    result = runner.invoke(profile_main, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert open_profile(profile).header.branches == ("cond", "uncond")
+    args = ["fit", str(profile), "--method", "auto", "--target-speedup", "1.2", "-o", str(plan), "--no-closed-loop"]
+    result = runner.invoke(plan_main, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (load_plan(plan).actions == REUSE).any()
+    args = ["validate", str(plan), "--prompts", str(prompts), *model, *sizes, "--repeats", "1", "--no-flops"]
+    result = runner.invoke(plan_main, [*args, "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["prompts"]) == 1

@@ -5,8 +5,8 @@ Cosmos pipelines refuse to run without a safety checker, and diffusers' `CosmosS
 diffusers' own Cosmos tests do with theirs: it passes every prompt and returns every video unchanged. A folder saved
 with it names this module in `model_index.json`, so loading it needs this module importable (tests/ is on the path).
 
-The transformers are built with `concat_padding_mask=False`: the padding mask is resized with `torchvision`, which
-the install does not bring either (real Cosmos checkpoints set it, so they need `torchvision`).
+The transformers are built with `concat_padding_mask=False` unless asked: the padding mask is resized with
+`torchvision`, which the install does not bring either (real Cosmos checkpoints set it, so they need `torchvision`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class PassThroughSafetyChecker(ModelMixin, ConfigMixin):
         return frames
 
 
-def tiny_cosmos(in_channels: int = 4, num_layers: int = 3) -> CosmosTransformer3DModel:
+def tiny_cosmos(
+    in_channels: int = 4, num_layers: int = 3, concat_padding_mask: bool = False
+) -> CosmosTransformer3DModel:
     return CosmosTransformer3DModel(
         in_channels=in_channels,
         out_channels=4,
@@ -49,12 +51,12 @@ def tiny_cosmos(in_channels: int = 4, num_layers: int = 3) -> CosmosTransformer3
         max_size=(4, 16, 16),
         patch_size=(1, 2, 2),
         rope_scale=(1.0, 1.0, 1.0),
-        concat_padding_mask=False,
+        concat_padding_mask=concat_padding_mask,
         extra_pos_embed_type="learnable",
     )
 
 
-def cosmos2_text_to_image_pipeline() -> Any:
+def cosmos2_text_to_image_pipeline(concat_padding_mask: bool = False) -> Any:
     """Cosmos-Predict2's text-to-image pipeline: a Wan VAE, flow-matching Euler steps, CFG as two unnamed calls."""
     from diffusers import Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
 
@@ -62,7 +64,7 @@ def cosmos2_text_to_image_pipeline() -> Any:
     return Cosmos2TextToImagePipeline(
         text_encoder=_t5_encoder(16),
         tokenizer=tiny_tokenizer(),
-        transformer=tiny_cosmos().eval(),
+        transformer=tiny_cosmos(concat_padding_mask=concat_padding_mask).eval(),
         vae=wan_vae(),
         scheduler=scheduler,
         safety_checker=PassThroughSafetyChecker(),
