@@ -1,14 +1,17 @@
 """Cosmos: its pipelines call the transformer without a cache context, cond then uncond within one scheduler step.
 
-The adapter's `call_order` names those calls (`runtime/call_order.py`). Checked on a tiny Cosmos-Predict2
-text-to-image pipeline saved with `save_pretrained` and loaded back: the profile holds exactly the branches the
-pipeline ran (guidance 5 and 1), an all-compute plan reproduces the vanilla latent bit for bit, the fitted caching
-plan skips exactly the planned block calls (counted by plain torch pre-hooks on each block's self-attention, which a
-reused block never reaches), repeated runs under one plan agree, and the CLI path (profile, fit auto, validate) works.
+The adapter's `call_order` names those calls (`runtime/call_order.py`). Checked on tiny Cosmos-Predict2 text-to-
+image and video-to-world pipelines saved with `save_pretrained` and loaded back: the profile holds exactly the
+branches the pipeline ran (guidance 5 and 1), an all-compute plan reproduces the vanilla latent bit for bit, the
+fitted caching plan skips exactly the planned block calls (counted by plain torch pre-hooks on each block's self-
+attention, which a reused block never reaches), repeated runs under one plan agree, and the CLI path (profile, fit
+auto, validate) works. A transformer that needs torchvision (`concat_padding_mask`, as real checkpoints set it) is
+refused in one line where it is missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -39,22 +42,42 @@ def folder(tmp_path_factory):
     return str(save_tiny_cosmos(tmp_path_factory.mktemp("cosmos")))
 
 
-def _run(pipe, guidance: float) -> np.ndarray:
+def _run(pipe, guidance: float, spec: PromptSpec, size: dict) -> np.ndarray:
     with torch.no_grad():
-        return generate(pipe, PROMPTS[0], STEPS, guidance, COSMOS_SIZE, output_type="latent").numpy()
+        return generate(pipe, spec, STEPS, guidance, size, output_type="latent").numpy()
 
 
 @pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg5", "cfg1"])
 def test_profile_fit_apply(guidance, folder, tmp_path):
-    pipe = load_pipeline(folder)
+    _check_profile_fit_apply(load_pipeline(folder), PROMPTS, COSMOS_SIZE, guidance, tmp_path)
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg5", "cfg1"])
+def test_video_to_world_profile_fit_apply(guidance, tmp_path):
+    """Cosmos-Predict2's video-to-world pipeline, each prompt conditioned on an image from its `.jsonl`-style field."""
+    from PIL import Image
+    from tiny_cosmos import cosmos2_video_to_world_pipeline
+
+    torch.manual_seed(0)
+    cosmos2_video_to_world_pipeline().save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "first.png")
+    prompts = [dataclasses.replace(p, image=str(tmp_path / "first.png")) for p in PROMPTS]
+    size = {"num_frames": 5, **COSMOS_SIZE}  # two latent frames: the image's and one generated
+    _check_profile_fit_apply(load_pipeline(str(tmp_path / "model")), prompts, size, guidance, tmp_path)
+
+
+def _check_profile_fit_apply(pipe, prompts: list[PromptSpec], size: dict, guidance: float, tmp_path) -> None:
+    """Profile, fit `auto`, and check branches, refusal of another model's plan, bit-identical all-compute replay,
+    exact skips over two runs under one plan."""
     settings = RecordSettings(num_inference_steps=STEPS, guidance_scale=guidance, sensitivity_steps=0)
     path = tmp_path / "profile.h5"
-    profile_prompts(pipe, PROMPTS, path, settings, size=COSMOS_SIZE, progress=False)
+    profile_prompts(pipe, prompts, path, settings, size=size, progress=False)
     expected = ("cond", "uncond") if guidance > 1.0 else ("cond",)
     profile = open_profile(path)
     assert profile.header.branches == expected
     drift = profile.stack("residual_rel_l1")
-    assert drift.shape[:2] == (len(PROMPTS), len(expected)) and np.isfinite(drift[:, :, 1:]).all()
+    assert drift.shape[:2] == (len(prompts), len(expected)) and np.isfinite(drift[:, :, 1:]).all()
     if guidance > 1.0:  # the two calls of a step were told apart: their inputs differ (other text), so their drift
         assert not np.array_equal(drift[:, 0], drift[:, 1])
 
@@ -64,15 +87,15 @@ def test_profile_fit_apply(guidance, folder, tmp_path):
 
     with pytest.raises(PlanError, match="plan is for transformer class"):
         apply_plan(pipe, Plan.all_compute(fingerprint_model(tiny_wan()), plan.timesteps))
-    vanilla = _run(pipe, guidance)
+    vanilla = _run(pipe, guidance, prompts[0], size)
     with apply_plan(pipe, Plan.all_compute(plan.model, plan.timesteps)):
-        assert np.array_equal(_run(pipe, guidance), vanilla)
+        assert np.array_equal(_run(pipe, guidance, prompts[0], size), vanilla)
 
     counts, calls, handles = count_computed(pipe.transformer)
     try:
         with apply_plan(pipe, plan):
-            cached = _run(pipe, guidance)
-            again = _run(pipe, guidance)
+            cached = _run(pipe, guidance, prompts[0], size)
+            again = _run(pipe, guidance, prompts[0], size)
     finally:
         for handle in handles:
             handle.remove()

@@ -71,6 +71,22 @@ def cosmos2_text_to_image_pipeline(concat_padding_mask: bool = False) -> Any:
     )
 
 
+def cosmos2_video_to_world_pipeline() -> Any:
+    """Cosmos-Predict2's video-to-world pipeline: the text-to-image one's parts, conditioned on a first image whose
+    latent frame the pipeline marks in a mask channel it appends (a transformer of 4 + 1 input channels)."""
+    from diffusers import Cosmos2VideoToWorldPipeline, FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True, shift=1.0, use_dynamic_shifting=False)
+    return Cosmos2VideoToWorldPipeline(
+        text_encoder=_t5_encoder(16),
+        tokenizer=tiny_tokenizer(),
+        transformer=tiny_cosmos(in_channels=5).eval(),
+        vae=wan_vae(),
+        scheduler=scheduler,
+        safety_checker=PassThroughSafetyChecker(),
+    )
+
+
 #: Image size keywords of the tiny text-to-image pipeline (2×2 latent tokens after the VAE's 8× and the 2× patch).
 COSMOS_SIZE = {"height": 32, "width": 32}
 
