@@ -67,6 +67,17 @@ def test_video_to_world_profile_fit_apply(guidance, tmp_path):
     _check_profile_fit_apply(load_pipeline(str(tmp_path / "model")), prompts, size, guidance, tmp_path)
 
 
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg5", "cfg1"])
+def test_text_to_world_profile_fit_apply(guidance, tmp_path):
+    """Cosmos 1's text-to-world pipeline (EDM scheduler, its own VAE)."""
+    from tiny_cosmos import cosmos_text_to_world_pipeline
+
+    torch.manual_seed(0)
+    cosmos_text_to_world_pipeline().save_pretrained(tmp_path / "model")
+    size = {"num_frames": 5, **COSMOS_SIZE}
+    _check_profile_fit_apply(load_pipeline(str(tmp_path / "model")), PROMPTS, size, guidance, tmp_path)
+
+
 def _check_profile_fit_apply(pipe, prompts: list[PromptSpec], size: dict, guidance: float, tmp_path) -> None:
     """Profile, fit `auto`, and check branches, refusal of another model's plan, bit-identical all-compute replay,
     exact skips over two runs under one plan."""

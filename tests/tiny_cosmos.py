@@ -87,6 +87,35 @@ def cosmos2_video_to_world_pipeline() -> Any:
     )
 
 
+def cosmos_text_to_world_pipeline() -> Any:
+    """Cosmos 1's text-to-world pipeline: its own VAE (Haar-wavelet patching, 4× spatial and temporal compression
+    here) and EDM Euler steps, CFG as two unnamed calls."""
+    from diffusers import AutoencoderKLCosmos, CosmosTextToWorldPipeline, EDMEulerScheduler
+
+    vae = AutoencoderKLCosmos(
+        latent_channels=4,
+        encoder_block_out_channels=(8, 8),
+        decode_block_out_channels=(8, 8),
+        attention_resolutions=(),
+        resolution=32,
+        num_layers=1,
+        patch_size=2,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+        latents_mean=None,
+        latents_std=None,
+    )
+    scheduler = EDMEulerScheduler(sigma_data=0.5, sigma_schedule="karras", final_sigmas_type="sigma_min")
+    return CosmosTextToWorldPipeline(
+        text_encoder=_t5_encoder(16),
+        tokenizer=tiny_tokenizer(),
+        transformer=tiny_cosmos().eval(),
+        vae=vae,
+        scheduler=scheduler,
+        safety_checker=PassThroughSafetyChecker(),
+    )
+
+
 #: Image size keywords of the tiny text-to-image pipeline (2×2 latent tokens after the VAE's 8× and the 2× patch).
 COSMOS_SIZE = {"height": 32, "width": 32}
 
