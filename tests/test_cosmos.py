@@ -1,12 +1,12 @@
 """Cosmos: its pipelines call the transformer without a cache context, cond then uncond within one scheduler step.
 
 The adapter's `call_order` names those calls (`runtime/call_order.py`). Checked on tiny Cosmos-Predict2
-text-to-image and video-to-world pipelines saved with `save_pretrained` and loaded back: the profile holds exactly
-the branches the pipeline ran (guidance 5 and 1), an all-compute plan reproduces the vanilla latent bit for bit, the
-fitted caching plan skips exactly the planned block calls (counted by plain torch pre-hooks on each block's
-self-attention, which a reused block never reaches), repeated runs under one plan agree, and the CLI path (profile,
-fit auto, validate) works. A transformer that needs torchvision (`concat_padding_mask`, as real checkpoints set it)
-is refused in one line where it is missing.
+text-to-image and video-to-world and Cosmos 1 text-to-world pipelines saved with `save_pretrained` and loaded back:
+the profile holds exactly the branches the pipeline ran (guidance 5 and 1), an all-compute plan reproduces the
+vanilla latent bit for bit, the fitted caching plan skips exactly the planned block calls (counted by plain torch
+pre-hooks on each block's self-attention, which a reused block never reaches), repeated runs under one plan agree,
+and the CLI path (profile, fit auto, validate) works. A transformer that needs torchvision (`concat_padding_mask`,
+as real checkpoints set it) is refused in one line where it is missing.
 """
 
 from __future__ import annotations
