@@ -194,6 +194,7 @@ def fit(
         "predicted": plan.predicted,
         "labels": list(plan.labels),
         "spans": [list(s) for s in plan.spans],
+        "target_note": plan.provenance.get("chosen", {}).get("target_note"),
     }
     emit_report(report, as_json, _render_fit)
 
@@ -205,6 +206,15 @@ def _render_fit(report: dict[str, Any]) -> str:
         f"{predicted['speedup']:.2f}x, compute fraction {predicted['compute_fraction']:.2f}, error "
         f"{predicted['error']:.4g}"
     )
+    if report.get("target_note"):
+        line += f"\nnote: {report['target_note']}"
+    spread = predicted.get("step_speedup_range")
+    if spread:
+        line += (
+            f"\nadaptive: each prompt decides its own steps; one run's speedup ranged {spread[0]:.2f}x to "
+            f"{spread[1]:.2f}x on the {predicted['simulated_runs']} calibration prompt(s) (the prediction is their "
+            "mean) and other prompts can fall outside that range: dit-plan validate measures them"
+        )
     loop = predicted.get("closed_loop")
     if loop:
         line += (

@@ -115,6 +115,15 @@ def test_inspect_text_and_plot(profile, tmp_path):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "skipped" not in result.stdout
 
 
+def test_fit_says_how_far_an_adaptive_plans_speedup_ranges_over_the_calibration_prompts(profile, tmp_path):
+    out = tmp_path / "a.plan"
+    result = run("fit", profile, "-o", out, "--method", "adacache")
+    low, high = load_plan(out).predicted["step_speedup_range"]
+    assert result.exit_code == 0 and f"ranged {low:.2f}x to {high:.2f}x on the" in result.stdout
+    static = run("fit", profile, "-o", tmp_path / "s.plan", "--method", "auto")
+    assert static.exit_code == 0 and "ranged" not in static.stdout
+
+
 def test_inspect_plot_skips_the_drift_heatmap_when_the_profile_is_gone(tmp_path):
     profile = write_synthetic_profile(tmp_path / "gone.h5")
     out, figure = tmp_path / "m.plan", tmp_path / "fig.png"
