@@ -31,10 +31,12 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32"
     """The embedded default pipeline (`model=None`) or a diffusers pipeline from a local folder, never a hub.
 
     A saved `TinyVideoPipeline` folder (the default model's class) loads through its own `from_pretrained`, since
-    diffusers' generic loader needs `accelerate` for Wan's float32-pinned modules.
+    diffusers' generic loader needs `accelerate` for Wan's float32-pinned modules. Loading shows no progress bars
+    (`_quiet_loading`), as generation shows none of the pipeline's own.
     """
     try:
-        pipe = _load(model, torch_dtype(dtype))
+        with _quiet_loading():
+            pipe = _load(model, torch_dtype(dtype))
     except FileNotFoundError as exc:
         raise DitAccelError(str(exc)) from None
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -83,7 +85,36 @@ def _load(model: str | None, dtype: torch.dtype) -> Any:
         return TinyVideoPipeline.from_pretrained(model, torch_dtype=dtype)
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+    return DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Disable diffusers' and transformers' progress bars and info logging while a pipeline loads, then restore
+    their previous settings.
+
+    Their "Loading pipeline components" and "Loading weights" bars go to stderr, so a one-line error raised after
+    loading (a prompt the pipeline refuses) would not be one line; the CLIs' own phase lines say what is loading.
+    Warnings still show: they report problems with the folder, such as weights a component did not use.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    libraries = [diffusers_logging]
+    if importlib.util.find_spec("transformers") is not None:  # only pipelines with a transformers text encoder
+        from transformers.utils import logging as transformers_logging
+
+        libraries.append(transformers_logging)
+    saved = [(library.is_progress_bar_enabled(), library.get_verbosity()) for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+        library.set_verbosity(max(library.get_verbosity(), library.WARNING))
+    try:
+        yield
+    finally:
+        for library, (bars, verbosity) in zip(libraries, saved):
+            if bars:
+                library.enable_progress_bar()
+            library.set_verbosity(verbosity)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -142,3 +142,22 @@ def test_cli_profile_fit_validate(name, guidance, preset, branches, refusal, tmp
     report = json.loads(result.stdout)
     assert [p["seed"] for p in report["prompts"]] == [PROMPTS[1]["seed"]]
     assert report["block_call_speedup"] > 1.0 and math.isfinite(report["min_psnr"])
+
+
+def test_quiet_refusal_after_loading_is_one_line(tmp_path):
+    """`dit-profile run --quiet` on a prompt the loaded pipeline refuses (an `extra` keyword it does not take): exit
+    code 2 and exactly one line on stderr, with no loading progress bars or warnings before it, and no file."""
+    import warnings
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    TINY_PIPELINES["wan"]().save_pretrained(folder)
+    prompts, profile = tmp_path / "prompts.jsonl", tmp_path / "profile.h5"
+    prompts.write_text(json.dumps({**PROMPTS[0], "extra": {"not_a_keyword": 1}}) + "\n")
+    args = ["run", "--prompts", str(prompts), "-o", str(profile), "--model", str(folder), "--steps", "2", "--quiet"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(profile_main, args)
+    assert result.exit_code == 2 and not profile.exists(), result.output
+    assert result.stderr == "error: WanPipeline takes no keyword 'not_a_keyword' (prompt 1)\n"
+    assert [str(w.message) for w in caught] == []
