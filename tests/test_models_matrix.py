@@ -184,8 +184,8 @@ def test_missing_packages_are_named_in_one_line(tmp_path, monkeypatch):
         pipelines._check_prompt_cleaning(module.Pipe())
 
 
-#: The CLI rows: one family with separate CFG calls at guidance 5, one with batched CFG at guidance 1 (the command-line
-#: path is the same code for every family; the library rows above cover each family).
+#: The full CLI rows (closed-loop `auto` and every preset): one family with separate CFG calls at guidance 5, one with
+#: batched CFG at guidance 1. Every other family runs a shorter CLI row in tests/test_models_cli.py.
 CLI_ROWS = [("wan", 5.0), ("cogvideox", 1.0)]
 
 
