@@ -491,7 +491,7 @@ def test_reschedule_with_recomputed_checksum_keeping_the_claims_is_refused():
         actions[:, 2:-1] = 1
         tensors["actions"] = actions
 
-    with pytest.raises(PlanError, match="claims compute fraction 0.48 but its schedule computes 0.06.*refit"):
+    with pytest.raises(PlanError, match=r"claims compute fraction 0.48 but its schedule computes 0\.0\d.*refit"):
         plan_from_bytes(_rewrite_plan_file(data, reuse_everything_after_warmup))
 
 
