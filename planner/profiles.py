@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dit_accel.profiler.schema import Profile, ProfileHeader, open_profile
+from dit_accel.profiler.schema import FIELDS, Profile, ProfileHeader, open_profile
 
 from .errors import PlannerError
 
@@ -63,11 +63,20 @@ class ProfileSet:
     def require(self, fields: Sequence[str], purpose: str) -> None:
         """Refuse (one line) when a field `purpose` needs is missing from some prompt."""
         missing = [name for name in fields if not self.has(name)]
-        if missing:
-            raise PlannerError(
-                f"{purpose} needs profile field(s) {', '.join(missing)}, which the profile does not hold for every "
-                "prompt (re-profile recording them)"
+        if not missing:
+            return
+        settings = [FIELDS[name].setting for name in missing]
+        if all(s is not None and self.header.settings.get(s) for s in settings):
+            hint = (
+                "the profiler was asked to record them but this model's attention gave it nothing to sample (e.g. "
+                "linear attention, which computes no attention scores): pick a method that does not need them"
             )
+        else:
+            hint = "re-profile recording them"
+        raise PlannerError(
+            f"{purpose} needs profile field(s) {', '.join(missing)}, which the profile does not hold for every "
+            f"prompt ({hint})"
+        )
 
     def stack_recorded(self, field: str) -> np.ndarray | None:
         """Field `field` of the prompts that recorded it (some fields are recorded for the first prompts only), or

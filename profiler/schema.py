@@ -88,12 +88,14 @@ _ATTENTION = Values(0.0)  # attention weights: >= 0, always recorded (not capped
 
 @dataclass(frozen=True)
 class Field:
-    """One per-prompt dataset: its path inside the prompt's group, dimension names, storage dtype, allowed values."""
+    """One per-prompt dataset: its path inside the prompt's group, dimension names, storage dtype, allowed values, and
+    the recording setting (`RecordSettings` field) that asks for it, where one does."""
 
     path: str
     dims: tuple[str, ...]
     dtype: str
     values: Values = Values()
+    setting: str | None = None
 
 
 # Per-prompt fields. Branch order is the file's `branches` attribute; steps and blocks follow the root grids.
@@ -109,15 +111,23 @@ FIELDS: dict[str, Field] = {
     "motion": Field("motion", ("branch", "step", "block"), "float32", Values(0.0, 1.0 + COS_SLACK, True)),
     "attention_steps": Field("attention/steps", ("attention_step",), "int32"),
     "attention_received": Field(
-        "attention/received", ("attention_step", "block", "frame", "height", "width"), "float16", _ATTENTION
+        "attention/received",
+        ("attention_step", "block", "frame", "height", "width"),
+        "float16",
+        _ATTENTION,
+        "record_attention",
     ),
     "query_index": Field("attention/query_index", ("query",), "int32"),
     "cross_attention": Field(
         "attention/cross", ("attention_step", "block", "query", "text_token"), "float16", _ATTENTION
     ),
-    "foreground": Field("foreground", ("frame", "height", "width"), "uint8", Values(0, 1)),
-    "feature_queries": Field("features/queries", ("block", "sample", "head", "channel"), "float16"),
-    "feature_keys": Field("features/keys", ("block", "sample", "head", "channel"), "float16"),
+    "foreground": Field("foreground", ("frame", "height", "width"), "uint8", Values(0, 1), "record_attention"),
+    "feature_queries": Field(
+        "features/queries", ("block", "sample", "head", "channel"), "float16", setting="record_features"
+    ),
+    "feature_keys": Field(
+        "features/keys", ("block", "sample", "head", "channel"), "float16", setting="record_features"
+    ),
     "video": Field("video", ("frame", "pixel_height", "pixel_width", "rgb"), "uint8"),
     "step_sensitivity": Field("sensitivity/final_error", ("step",), "float32", _DRIFT),
     "reuse_gram": Field("reuse/gram", ("branch", "step", "lag", "lag"), "float32", Values(nan_means_unrecorded=True)),

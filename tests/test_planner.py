@@ -8,7 +8,7 @@ import pytest
 from dit_accel.planner import FitOptions, PlannerError, fit_plan, load_profiles, restore_schedule
 from dit_accel.planner.adaptive_fit import simulate_adacache
 from dit_accel.planner.labels import fit_labels
-from dit_accel.planner.methods import METHODS, build_context
+from dit_accel.planner.methods import FEATURE_FIELDS, METHODS, build_context
 from dit_accel.planner.pca import fit_pca_bases
 from dit_accel.planner.predict import Predictor, blend_weight, blended_error
 from dit_accel.planner.shapes import edcw_actions, group_spans
@@ -254,6 +254,11 @@ def test_methods_refuse_profiles_missing_what_they_need(tmp_path):
         path = write(tmp_path, f"{method}.h5", omit=(field,))
         with pytest.raises(PlannerError, match=field):
             fit_plan([path], FitOptions(method=method))
+    asked = {"guidance_scale": 5.0, "record_features": True}
+    with pytest.raises(PlannerError, match=r"feature_queries, feature_keys, .*linear attention.*not need them\)$"):
+        fit_plan([write(tmp_path, "linear.h5", settings=asked, omit=FEATURE_FIELDS)], FitOptions(method="unicp"))
+    with pytest.raises(PlannerError, match=r"re-profile recording them\)$"):
+        fit_plan([write(tmp_path, "off.h5", omit=FEATURE_FIELDS)], FitOptions(method="unicp"))
     assert (
         fit_plan(
             [write(tmp_path, "bare.h5", omit=("feature_queries", "feature_keys", "attention_received"))], FitOptions()
