@@ -68,7 +68,7 @@ from .call_order import CALL_ORDER_HOOK, call_order_hook
 from .errors import PlanError
 from .plan import COMPUTE, PRUNE, REUSE, Plan, cache_level
 from .pruning import ProjectedAttention, load_bases
-from .replay_table import CompiledSchedule, StepActions, StepTable, _source_steps, remap_actions
+from .replay_table import CompiledSchedule, StepActions, StepTable, remap_actions, source_steps
 
 STEP_HOOK = "dit_plan_step"
 BLOCK_HOOK = "dit_plan_block"
@@ -288,7 +288,7 @@ class AttentionSchedule:
         """Per step of a run of `steps`: a block's attention output is stored after a computed step when the next
         step reuses it or blends a pruned output with it."""
         actions = remap_actions(self.plan.actions, steps)
-        blend = self._blend[:, _source_steps(self.plan.num_inference_steps, steps)]
+        blend = self._blend[:, source_steps(self.plan.num_inference_steps, steps)]
         reuse = actions == REUSE
         needs = reuse | ((actions == PRUNE) & (blend < 1.0))
         store = ~reuse & np.concatenate([needs[:, 1:], np.zeros((len(actions), 1), bool)], axis=1)

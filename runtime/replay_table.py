@@ -132,7 +132,7 @@ def remap_actions(actions: np.ndarray, steps: int) -> np.ndarray:
             f"(supported: {int(np.ceil(plan_steps * MIN_STEP_RATIO))} to {int(plan_steps * MAX_STEP_RATIO)}); refit "
             f"the plan at {steps} steps"
         )
-    remapped = actions[:, _source_steps(plan_steps, steps)].copy()
+    remapped = actions[:, source_steps(plan_steps, steps)].copy()
     lead, trail = _edge_runs(actions)
     if lead:
         remapped[:, : max(1, round(lead * ratio))] = COMPUTE
@@ -268,8 +268,8 @@ class CompiledSchedule:
 
     def _table(self, steps: int) -> StepTable:
         actions = remap_actions(self.plan.actions, steps)
-        blend = None if self._blend is None else self._blend[:, _source_steps(self.plan.num_inference_steps, steps)]
-        gains = None if self._gains is None else self._gains[_source_steps(self.plan.num_inference_steps, steps)]
+        blend = None if self._blend is None else self._blend[:, source_steps(self.plan.num_inference_steps, steps)]
+        gains = None if self._gains is None else self._gains[source_steps(self.plan.num_inference_steps, steps)]
         return build_table(
             actions,
             self.spans,
@@ -304,5 +304,6 @@ def split_spans(spans: list[tuple[int, int]], breaks: tuple[int, ...]) -> list[t
     return pieces
 
 
-def _source_steps(plan_steps: int, steps: int) -> np.ndarray:
+def source_steps(plan_steps: int, steps: int) -> np.ndarray:
+    """For each step of a run of `steps`, the plan step it follows: the nearest at the same relative position."""
     return np.rint(np.arange(steps) * (plan_steps - 1) / max(steps - 1, 1)).astype(int)

@@ -363,7 +363,13 @@ def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_
         process.wait()
         shards = len(list(parts_folder(output).glob("p*.h5")))  # finished prompts not yet assembled
         states.append((len(open_profile(output).prompts) if output.exists() else -1, shards))
-        profile_prompts(pipe, read_prompt_file(prompts), output, settings, resume=True, progress=False)
+        if trial < KILL_TRIALS - 1:
+            profile_prompts(pipe, read_prompt_file(prompts), output, settings, resume=True, progress=False)
+        else:  # the last one resumes as a user would, through the CLI, which says how much it skipped
+            resume = subprocess.run([*args, "--resume", "--json"], capture_output=True, text=True, timeout=300)
+            assert resume.returncode == 0, resume.stderr
+            finished = states[-1][0] if states[-1][0] >= 0 else states[-1][1]
+            assert json.loads(resume.stdout)["prompts_skipped"] == finished
         resumed = open_profile(output)
         assert [p.index for p in resumed.prompts] == [0, 1]
         for name in ("residual_rel_l1", "motion", "feature_queries", "foreground", "model_output_rel_l1"):
