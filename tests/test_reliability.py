@@ -365,9 +365,13 @@ def test_profiler_killed_at_random_points_then_resumed_equals_uninterrupted(tmp_
         states.append((len(open_profile(output).prompts) if output.exists() else -1, shards))
         if trial < KILL_TRIALS - 1:
             profile_prompts(pipe, read_prompt_file(prompts), output, settings, resume=True, progress=False)
-        else:  # the last one resumes as a user would, through the CLI, which says how much it skipped
-            resume = subprocess.run([*args, "--resume", "--json"], capture_output=True, text=True, timeout=300)
-            assert resume.returncode == 0, resume.stderr
+        else:  # the last one resumes as a user would, through the CLI (in process), which says how much it skipped
+            from click.testing import CliRunner
+
+            from dit_accel.profiler.cli import main
+
+            resume = CliRunner().invoke(main, [*args[3:], "--resume", "--json"])
+            assert resume.exit_code == 0, resume.output
             finished = states[-1][0] if states[-1][0] >= 0 else states[-1][1]
             assert json.loads(resume.stdout)["prompts_skipped"] == finished
         resumed = open_profile(output)
