@@ -32,6 +32,7 @@ from dit_accel.planner import FitOptions, PlannerError
 from dit_accel.planner.methods import fit_profiles
 from dit_accel.planner.profiles import ProfileSet
 from dit_accel.runtime import apply_plan, get_adapter
+from dit_accel.runtime.plan import CACHE_LEVELS
 
 from .heldout import calibration_profiles, held_out_video, pooled_psnr, write_report
 
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--captions", type=int, default=len(EVALUATION), help="Held-out captions (smoke: fewer).")
     parser.add_argument("--profile", type=Path, help="An existing calibration profile (default: profile now).")
-    parser.add_argument("--cache-levels", nargs="+", choices=("attention", "block"), help="UniCP's cache levels.")
+    parser.add_argument("--cache-levels", nargs="+", choices=CACHE_LEVELS, help="UniCP's cache levels.")
     parser.add_argument("--out", type=Path, help="Write every number as JSON here.")
     return parser.parse_args(argv)
 
@@ -64,7 +65,7 @@ def counted_block_calls(transformer: torch.nn.Module) -> Iterator[np.ndarray]:
 def counted_calls(transformer: torch.nn.Module) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Counts [blocks] of computed block calls and of computed self-attention calls (the first linear layer inside the
     adapter's self-attention module)."""
-    attention_attr = next(a.attr for a in get_adapter(transformer).attention if a.kind != "cross")
+    attention_attr = get_adapter(transformer).self_attention.attr
     blocks = list(transformer.blocks)
     counts = np.zeros((2, len(blocks)), dtype=np.int64)
     handles = []

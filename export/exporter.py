@@ -54,7 +54,7 @@ from onnx.external_data_helper import set_external_data
 from dit_accel.harness.files import replace_folder, staging_folder
 from dit_accel.runtime.adapters import find_transformer, get_adapter
 from dit_accel.runtime.branches import BranchStates
-from dit_accel.runtime.plan import Plan
+from dit_accel.runtime.plan import Plan, cache_level
 from dit_accel.runtime.replay import BranchState, PlanHandle, check_plan_matches, install_block_hooks
 from dit_accel.runtime.replay_table import CompiledSchedule, StepTable
 
@@ -320,7 +320,7 @@ def check_exportable(plan: Plan) -> None:
             f"plan policy '{kind}' decides at run time and cannot be exported; export a static plan (fit with "
             "--method auto, profilingdit or unicp)"
         )
-    if plan.policy.get("cache_level", "block") != "block":
+    if cache_level(plan) != "block":
         raise ExportError(
             "plan caches self-attention outputs (cache_level: attention), which the ONNX export does not replay; "
             "export a block-level plan (fit unicp with --cache-level block)"

@@ -26,8 +26,6 @@ from dit_accel.runtime.plan import REUSE
 
 from .predict import Predictor
 
-CACHE_LEVELS = ("attention", "block")
-
 
 def self_attention_flops(block_flops: np.ndarray, tokens: int, heads: int, head_dim: int) -> np.ndarray:
     """Estimated FLOPs of each block's self-attention over `tokens` tokens (see the module docstring)."""

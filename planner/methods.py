@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dit_accel.runtime.plan import COMPUTE, REUSE, Plan
+from dit_accel.runtime.plan import CACHE_LEVELS, COMPUTE, REUSE, Plan
 from dit_accel.runtime.replay_table import REUSE_MODES
 
 from .adaptive_fit import (
@@ -42,7 +42,7 @@ from .adaptive_fit import (
     simulate_bwcache,
     unprotected,
 )
-from .attention_level import CACHE_LEVELS, AttentionLevelPredictor, self_attention_flops
+from .attention_level import AttentionLevelPredictor, self_attention_flops
 from .closed_loop import FAIL_RATIO, ClosedLoop, tail_error
 from .drift import build_predictor, normalised_drift, sensitivity_weights
 from .errors import PlannerError

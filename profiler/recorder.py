@@ -348,7 +348,7 @@ class Recorder:
             if self.settings.record_attention or self.settings.record_features:
                 for attention in self.adapter.attention:
                     self._watch_attention(getattr(block, attention.attr), index, attention)
-            self_attention = next((a for a in self.adapter.attention if a.kind != "cross"), None)
+            self_attention = self.adapter.self_attention
             if self_attention is not None:
                 module = getattr(block, self_attention.attr)
                 self._torch_hooks.append(module.register_forward_hook(AttentionOutputProbe(self, index)))

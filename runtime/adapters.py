@@ -109,6 +109,11 @@ class ModelAdapter:
     call_order: tuple[str, ...] = ()
     config_packages: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def self_attention(self) -> AttentionModule | None:
+        """The block's self- or joint attention (the first non-cross attention module), None when it has none."""
+        return next((a for a in self.attention if a.kind != "cross"), None)
+
     def check_packages(self, transformer: torch.nn.Module) -> None:
         """Refuse, in one line, a transformer whose config needs a package that is not installed."""
         for key, package in self.config_packages:

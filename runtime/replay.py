@@ -631,7 +631,10 @@ def check_expert_weights(plan: Plan, experts: list[tuple[str, torch.nn.Module]],
 def _pruned_attention(adapter: ModelAdapter) -> AttentionModule:
     """The attention module whose scores pruning projects and whose output attention-level plans cache: the block's
     self- or joint attention."""
-    return next(a for a in adapter.attention if a.kind != "cross")
+    attention = adapter.self_attention
+    if attention is None:
+        raise PlanError(f"adapter {adapter.name} names no self-attention module to prune or cache")
+    return attention
 
 
 def check_weights(plan: Plan, transformer: torch.nn.Module, strict: bool = False) -> None:
